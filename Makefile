@@ -1,0 +1,42 @@
+# One entry point for people and CI. Everything lands in .venv; torch is pinned to the CPU wheel
+# (an unpinned torch pulls gigabytes of CUDA packages).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench install clean broker
+
+$(STAMP): pyproject.toml
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	  echo "installing Debian's mosquitto"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
+	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/mqttfl demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check mqttfl device_agent edge_agent cloud_agent tests
+	$(BIN)/mypy mqttfl device_agent edge_agent cloud_agent
+
+bench: setup
+	$(BIN)/mqttfl bench transport
+	$(BIN)/mqttfl bench split
+
+install: setup
+	sh systemd/install.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
