@@ -296,6 +296,7 @@ class Transport:
                 return item
 
     def _process(self, raw_topic: str, payload: bytes, retained: bool, received: float) -> Inbound | None:
+        self._count("rx_bytes", len(payload))
         try:
             t = parse(raw_topic)
         except TopicError as e:

@@ -1,0 +1,17 @@
+"""`mqttfl-cloud` / `python -m cloud_agent`."""
+
+from __future__ import annotations
+
+import sys
+
+from mqttfl.runner import agent_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cloud_agent.agent import CloudAgent
+
+    return agent_main("cloud", CloudAgent, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

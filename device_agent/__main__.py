@@ -1,0 +1,17 @@
+"""`mqttfl-device` / `python -m device_agent`."""
+
+from __future__ import annotations
+
+import sys
+
+from mqttfl.runner import agent_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from device_agent.agent import DeviceAgent
+
+    return agent_main("device", DeviceAgent, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""`mqttfl-edge` / `python -m edge_agent`."""
+
+from __future__ import annotations
+
+import sys
+
+from mqttfl.runner import agent_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edge_agent.agent import EdgeAgent
+
+    return agent_main("edge", EdgeAgent, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Edge agent: hosts the output-side blocks for each attached device (SplitFed V1) and pre-aggregates.
+
+One :class:`DeviceSession` per device and round holds that device's copy of the edge-side blocks, its
+optimizer, its progress and a small cache of the gradients it returned. Acts must arrive in
+(step, micro) order; a re-sent act that was already processed gets its cached gradient back and trains
+nothing (exactly-once effect). At round end the edge averages its devices' full-model deltas weighted by
+samples and sends one delta to the cloud; the cloud's sample-weighted mean of edge deltas is then exactly
+flat FedAvg over all devices.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mqttfl.agent import Agent
+from mqttfl.aggregate import weighted_average
+from mqttfl.codec import as_torch
+from mqttfl.config import AgentConfig
+from mqttfl.models import Part, build_model, model_info, model_state, split_model
+from mqttfl.protocol import Plan, ProtocolError, check_activation, check_state
+from mqttfl.split import EdgeStage, make_optimizer
+from mqttfl.transport import Inbound
+
+GRAD_CACHE = 16  # >= the most micro-batches of one mini-batch that can be re-sent at once
+
+
+@dataclass
+class DeviceSession:
+    device: str
+    plan: Plan
+    cut: int
+    part: Part | None  # None: the device trains the whole model locally
+    stage: EdgeStage | None
+    base: dict[str, np.ndarray]  # global state of the edge-side keys, for the delta
+    smashed_shape: tuple[int, ...] = ()
+    expected: tuple[int, int] = (0, 0)  # next (step, micro) to process
+    n_micro: int = 0
+    grad_cache: OrderedDict[tuple[int, int], dict[str, Any]] = field(default_factory=OrderedDict)
+    steps: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    delta: dict[str, np.ndarray] | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EdgeRound:
+    plan: Plan
+    devices: dict[str, int]  # device -> cut
+    global_state: dict[str, np.ndarray]
+    deadline: float
+    started: float
+    sessions: dict[str, DeviceSession] = field(default_factory=dict)
+    sent: bool = False
+
+
+class EdgeAgent(Agent):
+    role = "edge"
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        sec = cfg.section
+        super().__init__(cfg, cloud_id=str(sec.get("cloud", "cloud")))
+        self.deadline_fraction = float(sec.get("deadline_fraction", 0.85))
+        self.round: EdgeRound | None = None
+        self.rounds_done = 0
+        self._models: dict[tuple[Any, ...], torch.nn.Sequential] = {}
+
+    def initial_status(self) -> dict[str, Any]:
+        return {"state": "idle"}
+
+    def metrics_fields(self) -> dict[str, Any]:
+        r = self.round
+        return {"rounds_done": self.rounds_done, "round": r.plan.round if r else None,
+                "devices": sorted(r.sessions) if r else []}
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, msg: Inbound) -> None:
+        if msg.env is None:
+            return
+        if msg.kind == "model":
+            self.on_global_model(msg)
+        elif msg.kind == "act":
+            self.on_act(msg)
+        elif msg.kind == "delta":
+            self.on_device_delta(msg)
+
+    def tick(self, now: float) -> None:
+        r = self.round
+        if r is not None and not r.sent and now >= r.deadline:
+            self.finish_round(timed_out=True)
+
+    # ------------------------------------------------------------------ round start
+    def _replica(self, plan: Plan) -> torch.nn.Sequential:
+        """A fresh model per device session: SplitFed V1 keeps one copy of the edge blocks per device."""
+        return build_model(plan.model, num_classes=plan.num_classes, input_shape=plan.input_shape)
+
+    def on_global_model(self, msg: Inbound) -> None:
+        env = msg.env
+        assert env is not None
+        if msg.src != self.cloud_id:
+            self.transport.drop("unknown_sender", f"model from {msg.src}", str(msg.topic))
+            return
+        try:
+            plan = Plan.from_body(env.body.get("plan", {}))
+            devices = {str(d): int(c["cut"]) for d, c in dict(env.body.get("devices", {})).items()}
+            info = model_info(plan.model, plan.input_shape, plan.num_classes)
+            for d, c in devices.items():
+                if not 0 <= c <= info.n_blocks:
+                    raise ProtocolError("bad_plan", f"cut {c} for {d} outside 0..{info.n_blocks}")
+            reference = self._reference_state(plan)
+            check_state(dict(env.tensors), reference, "global model")
+        except (ProtocolError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.transport.drop(getattr(e, "code", "bad_model"), str(e), str(msg.topic))
+            return
+        if self.round is not None and self.round.plan.key == plan.key:
+            return  # re-delivered announcement
+        now = time.monotonic()
+        global_state = {k: np.array(v) for k, v in env.tensors.items()}
+        r = EdgeRound(plan, devices, global_state, deadline=now + plan.deadline_s * self.deadline_fraction,
+                      started=now)
+        self.round = r
+        self.transport.set_status("training", round=plan.round, run=plan.run, devices=sorted(devices))
+        self.log.info("round start", round=plan.round, devices=sorted(devices))
+        for device, cut in devices.items():
+            r.sessions[device] = self._open_session(plan, device, cut, global_state, info.n_blocks)
+            dev_keys = [k for k in global_state if int(k.split(".", 1)[0]) < cut]
+            self.transport.send(
+                "model", device, body={"plan": plan.to_body(), "cut": cut, "edge": self.node},
+                tensors={k: global_state[k] for k in dev_keys}, run=plan.run, round=plan.round,
+            )
+        if not devices:
+            self.finish_round()
+
+    def _reference_state(self, plan: Plan) -> dict[str, np.ndarray]:
+        key = (plan.model, plan.input_shape, plan.num_classes)
+        if key not in self._models:
+            self._models[key] = build_model(plan.model, num_classes=plan.num_classes, input_shape=plan.input_shape)
+        return model_state(self._models[key])
+
+    def _open_session(self, plan: Plan, device: str, cut: int, global_state: dict[str, np.ndarray],
+                      n_blocks: int) -> DeviceSession:
+        if cut == n_blocks:
+            return DeviceSession(device, plan, cut, None, None, base={})
+        model = self._replica(plan)
+        _, part = split_model(model, cut)
+        part.load_state(global_state)
+        opt = make_optimizer(part.module.parameters(), lr=plan.lr, momentum=plan.momentum,
+                             weight_decay=plan.weight_decay)
+        with torch.no_grad():
+            probe = torch.zeros((1, *plan.input_shape))
+            smashed_shape = tuple(model[:cut](probe).shape[1:]) if cut > 0 else tuple(plan.input_shape)
+        return DeviceSession(device, plan, cut, part, EdgeStage(part, opt), base=part.state(),
+                             smashed_shape=smashed_shape)
+
+    # ------------------------------------------------------------------ split training
+    def on_act(self, msg: Inbound) -> None:
+        env = msg.env
+        assert env is not None
+        r = self.round
+        s = r.sessions.get(msg.src) if r is not None else None
+        if r is None or s is None:
+            self.transport.drop("unknown_sender", f"act from {msg.src}, not in a round here", str(msg.topic))
+            return
+        if env.run != r.plan.run or env.round != r.plan.round:
+            self.transport.drop("wrong_round", f"act for {env.run}/{env.round}, round is {r.plan.round}",
+                                str(msg.topic))
+            return
+        if s.stage is None or s.delta is not None:
+            self.transport.drop("unexpected", f"{msg.src} trains locally or has finished", str(msg.topic))
+            return
+        try:
+            key = (int(env.body["step"]), int(env.body["micro"]))
+            n_micro, batch_size = int(env.body["n_micro"]), int(env.body["batch_size"])
+            x, y = env.tensors["x"], env.tensors["y"]
+        except (KeyError, TypeError, ValueError):
+            self.transport.drop("bad_field", "act needs step, micro, n_micro, batch_size, x, y", str(msg.topic))
+            return
+        cached = s.grad_cache.get(key)
+        if cached is not None:
+            # Exactly-once: the device re-sent an act we processed (its link dropped); answer from cache.
+            self.transport.send("grad", msg.src, body=cached["body"], tensors={"g": cached["g"]},
+                                run=r.plan.run, round=r.plan.round)
+            self.transport._count("grad_resent")
+            return
+        if key != s.expected:
+            self.transport.drop("out_of_order", f"act {key} from {msg.src}, expected {s.expected}", str(msg.topic))
+            return
+        try:
+            check_activation(x, y, s.smashed_shape, r.plan.num_classes, max_rows=r.plan.batch_size)
+            if not 1 <= n_micro <= batch_size <= r.plan.batch_size or not 0 <= key[1] < n_micro:
+                raise ProtocolError("bad_field", f"micro {key[1]}/{n_micro} of a batch of {batch_size}")
+            if key[1] > 0 and n_micro != s.n_micro:
+                raise ProtocolError("bad_field", f"n_micro changed mid-batch ({s.n_micro} -> {n_micro})")
+        except ProtocolError as e:
+            self.transport.drop(e.code, str(e), str(msg.topic))
+            return
+        res = s.stage.forward_backward(as_torch(x), torch.from_numpy(np.asarray(y)), batch_size)
+        assert res.grad is not None
+        grad = res.grad.detach().contiguous().numpy()
+        body = {"step": key[0], "micro": key[1], "loss_sum": res.loss_sum, "correct": res.correct}
+        self.transport.send("grad", msg.src, body=body, tensors={"g": grad}, run=r.plan.run, round=r.plan.round)
+        s.grad_cache[key] = {"body": body, "g": grad}
+        while len(s.grad_cache) > GRAD_CACHE:
+            s.grad_cache.popitem(last=False)
+        s.loss_sum += res.loss_sum
+        s.seen += res.n
+        s.n_micro = n_micro
+        if key[1] + 1 == n_micro:
+            s.stage.step()  # one optimizer step per device mini-batch, like the device
+            s.steps += 1
+            s.expected = (key[0] + 1, 0)
+        else:
+            s.expected = (key[0], key[1] + 1)
+
+    # ------------------------------------------------------------------ round end
+    def on_device_delta(self, msg: Inbound) -> None:
+        env = msg.env
+        assert env is not None
+        r = self.round
+        s = r.sessions.get(msg.src) if r is not None else None
+        if r is None or s is None or env.run != r.plan.run or env.round != r.plan.round:
+            if r is not None and env.round < r.plan.round:
+                self.transport.ack(msg)  # a late re-send of a finished round: stop the device re-sending
+            self.transport.drop("wrong_round", f"delta from {msg.src} for round {env.round}", str(msg.topic))
+            return
+        if s.delta is not None:
+            self.transport.ack(msg)
+            return
+        try:
+            expected = {k: v for k, v in r.global_state.items() if int(k.split(".", 1)[0]) < s.cut}
+            check_state(dict(env.tensors), expected, f"delta of {msg.src}")
+            samples = int(env.body.get("samples", 0))
+            if samples < 0:
+                raise ProtocolError("bad_field", "negative samples")
+        except (ProtocolError, ValueError, TypeError) as e:
+            self.transport.drop(getattr(e, "code", "bad_field"), str(e), str(msg.topic))
+            return
+        delta = {k: np.array(v) for k, v in env.tensors.items()}
+        if s.part is not None:
+            edge_now = s.part.state()
+            delta.update({k: (edge_now[k] - s.base[k]).astype(np.float32) for k in s.base})
+        s.delta = delta
+        s.report = {k: v for k, v in env.body.items() if k != "reliable"}
+        s.report["t_upload"] = max(0.0, time.time() - env.ts)
+        s.report["edge_steps"] = s.steps
+        self.transport.ack(msg)
+        self.log.info("device done", device=msg.src, round=r.plan.round, samples=samples)
+        if all(x.delta is not None for x in r.sessions.values()):
+            self.finish_round()
+
+    def finish_round(self, timed_out: bool = False) -> None:
+        r = self.round
+        if r is None or r.sent:
+            return
+        r.sent = True
+        done = {d: s for d, s in r.sessions.items() if s.delta is not None and s.report.get("samples", 0) > 0}
+        missing = sorted(set(r.sessions) - set(done))
+        body: dict[str, Any] = {
+            "attempt": r.plan.attempt, "samples": sum(int(s.report["samples"]) for s in done.values()),
+            "devices": {d: s.report for d, s in done.items()}, "missing": missing,
+            "edge_time_s": time.monotonic() - r.started,
+        }
+        tensors: dict[str, np.ndarray] = {}
+        if done:
+            tensors = weighted_average([(s.delta, float(s.report["samples"])) for s in done.values()
+                                        if s.delta is not None])
+        if missing:
+            self.transport.event("devices_missing", level="warning", round=r.plan.round, devices=missing,
+                                 timed_out=timed_out)
+        self.transport.send("delta", self.cloud_id, body=body, tensors=tensors, run=r.plan.run,
+                            round=r.plan.round, reliable=True)
+        self.rounds_done += 1
+        self.log.info("round sent", round=r.plan.round, devices=sorted(done), missing=missing)
+        for s in r.sessions.values():
+            s.stage = None  # free the per-device replicas; deltas are sent
+        self.transport.set_status("idle", round=r.plan.round)

@@ -1,0 +1,218 @@
+"""Models as lists of blocks that can be cut at any block boundary (DESIGN §5).
+
+A model is an ``nn.Sequential`` whose children are *blocks*, the units a split point may fall between. With
+``n`` blocks a cut ``c`` in ``[0, n]`` gives the device ``blocks[:c]`` and the edge ``blocks[c:]``; ``c = n``
+is plain local training, ``c = 0`` sends raw inputs.
+
+Both sides of a cut keep the full model's parameter names (``"3.1.weight"``), so the device's and the
+edge's states are disjoint pieces of one ``state_dict`` and merge by plain dict union; aggregation and
+checkpoints never need to know where the cut was.
+
+States travel as float32 numpy arrays. BatchNorm running statistics are part of the state (they are float
+buffers) because averaging the weights without them leaves the aggregated model evaluating with stale
+normalisation; ``num_batches_tracked`` is an integer counter that only matters for momentum-free BN, so it is
+left out rather than averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+Builder = Callable[[tuple[int, ...], int], nn.Sequential]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: how to build the blocks, and the defaults of the paper the model comes from."""
+
+    build: Builder
+    input_shape: tuple[int, ...]
+    default_cut: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    default_cut: int
+    n_blocks: int
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(f"{model} expects an image input shape (C, H, W), got {input_shape}")
+    c, h, w = input_shape
+    return c, h, w
+
+
+def _vgg5(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    # FedFly's VGG-5: the device keeps conv1, pool, conv2, pool (cut 2); the smashed tensor is 64 x H/4 x W/4.
+    c, h, w = _image_shape(input_shape, "vgg5")
+    flat = 64 * (h // 2 // 2) * (w // 2 // 2)
+    if flat == 0:
+        raise ValueError(f"vgg5 needs H, W >= 4, got {input_shape}")
+    return nn.Sequential(
+        nn.Sequential(*_conv_bn_relu(c, 32), nn.MaxPool2d(2)),
+        nn.Sequential(*_conv_bn_relu(32, 64), nn.MaxPool2d(2)),
+        nn.Sequential(*_conv_bn_relu(64, 64)),
+        nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU()),
+        nn.Sequential(nn.Linear(128, num_classes)),
+    )
+
+
+def _cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    # The two-conv CNN of McMahan et al. that Eco-FL trains. "Same" padding (2 for a 5x5 kernel) keeps the
+    # model valid on small inputs such as the 8x8 digits, where unpadded 5x5 convs would run out of pixels.
+    c, h, w = _image_shape(input_shape, "cnn")
+    flat = 64 * (h // 2 // 2) * (w // 2 // 2)
+    if flat == 0:
+        raise ValueError(f"cnn needs H, W >= 4, got {input_shape}")
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(c, 32, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(32, 64, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Flatten(), nn.Linear(flat, 512), nn.ReLU()),
+        nn.Sequential(nn.Linear(512, num_classes)),
+    )
+
+
+_MLP_HIDDEN = (128, 64, 32, 16)
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    # The heterogeneous-IoT paper's 5-layer sigmoid MLP. The leading Flatten lets image-shaped batches in too.
+    widths = (math.prod(input_shape), *_MLP_HIDDEN)
+    blocks: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        head = [nn.Flatten()] if i == 0 else []
+        blocks.append(nn.Sequential(*head, nn.Linear(a, b), nn.Sigmoid()))
+    blocks.append(nn.Sequential(nn.Linear(widths[-1], num_classes)))
+    return nn.Sequential(*blocks)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "vgg5": ModelSpec(_vgg5, (3, 32, 32), default_cut=2),
+    "cnn": ModelSpec(_cnn, (1, 28, 28), default_cut=1),
+    "mlp": ModelSpec(_mlp, (64,), default_cut=2),
+}
+
+
+def _spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int | None = None,
+) -> nn.Sequential:
+    """Build a registered model; with ``seed`` the initial weights are a function of the seed alone.
+
+    The seeded init runs inside a forked RNG so it neither depends on nor disturbs the caller's global
+    torch RNG (a device that builds a model mid-run must not shift its data shuffling).
+    """
+    spec = _spec(name)
+    shape = tuple(input_shape) if input_shape is not None else spec.input_shape
+    if seed is None:
+        return spec.build(shape, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build(shape, num_classes)
+
+
+def model_info(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int = 10) -> ModelInfo:
+    spec = _spec(name)
+    shape = tuple(input_shape) if input_shape is not None else spec.input_shape
+    # Built on the meta device: only the block count is wanted, not the weights or their init cost.
+    with torch.device("meta"):
+        n_blocks = len(spec.build(shape, num_classes))
+    return ModelInfo(name, shape, num_classes, spec.default_cut, n_blocks)
+
+
+def _float_tensors(module: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(prefix=prefix.rstrip("."))
+    for key, buf in module.named_buffers(prefix=prefix.rstrip(".")):
+        if buf.is_floating_point():
+            yield key, buf
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy().copy()
+
+
+def _load(own: Mapping[str, torch.Tensor], state: Mapping[str, np.ndarray], where: str) -> None:
+    # Check everything before writing anything, so a bad state never leaves the model half-loaded.
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise KeyError(f"state for {where} lacks {len(missing)} key(s): {', '.join(missing[:5])}")
+    arrays = {}
+    for key, t in own.items():
+        arr = np.asarray(state[key])
+        if tuple(arr.shape) != tuple(t.shape):
+            raise ValueError(f"{key}: state has shape {tuple(arr.shape)}, {where} expects {tuple(t.shape)}")
+        arrays[key] = arr
+    with torch.no_grad():
+        for key, t in own.items():
+            t.copy_(torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=np.float32)))
+
+
+class Part:
+    """Blocks ``[start, stop)`` of a model: the same module objects, addressed by the full model's keys."""
+
+    def __init__(self, model: nn.Sequential, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(model):
+            raise ValueError(f"blocks [{start}, {stop}) out of range for a model of {len(model)} blocks")
+        self.start = start
+        self.stop = stop
+        # A new container over the same block objects: training the part trains the model.
+        self.module = nn.Sequential(*(model[i] for i in range(start, stop)))
+        self._model = model
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i in range(self.start, self.stop):
+            out.update(_float_tensors(self._model[i], f"{i}."))
+        return out
+
+    def keys(self) -> list[str]:
+        return list(self._tensors())
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: _to_numpy(t) for k, t in self._tensors().items()}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load this part's keys; keys of other blocks are ignored so a full-model state can be passed."""
+        _load(self._tensors(), state, f"blocks [{self.start}, {self.stop})")
+
+    def __repr__(self) -> str:
+        return f"Part(blocks=[{self.start}, {self.stop}), keys={len(self.keys())})"
+
+
+def split_model(model: nn.Sequential, cut: int) -> tuple[Part, Part]:
+    """(device part, edge part) of ``model`` at split point ``cut``."""
+    if not 0 <= cut <= len(model):
+        raise ValueError(f"cut {cut} out of range [0, {len(model)}]")
+    return Part(model, 0, cut), Part(model, cut, len(model))
+
+
+def model_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: _to_numpy(t) for k, t in _float_tensors(model, "")}
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    _load(dict(_float_tensors(model, "")), state, "the model")

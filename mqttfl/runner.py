@@ -1,0 +1,43 @@
+"""Shared ``main`` for the three agent programs: parse flags, load config, set up logs, run the loop."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mqttfl.config import AgentConfig, ConfigError, load_config
+from mqttfl.log import setup_logging
+from mqttfl.transport import TransportError
+
+
+def agent_main(role: str, factory: Callable[[AgentConfig], Any], argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"mqttfl-{role}", description=f"mqttfl {role} agent")
+    p.add_argument("--config", "-c", default=os.environ.get("MQTTFL_CONFIG"), help="TOML config file")
+    p.add_argument("--node", help="node id (overrides the config)")
+    p.add_argument("--fleet", help="fleet id (overrides the config)")
+    p.add_argument("--state-dir", help="state directory (overrides the config)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default 1: agents share small boards with other work)")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, role, node=a.node, fleet=a.fleet, state_dir=a.state_dir)
+    except ConfigError as e:
+        print(f"mqttfl-{role}: config error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    import torch  # after config checks, so a bad config fails fast
+
+    torch.set_num_threads(a.threads or int(cfg.section.get("threads", 1)))
+    try:
+        agent = factory(cfg)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"mqttfl-{role}: cannot start: {e}", file=sys.stderr)
+        return 2
+    try:
+        return int(agent.run())
+    except TransportError as e:
+        print(f"mqttfl-{role}: {e}", file=sys.stderr)
+        return 3

@@ -1,0 +1,229 @@
+"""A fleet on one machine: a managed broker, data shards, configs, and every agent as its own process.
+
+The demo, the benchmarks and the integration tests all use this, so what they exercise is the product:
+the same programs, configs and broker settings users deploy, with an ``operator`` connection to watch
+metrics/events and send control commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mqttfl.broker import Broker, BrokerOptions
+from mqttfl.config import load_config
+from mqttfl.data import Dataset, load_digits, partition_dirichlet, partition_iid, partition_imbalanced, save_shard
+from mqttfl.transport import Inbound, Transport
+
+ROLE_MODULE = {"cloud": "cloud_agent", "edge": "edge_agent", "device": "device_agent"}
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class FleetSpec:
+    devices: dict[str, str] = field(default_factory=lambda: {"dev1": "edge1", "dev2": "edge1",
+                                                             "dev3": "edge2", "dev4": "edge2"})
+    model: str = "vgg5"
+    input_shape: tuple[int, ...] = (3, 32, 32)
+    partition: str = "iid"  # iid | dirichlet:<alpha> | imbalanced:<fraction>
+    data_seed: int = 0
+    cloud: dict[str, Any] = field(default_factory=dict)  # [cloud] section overrides
+    device_extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-device [device] extras
+    edge_extra: dict[str, Any] = field(default_factory=dict)
+    fleet: str = "default"
+
+    @property
+    def edges(self) -> list[str]:
+        return sorted(set(self.devices.values()))
+
+
+def make_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
+    names = sorted(spec.devices)
+    kind, _, param = spec.partition.partition(":")
+    if kind == "iid":
+        parts = partition_iid(train.y, len(names), seed=spec.data_seed)
+    elif kind == "dirichlet":
+        parts = partition_dirichlet(train.y, len(names), float(param or 0.5), seed=spec.data_seed)
+    elif kind == "imbalanced":
+        parts = partition_imbalanced(train.y, len(names), float(param or 0.5), seed=spec.data_seed)
+    else:
+        raise ValueError(f"unknown partition {spec.partition!r}")
+    return {n: train.subset(p) for n, p in zip(names, parts, strict=True)}
+
+
+class Testbed:
+    def __init__(self, root: Path, spec: FleetSpec, *, broker: Broker | None = None,
+                 data: tuple[Dataset, Dataset] | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.spec = spec
+        self._own_broker = broker is None
+        self.broker = broker or Broker(BrokerOptions(persistence=True), workdir=self.root / "broker")
+        self.data = data
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.configs: dict[str, Path] = {}
+        self.operator: Transport | None = None
+        self.inbox: list[Inbound] = []
+
+    # ------------------------------------------------------------------ preparation
+    def prepare(self) -> None:
+        if self._own_broker:
+            self.broker.start()
+        train, test = self.data or load_digits(self.spec.input_shape)
+        shards = make_shards(self.spec, train)
+        (self.root / "data").mkdir(exist_ok=True)
+        for n, ds in shards.items():
+            save_shard(self.root / "data" / f"{n}.npz", ds)
+        save_shard(self.root / "data" / "test.npz", test)
+        mqtt = {"host": self.broker.host, "port": self.broker.port}
+        common = {"fleet": self.spec.fleet, "log_level": "info", "mqtt": mqtt,
+                  "control": {"operators": ["operator"]}}
+        cloud = {"model": self.spec.model, "input_shape": list(self.spec.input_shape),
+                 "test_data": str(self.root / "data" / "test.npz"), "min_devices": len(self.spec.devices),
+                 **self.spec.cloud}
+        self._config("cloud", "cloud", common, cloud)
+        for e in self.spec.edges:
+            self._config(e, "edge", common, dict(self.spec.edge_extra))
+        for d, e in self.spec.devices.items():
+            extra = self.spec.device_extra.get(d, {})
+            self._config(d, "device", common, {"edge": e, "data": str(self.root / "data" / f"{d}.npz"), **extra})
+
+    def _config(self, node: str, role: str, common: dict[str, Any], section: dict[str, Any]) -> None:
+        data = {"node": node, **common, "state_dir": str(self.root / "state" / node), role: section}
+        self.configs[node] = write_toml(self.root / f"{node}.toml", data)
+
+    def role_of(self, node: str) -> str:
+        if node == "cloud":
+            return "cloud"
+        return "device" if node in self.spec.devices else "edge"
+
+    # ------------------------------------------------------------------ processes
+    def start_node(self, node: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{node}.log", "ab")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        p = subprocess.Popen([sys.executable, "-m", ROLE_MODULE[self.role_of(node)], "--config",
+                              str(self.configs[node])], stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        log.close()
+        self.procs[node] = p
+        return p
+
+    def start(self, nodes: list[str] | None = None) -> None:
+        self.connect_operator()
+        for n in nodes or ["cloud", *self.spec.edges, *sorted(self.spec.devices)]:
+            self.start_node(n)
+
+    def connect_operator(self) -> Transport:
+        if self.operator is None:
+            cfg = load_config(None, "operator", environ={}, node="operator", fleet=self.spec.fleet,
+                              mqtt={"host": self.broker.host, "port": self.broker.port})
+            self.operator = Transport(cfg).start()
+        return self.operator
+
+    def kill(self, node: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs.get(node)
+        if p is not None and p.poll() is None:
+            p.send_signal(sig)
+            p.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.operator is not None:
+            self.operator.stop()
+            self.operator = None
+        if self._own_broker:
+            self.broker.stop()
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ observing and steering
+    def poll(self, timeout: float = 0.1) -> Inbound | None:
+        op = self.connect_operator()
+        msg = op.get(timeout)
+        if msg is not None:
+            self.inbox.append(msg)
+            if len(self.inbox) > 10_000:
+                del self.inbox[:5_000]
+        return msg
+
+    def wait(self, pred: Callable[[Inbound], bool], timeout: float, *, check_procs: bool = True,
+             on_message: Callable[[Inbound], None] | None = None) -> Inbound:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self.poll(0.1)
+            if msg is not None:
+                if on_message is not None:
+                    on_message(msg)
+                if pred(msg):
+                    return msg
+            if check_procs:
+                for n, p in self.procs.items():
+                    if p.poll() not in (None, 0, -signal.SIGKILL, -signal.SIGTERM):
+                        raise RuntimeError(f"{n} exited with {p.returncode}: {self.log_tail(n)}")
+        raise TimeoutError(f"timed out after {timeout:.0f}s")
+
+    def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
+        msg = self.wait(lambda m: m.kind == "event" and m.data is not None and m.data.get("event") == name
+                        and all(m.data.get(k) == v for k, v in match.items()), timeout)
+        assert msg.data is not None
+        return msg.data
+
+    def ctl(self, node: str, cmd: str, timeout: float = 15.0, **args: Any) -> dict[str, Any]:
+        op = self.connect_operator()
+        cmd_id = uuid.uuid4().hex[:12]
+        op.send_json("ctl", node, {"id": cmd_id, "cmd": cmd, "args": args})
+        msg = self.wait(lambda m: m.kind == "reply" and m.data is not None and m.data.get("id") == cmd_id,
+                        timeout, check_procs=False)
+        assert msg.data is not None
+        return msg.data
+
+    def round_metrics(self) -> list[dict[str, Any]]:
+        return [m.data for m in self.inbox if m.kind == "metrics" and m.data and m.data.get("kind") == "round"]
+
+    def log_tail(self, node: str, n: int = 3000) -> str:
+        try:
+            return (self.root / f"{node}.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
