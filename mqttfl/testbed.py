@@ -21,7 +21,14 @@ from typing import Any
 
 from mqttfl.broker import Broker, BrokerOptions
 from mqttfl.config import load_config
-from mqttfl.data import Dataset, load_digits, partition_dirichlet, partition_iid, partition_imbalanced, save_shard
+from mqttfl.data import (
+    Dataset,
+    load_digits,
+    partition_dirichlet,
+    partition_iid,
+    partition_imbalanced,
+    save_shard,
+)
 from mqttfl.transport import Inbound, Transport
 
 ROLE_MODULE = {"cloud": "cloud_agent", "edge": "edge_agent", "device": "device_agent"}
