@@ -22,7 +22,7 @@ import torch
 from mqttfl.agent import Agent, CommandError, arg
 from mqttfl.codec import as_torch
 from mqttfl.config import AgentConfig
-from mqttfl.data import BatchOrder, load_shard
+from mqttfl.data import BatchOrder, label_histogram, load_shard
 from mqttfl.models import Part, build_model, model_info, split_model
 from mqttfl.pipeline import one_f_one_b
 from mqttfl.protocol import Plan, ProtocolError, check_state, data_seed
@@ -80,7 +80,12 @@ class DeviceAgent(Agent):
         self.commands["set_edge"] = self.cmd_set_edge
 
     def initial_status(self) -> dict[str, Any]:
-        return {"state": "idle", "edge": self.edge, "samples": len(self.data), "cut": self.cut_pref}
+        status: dict[str, Any] = {"state": "idle", "edge": self.edge, "samples": len(self.data), "cut": self.cut_pref}
+        if bool(self.cfg.section.get("share_labels", True)):
+            # Eco-FL grouping uses the label mix; it reveals the device's class mix to the cloud, so a
+            # device can opt out (share_labels = false) and is then grouped by latency alone.
+            status["labels"] = label_histogram(self.data.y, int(self.cfg.section.get("num_classes", 10))).tolist()
+        return status
 
     def metrics_fields(self) -> dict[str, Any]:
         return {"rounds_done": self.rounds_done, "peak_rss_mb": round(peak_rss_mb(), 1)}

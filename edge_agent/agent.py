@@ -58,6 +58,7 @@ class EdgeRound:
     started: float
     sessions: dict[str, DeviceSession] = field(default_factory=dict)
     sent: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # echoed to the cloud (async mode: group, version)
 
 
 class EdgeAgent(Agent):
@@ -67,7 +68,9 @@ class EdgeAgent(Agent):
         sec = cfg.section
         super().__init__(cfg, cloud_id=str(sec.get("cloud", "cloud")))
         self.deadline_fraction = float(sec.get("deadline_fraction", 0.85))
-        self.round: EdgeRound | None = None
+        # Several rounds may be open at once (asynchronous group rounds); a device is in at most one.
+        self.rounds: dict[tuple[str, int, int], EdgeRound] = {}
+        self.device_round: dict[str, tuple[str, int, int]] = {}
         self.rounds_done = 0
         self._models: dict[tuple[Any, ...], torch.nn.Sequential] = {}
 
@@ -75,9 +78,13 @@ class EdgeAgent(Agent):
         return {"state": "idle"}
 
     def metrics_fields(self) -> dict[str, Any]:
-        r = self.round
-        return {"rounds_done": self.rounds_done, "round": r.plan.round if r else None,
-                "devices": sorted(r.sessions) if r else []}
+        return {"rounds_done": self.rounds_done, "open_rounds": [k[1] for k in self.rounds],
+                "devices": sorted(self.device_round)}
+
+    def session_of(self, device: str) -> tuple[EdgeRound | None, DeviceSession | None]:
+        key = self.device_round.get(device)
+        r = self.rounds.get(key) if key is not None else None
+        return (r, r.sessions.get(device)) if r is not None else (None, None)
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, msg: Inbound) -> None:
@@ -91,9 +98,9 @@ class EdgeAgent(Agent):
             self.on_device_delta(msg)
 
     def tick(self, now: float) -> None:
-        r = self.round
-        if r is not None and not r.sent and now >= r.deadline:
-            self.finish_round(timed_out=True)
+        for r in list(self.rounds.values()):
+            if not r.sent and now >= r.deadline:
+                self.finish_round(r, timed_out=True)
 
     # ------------------------------------------------------------------ round start
     def _replica(self, plan: Plan) -> torch.nn.Sequential:
@@ -118,13 +125,16 @@ class EdgeAgent(Agent):
         except (ProtocolError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.transport.drop(getattr(e, "code", "bad_model"), str(e), str(msg.topic))
             return
-        if self.round is not None and self.round.plan.key == plan.key:
+        if plan.key in self.rounds:
             return  # re-delivered announcement
         now = time.monotonic()
         global_state = {k: np.array(v) for k, v in env.tensors.items()}
         r = EdgeRound(plan, devices, global_state, deadline=now + plan.deadline_s * self.deadline_fraction,
-                      started=now)
-        self.round = r
+                      started=now, extra=dict(env.body.get("extra", {})))
+        for device in devices:
+            self._leave(device)  # a newer round supersedes whatever the device was doing
+            self.device_round[device] = plan.key
+        self.rounds[plan.key] = r
         self.transport.set_status("training", round=plan.round, run=plan.run, devices=sorted(devices))
         self.log.info("round start", round=plan.round, devices=sorted(devices))
         for device, cut in devices.items():
@@ -135,7 +145,15 @@ class EdgeAgent(Agent):
                 tensors={k: global_state[k] for k in dev_keys}, run=plan.run, round=plan.round,
             )
         if not devices:
-            self.finish_round()
+            self.finish_round(r)
+
+    def _leave(self, device: str) -> None:
+        old_r, _ = self.session_of(device)
+        self.device_round.pop(device, None)
+        if old_r is not None and not old_r.sent:
+            old_r.sessions.pop(device, None)
+            if not old_r.sessions or all(x.delta is not None for x in old_r.sessions.values()):
+                self.finish_round(old_r)
 
     def _reference_state(self, plan: Plan) -> dict[str, np.ndarray]:
         key = (plan.model, plan.input_shape, plan.num_classes)
@@ -162,8 +180,7 @@ class EdgeAgent(Agent):
     def on_act(self, msg: Inbound) -> None:
         env = msg.env
         assert env is not None
-        r = self.round
-        s = r.sessions.get(msg.src) if r is not None else None
+        r, s = self.session_of(msg.src)
         if r is None or s is None:
             self.transport.drop("unknown_sender", f"act from {msg.src}, not in a round here", str(msg.topic))
             return
@@ -222,10 +239,9 @@ class EdgeAgent(Agent):
     def on_device_delta(self, msg: Inbound) -> None:
         env = msg.env
         assert env is not None
-        r = self.round
-        s = r.sessions.get(msg.src) if r is not None else None
+        r, s = self.session_of(msg.src)
         if r is None or s is None or env.run != r.plan.run or env.round != r.plan.round:
-            if r is not None and env.round < r.plan.round:
+            if r is None or env.round < r.plan.round:
                 self.transport.ack(msg)  # a late re-send of a finished round: stop the device re-sending
             self.transport.drop("wrong_round", f"delta from {msg.src} for round {env.round}", str(msg.topic))
             return
@@ -252,19 +268,22 @@ class EdgeAgent(Agent):
         self.transport.ack(msg)
         self.log.info("device done", device=msg.src, round=r.plan.round, samples=samples)
         if all(x.delta is not None for x in r.sessions.values()):
-            self.finish_round()
+            self.finish_round(r)
 
-    def finish_round(self, timed_out: bool = False) -> None:
-        r = self.round
-        if r is None or r.sent:
+    def finish_round(self, r: EdgeRound, timed_out: bool = False) -> None:
+        if r.sent:
             return
         r.sent = True
+        self.rounds.pop(r.plan.key, None)
+        for d in r.sessions:
+            if self.device_round.get(d) == r.plan.key:
+                self.device_round.pop(d)
         done = {d: s for d, s in r.sessions.items() if s.delta is not None and s.report.get("samples", 0) > 0}
         missing = sorted(set(r.sessions) - set(done))
         body: dict[str, Any] = {
             "attempt": r.plan.attempt, "samples": sum(int(s.report["samples"]) for s in done.values()),
             "devices": {d: s.report for d, s in done.items()}, "missing": missing,
-            "edge_time_s": time.monotonic() - r.started,
+            "edge_time_s": time.monotonic() - r.started, "extra": r.extra,
         }
         tensors: dict[str, np.ndarray] = {}
         if done:
@@ -279,4 +298,4 @@ class EdgeAgent(Agent):
         self.log.info("round sent", round=r.plan.round, devices=sorted(done), missing=missing)
         for s in r.sessions.values():
             s.stage = None  # free the per-device replicas; deltas are sent
-        self.transport.set_status("idle", round=r.plan.round)
+        self.transport.set_status("training" if self.rounds else "idle", round=r.plan.round)

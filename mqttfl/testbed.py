@@ -90,13 +90,15 @@ def make_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
 
 class Testbed:
     def __init__(self, root: Path, spec: FleetSpec, *, broker: Broker | None = None,
-                 data: tuple[Dataset, Dataset] | None = None) -> None:
+                 data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.spec = spec
         self._own_broker = broker is None
         self.broker = broker or Broker(BrokerOptions(persistence=True), workdir=self.root / "broker")
         self.data = data
+        # Scale-out (DESIGN §8): edges and devices on a site broker, the cloud on its own broker, bridged.
+        self.cloud_broker = cloud_broker
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
         self.operator: Transport | None = None
@@ -118,7 +120,8 @@ class Testbed:
         cloud = {"model": self.spec.model, "input_shape": list(self.spec.input_shape),
                  "test_data": str(self.root / "data" / "test.npz"), "min_devices": len(self.spec.devices),
                  **self.spec.cloud}
-        self._config("cloud", "cloud", common, cloud)
+        cb = self.cloud_broker or self.broker
+        self._config("cloud", "cloud", {**common, "mqtt": {"host": cb.host, "port": cb.port}}, cloud)
         for e in self.spec.edges:
             self._config(e, "edge", common, dict(self.spec.edge_extra))
         for d, e in self.spec.devices.items():
@@ -151,8 +154,9 @@ class Testbed:
 
     def connect_operator(self) -> Transport:
         if self.operator is None:
+            b = self.cloud_broker or self.broker
             cfg = load_config(None, "operator", environ={}, node="operator", fleet=self.spec.fleet,
-                              mqtt={"host": self.broker.host, "port": self.broker.port})
+                              mqtt={"host": b.host, "port": b.port})
             self.operator = Transport(cfg).start()
         return self.operator
 
@@ -217,10 +221,14 @@ class Testbed:
         assert msg.data is not None
         return msg.data
 
-    def ctl(self, node: str, cmd: str, timeout: float = 15.0, **args: Any) -> dict[str, Any]:
-        op = self.connect_operator()
+    def send_ctl(self, node: str, cmd: str, **args: Any) -> str:
+        """Publish a command without waiting (usable inside a wait callback); returns its id."""
         cmd_id = uuid.uuid4().hex[:12]
-        op.send_json("ctl", node, {"id": cmd_id, "cmd": cmd, "args": args})
+        self.connect_operator().send_json("ctl", node, {"id": cmd_id, "cmd": cmd, "args": args})
+        return cmd_id
+
+    def ctl(self, node: str, cmd: str, timeout: float = 15.0, **args: Any) -> dict[str, Any]:
+        cmd_id = self.send_ctl(node, cmd, **args)
         msg = self.wait(lambda m: m.kind == "reply" and m.data is not None and m.data.get("id") == cmd_id,
                         timeout, check_procs=False)
         assert msg.data is not None

@@ -1,0 +1,71 @@
+"""The ``mqttfl`` command: broker, demo, ctl, monitor, bench. Subcommands import lazily so that
+``mqttfl ctl`` and ``mqttfl monitor`` start fast (no torch import)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+# subcommand -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS = {
+    "broker": ("mqttfl.cli", "run a managed Mosquitto on a free loopback port until Ctrl-C"),
+    "demo": ("mqttfl.demo", "train on this machine: broker, cloud, 2 edges, 4 devices as processes"),
+    "ctl": ("mqttfl.ctltool", "send a control command to a node and print its reply"),
+    "monitor": ("mqttfl.monitor", "live view of every node of a fleet"),
+}
+BENCHES = {
+    "transport": ("mqttfl.bench.transport", "MQTT round trips, codec and chunked throughput"),
+    "split": ("mqttfl.bench.split", "monolithic vs split-over-MQTT training of the same batches"),
+    "migration": ("mqttfl.bench.migration", "FedFly migration pause and time saved vs restarting"),
+    "async": ("mqttfl.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.add_argument("--persistence", action="store_true", help="keep sessions and queued messages on disk")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mqttfl.broker import Broker, BrokerOptions
+
+    b = Broker(BrokerOptions(port=args.port, persistence=args.persistence))
+    b.start()
+    print(f"mosquitto listening on 127.0.0.1:{b.port} (config {b.conf_path}); Ctrl-C stops it", flush=True)
+    try:
+        while b.proc is not None and b.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mqttfl", description="Federated split learning over MQTT")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text)
+        modules[name] = (module, sp)
+    bench = sub.add_parser("bench", help="benchmarks measured side by side in one run")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        modules[f"bench {name}"] = (module, bsub.add_parser(name, help=help_text))
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the chosen subcommand's module is imported (and adds its flags).
+    key = " ".join(argv[:2]) if argv[:1] == ["bench"] else (argv[0] if argv else "")
+    if key in modules:
+        mod = importlib.import_module(modules[key][0])
+        mod.add_arguments(modules[key][1])
+        args = parser.parse_args(argv)
+        return int(mod.run(args))
+    parser.parse_args(argv)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""``mqttfl demo``: the FedFly testbed on one machine.
+
+A managed Mosquitto, one cloud, two edges and four devices, each agent its own process, training VGG-5 cut
+after the second conv block (SGD lr 0.01, momentum 0.9, batch 100) on scikit-learn's digits resized to
+3x32x32. Progress comes from the cloud's metrics and events, exactly what ``mqttfl monitor`` shows; one
+device moves to the other edge mid-training (FedFly migration) unless ``--no-migration``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mqttfl.testbed import FleetSpec, Testbed
+from mqttfl.transport import Inbound
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--mode", choices=["sync", "async"], default="sync")
+    p.add_argument("--model", default="vgg5", choices=["vgg5", "cnn", "mlp"])
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--data", default="digits", help="digits | synthetic | cifar10:PATH (a local CIFAR-10 copy)")
+    p.add_argument("--no-migration", action="store_true", help="do not move a device mid-training")
+    p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
+    p.add_argument("--timeout", type=float, default=900.0)
+
+
+def _input_shape(model: str) -> tuple[int, ...]:
+    return {"vgg5": (3, 32, 32), "cnn": (1, 28, 28), "mlp": (64,)}[model]
+
+
+def _load_data(spec: str, shape: tuple[int, ...]) -> Any:
+    from mqttfl.data import load_digits, synthetic_images
+
+    if spec == "digits":
+        return load_digits(shape)
+    if spec == "synthetic":
+        return synthetic_images(2000, shape, seed=1), synthetic_images(500, shape, seed=2)
+    if spec.startswith("cifar10:"):
+        from mqttfl.cifar import load_cifar10
+
+        return load_cifar10(spec.split(":", 1)[1])
+    raise SystemExit(f"unknown --data {spec!r}")
+
+
+class Progress:
+    """Prints what an operator would watch: rounds, accuracy, events."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+        self.migrations: list[dict[str, Any]] = []
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
+
+    def __call__(self, m: Inbound) -> None:
+        d = m.data or {}
+        if m.kind == "metrics" and d.get("kind") == "round":
+            acc = d.get("accuracy")
+            self.say(f"round {d['round']:>3}  accuracy {acc if acc is None else f'{acc:.4f}'}  "
+                     f"loss {d.get('loss')}  {d.get('participants')} devices  {d.get('round_s', 0):.1f}s")
+        elif m.kind == "metrics" and d.get("kind") == "version":
+            self.say(f"version {d.get('version'):>3}  group {d.get('group')}  staleness {d.get('staleness')}  "
+                     f"accuracy {d.get('accuracy')}")
+        elif m.kind == "metrics" and d.get("kind") == "groups":
+            self.say(f"groups {d.get('groups')}")
+        elif m.kind == "event" and d.get("event") in ("migration_done", "migration_failed", "migration_fallback"):
+            self.migrations.append(d)
+            self.say(f"{d['event']}: {d.get('device')} {d.get('source')} -> {d.get('destination')} "
+                     f"pause {d.get('pause_ms')} ms, {d.get('checkpoint_bytes')} checkpoint bytes")
+        elif m.kind == "event" and d.get("level") in ("warning", "error"):
+            self.say(f"{m.src}: {d.get('event')} {d.get('reason', '')} {d.get('detail', '')}".rstrip())
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = _input_shape(args.model)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mqttfl-demo-"))
+    progress = Progress(quiet=args.json)
+    cloud: dict[str, Any] = {"rounds": args.rounds, "micro_batches": args.micro_batches, "epochs": args.epochs,
+                             "deadline_s": 300.0, "quorum": 0.75, "run": "demo"}
+    if args.mode == "async":
+        cloud.update(mode="async", strategy="ecofl", max_versions=args.rounds * 3)
+    spec = FleetSpec(model=args.model, input_shape=shape, cloud=cloud)
+    progress.say(f"preparing data and configs in {workdir}")
+    tb = Testbed(workdir, spec, data=_load_data(args.data, shape))
+    t0 = time.monotonic()
+    summary: dict[str, Any] = {}
+    try:
+        tb.prepare()
+        progress.say(f"broker on 127.0.0.1:{tb.broker.port}; starting cloud, edges {spec.edges}, "
+                     f"devices {sorted(spec.devices)}")
+        tb.start()
+        moved = args.no_migration or args.mode == "async"
+        state = {"moved": moved}
+
+        def on_message(m: Inbound) -> None:
+            progress(m)
+            d = m.data or {}
+            # Move dev1 to edge2 once training is under way (FedFly: a device changes edge mid-training).
+            if not state["moved"] and m.kind == "metrics" and d.get("kind") == "round" and d.get("round") == 1:
+                state["moved"] = True
+                progress.say("moving dev1 from edge1 to edge2 (direct edge-to-edge transfer)")
+                tb.send_ctl("dev1", "move", edge="edge2")
+
+        done = tb.wait(lambda m: m.kind == "event" and (m.data or {}).get("event") in ("run_complete", "run_failed"),
+                       args.timeout, on_message=on_message)
+        wall = time.monotonic() - t0
+        rounds = tb.round_metrics()
+        final = rounds[-1] if rounds else {}
+        versions = [m.data for m in tb.inbox if m.kind == "metrics" and m.data and m.data.get("kind") == "version"]
+        final_acc = (done.data or {}).get("accuracy", final.get("accuracy"))
+        peak = max((dv.get("peak_rss_mb") or 0 for r in rounds for dv in r.get("devices", {}).values()), default=0)
+        summary = {
+            "mode": args.mode, "model": args.model, "data": args.data,
+            "rounds": len(rounds) if args.mode == "sync" else len(versions),
+            "final_accuracy": final_acc, "wall_s": round(wall, 2),
+            "bytes_total": sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in rounds),
+            "device_peak_rss_mb": peak, "migrations": progress.migrations,
+            "history": [{"round": r["round"], "accuracy": r.get("accuracy"), "round_s": r.get("round_s")}
+                        for r in rounds],
+        }
+    finally:
+        tb.stop()
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    ok = summary.get("final_accuracy") is not None
+    return 0 if ok else 1
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    print("\nround  accuracy  seconds")
+    for h in s["history"]:
+        print(f"{h['round']:>5}  {h['accuracy']:>8}  {h['round_s']:>7}")
+    rows = [("mode", s["mode"]), ("model", s["model"]), ("data", s["data"]), ("rounds", s["rounds"]),
+            ("final accuracy", s["final_accuracy"]), ("wall time (s)", s["wall_s"]),
+            ("bytes on the wire", f"{s['bytes_total']:,}"), ("device peak RSS (MB)", s["device_peak_rss_mb"]),
+            ("migrations", len(s["migrations"]))]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    sys.stdout.flush()
