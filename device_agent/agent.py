@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import resource
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from mqttfl.models import Part, build_model, model_info, split_model
 from mqttfl.pipeline import one_f_one_b
 from mqttfl.protocol import Plan, ProtocolError, check_state, data_seed
 from mqttfl.split import DeviceStage, LocalTrainer, make_optimizer, micro_batches
+from mqttfl.topics import validate_id
 from mqttfl.transport import Inbound
 
 
@@ -48,6 +50,7 @@ class Progress:
     grads: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     last_send: float = 0.0
     resends: int = 0
+    total_steps: int = 0
 
 
 def peak_rss_mb() -> float:
@@ -65,6 +68,7 @@ class DeviceAgent(Agent):
         self.data = load_shard(sec["data"])
         self.cut_pref = int(sec.get("cut", -1))
         self.act_timeout_s = float(sec.get("act_timeout_s", 10.0))
+        self.migrate_timeout_s = float(sec.get("migrate_timeout_s", 10.0))
         self.slowdown = float(sec.get("slowdown", 1.0))  # emulate a slower board (benchmarks, tests)
         super().__init__(cfg, cloud_id=str(sec.get("cloud", "cloud")))
         self.model: torch.nn.Sequential | None = None
@@ -76,8 +80,12 @@ class DeviceAgent(Agent):
         self._resend_now = False
         self._rx_mark = 0
         self.rounds_done = 0
+        self.pending_move: tuple[str, str] | None = None
+        self.previous_edge: str | None = None  # a round announced there before an idle move still counts
+        self.migrations: list[dict[str, Any]] = []
         self.commands["train_stats"] = self.cmd_train_stats
         self.commands["set_edge"] = self.cmd_set_edge
+        self.commands["move"] = self.cmd_move
 
     def initial_status(self) -> dict[str, Any]:
         status: dict[str, Any] = {"state": "idle", "edge": self.edge, "samples": len(self.data), "cut": self.cut_pref}
@@ -97,7 +105,29 @@ class DeviceAgent(Agent):
 
     # ------------------------------------------------------------------ commands
     def cmd_train_stats(self, msg: Inbound, args: dict[str, Any]) -> Any:
-        return {"rounds_done": self.rounds_done, "step": self.progress.step, "resends": self.progress.resends}
+        return {"rounds_done": self.rounds_done, "step": self.progress.step, "resends": self.progress.resends,
+                "edge": self.edge, "migrations": self.migrations[-10:]}
+
+    def cmd_move(self, msg: Inbound, args: dict[str, Any]) -> Any:
+        """Move to another edge (FedFly). Idle: switch at once. Training: at the next mini-batch boundary,
+        the edge-side state follows the device (``path`` direct = edge to edge, relay = through us)."""
+        edge = arg(args, "edge", str)
+        path = arg(args, "path", str, default="direct", check=lambda v: v in ("direct", "relay"),
+                   why="direct or relay")
+        try:
+            validate_id(edge)
+        except ValueError as e:
+            raise CommandError(str(e)) from e
+        if edge == self.edge and self.pending_move is None:
+            return {"edge": edge, "moved": False, "reason": "already there"}
+        if self.current is None:
+            self.previous_edge = self.edge
+            self.edge = edge
+            self.transport.set_status("idle", edge=edge)
+            self.transport.event("moved", device=self.node, destination=edge, during_round=False)
+            return {"edge": edge, "moved": True, "when": "now (idle)"}
+        self.pending_move = (edge, path)
+        return {"edge": edge, "moved": False, "when": "next mini-batch boundary", "path": path}
 
     def cmd_set_edge(self, msg: Inbound, args: dict[str, Any]) -> Any:
         edge = arg(args, "edge", str)
@@ -121,15 +151,23 @@ class DeviceAgent(Agent):
             finally:
                 self.current = None
                 self.progress = Progress()
-                self.transport.set_status("idle", round=None)
+                self._apply_move_between_rounds()
+                self.transport.set_status("idle", round=None, edge=self.edge)
             msg = self.pending  # a newer model arrived while training
 
     def _accept_model(self, msg: Inbound) -> tuple[Plan, int, Part, Part] | None:
         env = msg.env
         assert env is not None
         if msg.src != self.edge:
-            self.transport.drop("unknown_sender", f"model from {msg.src}, attached to {self.edge}", str(msg.topic))
-            return None
+            if msg.src != self.previous_edge:
+                self.transport.drop("unknown_sender", f"model from {msg.src}, attached to {self.edge}",
+                                    str(msg.topic))
+                return None
+            # The round was announced at the old edge before our move arrived there: train it there and
+            # migrate at the first mini-batch boundary.
+            self.pending_move = (self.edge, "direct")
+            self.edge = msg.src
+        self.previous_edge = None
         try:
             plan = Plan.from_body(env.body.get("plan", {}))
             cut = int(env.body.get("cut", -1))
@@ -216,6 +254,7 @@ class DeviceAgent(Agent):
             self.progress.correct += r.correct
             self.progress.seen += r.n
             self._poll_between_batches()
+            # Local training keeps no state at the edge: a move takes effect when the round ends.
 
     def _poll_between_batches(self) -> None:
         msg = self.pump(0.0)
@@ -227,7 +266,9 @@ class DeviceAgent(Agent):
                              weight_decay=plan.weight_decay)
         stage = DeviceStage(dev, opt)
         p = self.progress
-        for step, idx in self._batches(plan, order):
+        batches = self._batches(plan, order)
+        p.total_steps = len(batches)
+        for step, idx in batches:
             x, y = torch.from_numpy(self.data.x[idx]), torch.from_numpy(self.data.y[idx])
             m = min(plan.micro_batches, len(idx))
             micro = micro_batches(x, y, m)
@@ -250,6 +291,8 @@ class DeviceAgent(Agent):
             stage.step()
             p.step = step + 1
             self._poll_between_batches()
+            if self.pending_move is not None and step + 1 < p.total_steps:
+                self._migrate(plan, *self.pending_move)
 
     def _send_act(self, plan: Plan, payload: tuple[np.ndarray, np.ndarray, dict[str, Any]]) -> None:
         x, y, body = payload
@@ -261,6 +304,11 @@ class DeviceAgent(Agent):
         waited_since = time.monotonic()
         while key not in p.grads:
             if self._resend_now or time.monotonic() - p.last_send > self.act_timeout_s:
+                if self.pending_move is not None and not self._resend_now:
+                    # Stuck mid-batch at a silent source while asked to move: the source is gone.
+                    dest, _ = self.pending_move
+                    self.pending_move = None
+                    self._restart_at(plan, dest, uuid.uuid4().hex[:16], self.edge)
                 self._resend_now = False
                 if time.monotonic() - waited_since > max(plan.deadline_s, self.act_timeout_s * 3):
                     raise RoundAborted(f"no gradient from {self.edge} for {plan.deadline_s:.0f}s")
@@ -305,3 +353,96 @@ class DeviceAgent(Agent):
         self.progress.loss_sum += float(env.body.get("loss_sum", 0.0))
         self.progress.correct += int(env.body.get("correct", 0))
         self.progress.seen += int(sent[1].shape[0])
+
+    # ------------------------------------------------------------------ migration (FedFly)
+    def _apply_move_between_rounds(self) -> None:
+        if self.pending_move is not None:
+            edge, _ = self.pending_move
+            self.pending_move = None
+            self.edge = edge
+            self.transport.event("moved", device=self.node, destination=edge, during_round=False)
+
+    def _migrate(self, plan: Plan, dest: str, path: str) -> None:
+        """Move at a mini-batch boundary: no gradient is in flight, so the edge-side state is complete.
+
+        freeze -> (source sends the checkpoint to dest, or to us to relay) -> dest installs and says ready ->
+        we release the source and resume at dest. Destination silent: abort, resume at the source. Source
+        silent: it is gone; restart the round at the destination from the global model (FedFly's restart
+        baseline, now a fallback). The pause is timed on this device's clock only.
+        """
+        self.pending_move = None
+        source, mid = self.edge, uuid.uuid4().hex[:16]
+        t0 = time.monotonic()
+        self.transport.set_status("migrating", edge=source, destination=dest)
+        self.transport.send("ckpt", source, body={"op": "freeze", "migration": mid, "to": dest, "path": path,
+                                                  "step": self.progress.step}, run=plan.run, round=plan.round)
+        heard_source = False
+        nbytes = 0
+        deadline = t0 + self.migrate_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            msg = self.pump(min(remaining, 0.5))
+            if msg is None:
+                continue
+            env = msg.env
+            if msg.kind != "ckpt" or env is None:
+                if msg.kind in ("model", "grad"):
+                    self._on_during_round(msg)
+                continue
+            op, m = env.body.get("op"), env.body.get("migration")
+            if m != mid:
+                continue
+            if msg.src == source and op == "nothing":
+                self.edge = dest  # the source held nothing for us: a plain switch
+                self.transport.set_status("training", edge=dest)
+                return
+            if msg.src == source and op == "refused":
+                self._migration_failed(plan, dest, mid, f"source refused: {env.body.get('reason')}", source)
+                return
+            if msg.src == source and op in ("frozen", "transfer"):
+                heard_source = True
+                nbytes = int(env.body.get("checkpoint_bytes", 0))
+                deadline = time.monotonic() + self.migrate_timeout_s  # now waiting for the destination
+                if op == "transfer":  # relay: the edges may not talk to each other; we carry it
+                    self.transport.send("ckpt", dest, body=dict(env.body), tensors=dict(env.tensors),
+                                        run=plan.run, round=plan.round)
+            elif msg.src == dest and op == "ready":
+                pause_ms = (time.monotonic() - t0) * 1000.0
+                self.transport.send("ckpt", source, body={"op": "release", "migration": mid})
+                self.edge = dest
+                record = {"device": self.node, "source": source, "destination": dest, "path": path,
+                          "migration": mid, "pause_ms": round(pause_ms, 2), "checkpoint_bytes": nbytes,
+                          "step": self.progress.step, "round": plan.round}
+                self.migrations.append(record)
+                self.transport.set_status("training", edge=dest)
+                self.transport.event("migration_done", **record)
+                self.log.info("migrated", **record)
+                return
+            elif msg.src == dest and op == "refused":
+                self._migration_failed(plan, dest, mid, f"destination refused: {env.body.get('reason')}", source)
+                return
+        if heard_source:
+            self._migration_failed(plan, dest, mid, "destination did not answer", source)
+        else:
+            self._restart_at(plan, dest, mid, source)
+
+    def _migration_failed(self, plan: Plan, dest: str, mid: str, reason: str, source: str) -> None:
+        """Resume at the source: it unfreezes the session, nothing was lost."""
+        self.transport.send("ckpt", source, body={"op": "abort", "migration": mid})
+        self.transport.set_status("training", edge=source)
+        self.transport.event("migration_failed", level="warning", device=self.node, source=source,
+                             destination=dest, migration=mid, reason=reason, action="continue at source")
+        self.log.warning("migration failed, continuing at the source", reason=reason)
+
+    def _restart_at(self, plan: Plan, dest: str, mid: str, source: str) -> None:
+        """The source edge is gone with our edge-side state: ask the cloud to restart our round at dest."""
+        self.edge = dest
+        self.transport.send("ckpt", self.cloud_id, body={"op": "restart", "migration": mid, "edge": dest,
+                                                         "source": source}, run=plan.run, round=plan.round)
+        self.transport.set_status("waiting", edge=dest)
+        self.transport.event("migration_fallback", level="warning", device=self.node, source=source,
+                             destination=dest, migration=mid, reason="source edge did not answer",
+                             action="restart the round at the destination from the global model")
+        raise RoundAborted("source edge gone; restarting the round at the destination")

@@ -20,11 +20,13 @@ import torch
 
 from mqttfl.agent import Agent
 from mqttfl.aggregate import weighted_average
+from mqttfl.checkpoint import CheckpointError, EdgeCheckpoint, from_message
 from mqttfl.codec import as_torch
 from mqttfl.config import AgentConfig
 from mqttfl.models import Part, build_model, model_info, model_state, split_model
 from mqttfl.protocol import Plan, ProtocolError, check_activation, check_state
 from mqttfl.split import EdgeStage, make_optimizer
+from mqttfl.topics import validate_id
 from mqttfl.transport import Inbound
 
 GRAD_CACHE = 16  # >= the most micro-batches of one mini-batch that can be re-sent at once
@@ -47,6 +49,9 @@ class DeviceSession:
     seen: int = 0
     delta: dict[str, np.ndarray] | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None
+    frozen: str | None = None  # migration id while the device's state is on its way to another edge
+    rng: np.ndarray | None = None  # carried for stochastic edge blocks; today's blocks draw no randomness
 
 
 @dataclass
@@ -73,6 +78,7 @@ class EdgeAgent(Agent):
         self.device_round: dict[str, tuple[str, int, int]] = {}
         self.rounds_done = 0
         self._models: dict[tuple[Any, ...], torch.nn.Sequential] = {}
+        self.roles: dict[str, str] = {}  # node -> role, from the retained status broadcasts
 
     def initial_status(self) -> dict[str, Any]:
         return {"state": "idle"}
@@ -88,9 +94,14 @@ class EdgeAgent(Agent):
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, msg: Inbound) -> None:
+        if msg.kind == "status" and msg.data is not None:
+            self.roles[msg.src] = str(msg.data.get("role", ""))
+            return
         if msg.env is None:
             return
-        if msg.kind == "model":
+        if msg.kind == "ckpt":
+            self.on_ckpt(msg)
+        elif msg.kind == "model":
             self.on_global_model(msg)
         elif msg.kind == "act":
             self.on_act(msg)
@@ -125,12 +136,19 @@ class EdgeAgent(Agent):
         except (ProtocolError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.transport.drop(getattr(e, "code", "bad_model"), str(e), str(msg.topic))
             return
-        if plan.key in self.rounds:
-            return  # re-delivered announcement
         now = time.monotonic()
-        global_state = {k: np.array(v) for k, v in env.tensors.items()}
-        r = EdgeRound(plan, devices, global_state, deadline=now + plan.deadline_s * self.deadline_fraction,
-                      started=now, extra=dict(env.body.get("extra", {})))
+        r = self.rounds.get(plan.key)
+        if r is not None:
+            # Same round announced again: re-delivery, or the cloud adding a device (migration fallback).
+            devices = {d: c for d, c in devices.items() if d not in r.sessions}
+            if not devices:
+                return
+            r.devices.update(devices)
+            global_state = r.global_state
+        else:
+            global_state = {k: np.array(v) for k, v in env.tensors.items()}
+            r = EdgeRound(plan, devices, global_state, deadline=now + plan.deadline_s * self.deadline_fraction,
+                          started=now, extra=dict(env.body.get("extra", {})))
         for device in devices:
             self._leave(device)  # a newer round supersedes whatever the device was doing
             self.device_round[device] = plan.key
@@ -174,7 +192,7 @@ class EdgeAgent(Agent):
             probe = torch.zeros((1, *plan.input_shape))
             smashed_shape = tuple(model[:cut](probe).shape[1:]) if cut > 0 else tuple(plan.input_shape)
         return DeviceSession(device, plan, cut, part, EdgeStage(part, opt), base=part.state(),
-                             smashed_shape=smashed_shape)
+                             smashed_shape=smashed_shape, optimizer=opt)
 
     # ------------------------------------------------------------------ split training
     def on_act(self, msg: Inbound) -> None:
@@ -190,6 +208,9 @@ class EdgeAgent(Agent):
             return
         if s.stage is None or s.delta is not None:
             self.transport.drop("unexpected", f"{msg.src} trains locally or has finished", str(msg.topic))
+            return
+        if s.frozen is not None:
+            self.transport.drop("frozen", f"{msg.src} is migrating ({s.frozen})", str(msg.topic))
             return
         try:
             key = (int(env.body["step"]), int(env.body["micro"]))
@@ -249,7 +270,8 @@ class EdgeAgent(Agent):
             self.transport.ack(msg)
             return
         try:
-            expected = {k: v for k, v in r.global_state.items() if int(k.split(".", 1)[0]) < s.cut}
+            reference = self._reference_state(r.plan)
+            expected = {k: v for k, v in reference.items() if int(k.split(".", 1)[0]) < s.cut}
             check_state(dict(env.tensors), expected, f"delta of {msg.src}")
             samples = int(env.body.get("samples", 0))
             if samples < 0:
@@ -299,3 +321,140 @@ class EdgeAgent(Agent):
         for s in r.sessions.values():
             s.stage = None  # free the per-device replicas; deltas are sent
         self.transport.set_status("training" if self.rounds else "idle", round=r.plan.round)
+
+    # ------------------------------------------------------------------ migration (FedFly)
+    def on_ckpt(self, msg: Inbound) -> None:
+        env = msg.env
+        assert env is not None
+        op = env.body.get("op")
+        handlers = {"freeze": self.on_freeze, "transfer": self.on_transfer, "release": self.on_release,
+                    "abort": self.on_abort}
+        handler = handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self.transport.drop("bad_field", f"unknown ckpt op {op!r}", str(msg.topic))
+            return
+        handler(msg)
+
+    def _reply(self, device: str, op: str, migration: str, **body: Any) -> None:
+        self.transport.send("ckpt", device, body={"op": op, "migration": migration, **body})
+
+    def capture(self, s: DeviceSession, migration: str) -> EdgeCheckpoint:
+        assert s.part is not None and s.optimizer is not None
+        momentum = {}
+        for name, p in s.part.named_parameters():  # slicing a Sequential keeps the global keys
+            buf = s.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                momentum[name] = buf.detach().numpy().copy()
+        rng = s.rng if s.rng is not None else torch.get_rng_state().numpy()
+        return EdgeCheckpoint(
+            device=s.device, migration=migration, plan=s.plan, cut=s.cut, weights=s.part.state(),
+            momentum=momentum, base=dict(s.base), expected=s.expected, steps=s.steps, loss_sum=s.loss_sum,
+            seen=s.seen, n_micro=s.n_micro, smashed_shape=s.smashed_shape, rng=rng,
+        )
+
+    def on_freeze(self, msg: Inbound) -> None:
+        """Source edge: the device asks to move. Checkpoint its session and send it on."""
+        env = msg.env
+        assert env is not None
+        device, mid = msg.src, str(env.body.get("migration", ""))
+        dest, path = str(env.body.get("to", "")), env.body.get("path", "direct")
+        r, s = self.session_of(device)
+        if r is None or s is None or s.stage is None or s.delta is not None:
+            self._reply(device, "nothing", mid)  # no edge-side state here: the device just switches edge
+            return
+        if s.expected[1] != 0:
+            self._reply(device, "refused", mid, reason=f"not at a mini-batch boundary (next {s.expected})")
+            return
+        try:
+            validate_id(dest)
+        except ValueError:
+            self._reply(device, "refused", mid, reason=f"bad destination {dest!r}")
+            return
+        s.frozen = mid
+        ck = self.capture(s, mid)
+        body, tensors = ck.to_message()
+        nbytes = ck.nbytes()
+        body.update(op="transfer", path=path, source=self.node, checkpoint_bytes=nbytes)
+        # direct: edge to edge through the broker; relay: through the device (edges that may not talk).
+        self.transport.send("ckpt", dest if path == "direct" else device, body=body, tensors=tensors,
+                            run=r.plan.run, round=r.plan.round)
+        if path == "direct":
+            self._reply(device, "frozen", mid, checkpoint_bytes=nbytes)
+        self.transport.event("migration_started", device=device, source=self.node, destination=dest, path=path,
+                             migration=mid, step=s.expected[0], checkpoint_bytes=nbytes)
+
+    def on_transfer(self, msg: Inbound) -> None:
+        """Destination edge: install a checkpoint, then tell the device it may resume here."""
+        env = msg.env
+        assert env is not None
+        body = env.body
+        device = str(body.get("device", ""))
+        if msg.src != device and self.roles.get(msg.src) != "edge":
+            self.transport.drop("unauthorised", f"checkpoint for {device} from {msg.src}", str(msg.topic))
+            return
+        mid = str(body.get("migration", ""))
+        try:
+            plan = Plan.from_body(body.get("plan", {}))
+            cut = int(body.get("cut", -1))
+            model = self._replica(plan)
+            if not 0 < cut < len(model):
+                raise CheckpointError("bad_field", f"cut {cut} has no edge-side state")
+            _, part = split_model(model, cut)
+            ck = from_message(body, env.tensors, part.state(), [n for n, _ in part.named_parameters()])
+            if ck.device != device:
+                raise CheckpointError("bad_field", "checkpoint names another device")
+        except (CheckpointError, ProtocolError, ValueError) as e:
+            self.transport.drop(getattr(e, "code", "bad_field"), f"checkpoint refused: {e}", str(msg.topic))
+            self.transport.event("checkpoint_refused", level="warning", device=device, migration=mid,
+                                 reason=getattr(e, "code", "bad_field"), detail=str(e)[:300])
+            self._reply(device, "refused", mid, reason=str(e)[:300])
+            return
+        part.load_state(ck.weights)
+        opt = make_optimizer(part.module.parameters(), lr=plan.lr, momentum=plan.momentum,
+                             weight_decay=plan.weight_decay)
+        for name, p in part.named_parameters():
+            if name in ck.momentum:
+                opt.state[p]["momentum_buffer"] = torch.from_numpy(np.array(ck.momentum[name]))
+        session = DeviceSession(
+            device, plan, cut, part, EdgeStage(part, opt), base=dict(ck.base), smashed_shape=ck.smashed_shape,
+            expected=ck.expected, n_micro=ck.n_micro, steps=ck.steps, loss_sum=ck.loss_sum, seen=ck.seen,
+            optimizer=opt, rng=ck.rng,
+        )
+        self._leave(device)
+        now = time.monotonic()
+        r = self.rounds.get(plan.key)
+        if r is None:
+            # This edge was not in the round: the checkpoint carries all it needs (plan and base).
+            r = EdgeRound(plan, {}, dict(ck.base), deadline=now + plan.deadline_s * self.deadline_fraction,
+                          started=now)
+            self.rounds[plan.key] = r
+        r.sessions[device] = session
+        r.devices[device] = cut
+        self.device_round[device] = plan.key
+        self._reply(device, "ready", mid, checkpoint_bytes=int(body.get("checkpoint_bytes", 0)),
+                    step=ck.expected[0])
+        self.transport.set_status("training", round=plan.round, run=plan.run)
+        self.log.info("migration installed", device=device, migration=mid, step=ck.expected[0])
+
+    def on_release(self, msg: Inbound) -> None:
+        """Source edge: the destination has the device; forget the frozen session."""
+        r, s = self.session_of(msg.src)
+        mid = str(msg.env.body.get("migration", "")) if msg.env else ""
+        if r is None or s is None or s.frozen != mid:
+            return
+        r.sessions.pop(msg.src, None)
+        r.devices.pop(msg.src, None)
+        self.device_round.pop(msg.src, None)
+        self.log.info("migration released", device=msg.src, migration=mid)
+        if not r.sessions:
+            self.rounds.pop(r.plan.key, None)  # nothing left to report for this round here
+        elif all(x.delta is not None for x in r.sessions.values()):
+            self.finish_round(r)
+
+    def on_abort(self, msg: Inbound) -> None:
+        """Source edge: the move failed; the device continues here from where it stopped."""
+        r, s = self.session_of(msg.src)
+        mid = str(msg.env.body.get("migration", "")) if msg.env else ""
+        if s is not None and s.frozen == mid:
+            s.frozen = None
+            self.log.info("migration aborted, device resumes here", device=msg.src, migration=mid)

@@ -143,10 +143,17 @@ class Agent:
                 return None
 
     def dispatch(self, msg: Inbound) -> None:
-        if msg.kind == "ctl":
-            self.on_ctl(msg)
-        else:
-            self.handle(msg)
+        try:
+            if msg.kind == "ctl":
+                self.on_ctl(msg)
+            else:
+                self.handle(msg)
+        except Shutdown:
+            raise
+        except Exception as e:
+            # A message that trips a bug must not take the node down with it: report it and go on.
+            self.log.exception("handler failed", kind=msg.kind, src=msg.src)
+            self.transport.drop("handler_error", f"{type(e).__name__}: {e}", str(msg.topic))
 
     def stop(self) -> None:
         sdnotify.stopping()

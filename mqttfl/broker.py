@@ -80,6 +80,10 @@ def render_config(opts: BrokerOptions, port: int, state_dir: Path) -> str:
         "log_type notice",
         "connection_messages false",
     ]
+    if os.geteuid() == 0:
+        # As root, mosquitto drops to the 'mosquitto' user and then cannot write its persistence file
+        # into our (root-owned) work dir; it only logs "Permission denied". Stay root on loopback.
+        lines.append("user root")
     if opts.persistence:
         lines += [
             "persistence true",

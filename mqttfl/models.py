@@ -192,6 +192,11 @@ class Part:
     def keys(self) -> list[str]:
         return list(self._tensors())
 
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Trainable parameters under the full model's keys (optimizer state is keyed by these)."""
+        for i in range(self.start, self.stop):
+            yield from self._model[i].named_parameters(prefix=str(i))
+
     def state(self) -> dict[str, np.ndarray]:
         return {k: _to_numpy(t) for k, t in self._tensors().items()}
 

@@ -68,10 +68,11 @@ class FleetSpec:
     device_extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-device [device] extras
     edge_extra: dict[str, Any] = field(default_factory=dict)
     fleet: str = "default"
+    extra_edges: tuple[str, ...] = ()  # edges with no device at the start (migration targets)
 
     @property
     def edges(self) -> list[str]:
-        return sorted(set(self.devices.values()))
+        return sorted(set(self.devices.values()) | set(self.extra_edges))
 
 
 def make_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:

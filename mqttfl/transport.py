@@ -200,8 +200,11 @@ class Transport:
         m = self.cfg.mqtt
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = m.session_expiry
-        clean = mqtt.MQTT_CLEAN_START_FIRST_ONLY if self.first_boot else False
-        self.client.connect_async(m.host, m.port, keepalive=m.keepalive, clean_start=clean, properties=props)
+        # Never clean_start: Mosquitto 2.0.11 persists only sessions whose current connection did not ask
+        # for a clean start, so a first boot with clean_start would lose its queue over a broker restart.
+        # A stale session left by an earlier install only replays messages of old runs, which the
+        # protocol checks (run, round) reject.
+        self.client.connect_async(m.host, m.port, keepalive=m.keepalive, clean_start=False, properties=props)
         self.client.loop_start()
         if timeout is not None and not self.wait_ready(timeout):
             self.stop(publish_offline=False)

@@ -1,0 +1,1 @@
+"""Small programs the integration tests run as real processes (``python -m tests.procs.<name>``)."""
