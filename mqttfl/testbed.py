@@ -90,6 +90,7 @@ def make_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
 
 
 class Testbed:
+    __test__ = False  # not a pytest test class, despite the name
     def __init__(self, root: Path, spec: FleetSpec, *, broker: Broker | None = None,
                  data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None) -> None:
         self.root = Path(root)
