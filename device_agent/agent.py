@@ -82,6 +82,8 @@ class DeviceAgent(Agent):
         self.rounds_done = 0
         self.pending_move: tuple[str, str] | None = None
         self.previous_edge: str | None = None  # a round announced there before an idle move still counts
+        self.move_at_step = 0  # a scheduled move waits for this many completed mini-batches
+        self._first_start: dict[tuple[str, int, int], float] = {}
         self.migrations: list[dict[str, Any]] = []
         self.commands["train_stats"] = self.cmd_train_stats
         self.commands["set_edge"] = self.cmd_set_edge
@@ -100,7 +102,7 @@ class DeviceAgent(Agent):
 
     def on_link(self, up: bool) -> None:
         super().on_link(up)
-        if up:
+        if up and self.progress.outstanding:
             self._resend_now = True
 
     # ------------------------------------------------------------------ commands
@@ -112,8 +114,9 @@ class DeviceAgent(Agent):
         """Move to another edge (FedFly). Idle: switch at once. Training: at the next mini-batch boundary,
         the edge-side state follows the device (``path`` direct = edge to edge, relay = through us)."""
         edge = arg(args, "edge", str)
-        path = arg(args, "path", str, default="direct", check=lambda v: v in ("direct", "relay"),
-                   why="direct or relay")
+        path = arg(args, "path", str, default="direct", check=lambda v: v in ("direct", "relay", "restart"),
+                   why="direct, relay, or restart (drop the edge-side state and start the round over there)")
+        at_step = arg(args, "at_step", int, default=0, check=lambda v: v >= 0)
         try:
             validate_id(edge)
         except ValueError as e:
@@ -127,7 +130,9 @@ class DeviceAgent(Agent):
             self.transport.event("moved", device=self.node, destination=edge, during_round=False)
             return {"edge": edge, "moved": True, "when": "now (idle)"}
         self.pending_move = (edge, path)
-        return {"edge": edge, "moved": False, "when": "next mini-batch boundary", "path": path}
+        self.move_at_step = at_step
+        when = f"mini-batch boundary {at_step}" if at_step > self.progress.step else "next mini-batch boundary"
+        return {"edge": edge, "moved": False, "when": when, "path": path}
 
     def cmd_set_edge(self, msg: Inbound, args: dict[str, Any]) -> Any:
         edge = arg(args, "edge", str)
@@ -202,6 +207,10 @@ class DeviceAgent(Agent):
         self.transport.set_status("training", round=plan.round, run=plan.run, edge=self.edge)
         self.log.info("round start", round=plan.round, cut=cut, samples=len(self.data))
         t0 = time.monotonic()
+        # One clock from the first start of this round, across a restart (FedFly's total training time).
+        first = self._first_start.setdefault(plan.key, t0)
+        while len(self._first_start) > 8:
+            self._first_start.pop(next(iter(self._first_start)))
         local = cut == len(self.model)
         order = BatchOrder(len(self.data), plan.batch_size, seed=data_seed(plan.seed, self.node))
         if local:
@@ -215,6 +224,7 @@ class DeviceAgent(Agent):
         report = {
             "samples": len(self.data), "steps": p.step, "loss_sum": p.loss_sum, "correct": p.correct,
             "seen": p.seen, "cut": cut, "t_local": t_local, "t_download": t_download,
+            "t_total": time.monotonic() - first,
             "bytes_up": stats1.get("tx_bytes", 0) - stats0.get("tx_bytes", 0),
             # Since the end of the previous round, so the model message that opened this one counts.
             "bytes_down": stats1.get("rx_bytes", 0) - self._rx_mark,
@@ -291,7 +301,7 @@ class DeviceAgent(Agent):
             stage.step()
             p.step = step + 1
             self._poll_between_batches()
-            if self.pending_move is not None and step + 1 < p.total_steps:
+            if self.pending_move is not None and self.move_at_step <= step + 1 < p.total_steps:
                 self._migrate(plan, *self.pending_move)
 
     def _send_act(self, plan: Plan, payload: tuple[np.ndarray, np.ndarray, dict[str, Any]]) -> None:
@@ -372,6 +382,10 @@ class DeviceAgent(Agent):
         """
         self.pending_move = None
         source, mid = self.edge, uuid.uuid4().hex[:16]
+        if path == "restart":
+            # FedFly's baseline: no state moves; the round starts over at the destination.
+            self.transport.send("ckpt", source, body={"op": "leave", "migration": mid})
+            self._restart_at(plan, dest, mid, source, reason="restart requested")
         t0 = time.monotonic()
         self.transport.set_status("migrating", edge=source, destination=dest)
         self.transport.send("ckpt", source, body={"op": "freeze", "migration": mid, "to": dest, "path": path,
@@ -436,13 +450,14 @@ class DeviceAgent(Agent):
                              destination=dest, migration=mid, reason=reason, action="continue at source")
         self.log.warning("migration failed, continuing at the source", reason=reason)
 
-    def _restart_at(self, plan: Plan, dest: str, mid: str, source: str) -> None:
+    def _restart_at(self, plan: Plan, dest: str, mid: str, source: str,
+                    reason: str = "source edge did not answer") -> None:
         """The source edge is gone with our edge-side state: ask the cloud to restart our round at dest."""
         self.edge = dest
         self.transport.send("ckpt", self.cloud_id, body={"op": "restart", "migration": mid, "edge": dest,
                                                          "source": source}, run=plan.run, round=plan.round)
         self.transport.set_status("waiting", edge=dest)
         self.transport.event("migration_fallback", level="warning", device=self.node, source=source,
-                             destination=dest, migration=mid, reason="source edge did not answer",
+                             destination=dest, migration=mid, reason=reason,
                              action="restart the round at the destination from the global model")
         raise RoundAborted("source edge gone; restarting the round at the destination")

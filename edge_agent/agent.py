@@ -328,7 +328,7 @@ class EdgeAgent(Agent):
         assert env is not None
         op = env.body.get("op")
         handlers = {"freeze": self.on_freeze, "transfer": self.on_transfer, "release": self.on_release,
-                    "abort": self.on_abort}
+                    "abort": self.on_abort, "leave": self.on_leave}
         handler = handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             self.transport.drop("bad_field", f"unknown ckpt op {op!r}", str(msg.topic))
@@ -442,10 +442,19 @@ class EdgeAgent(Agent):
         mid = str(msg.env.body.get("migration", "")) if msg.env else ""
         if r is None or s is None or s.frozen != mid:
             return
-        r.sessions.pop(msg.src, None)
-        r.devices.pop(msg.src, None)
-        self.device_round.pop(msg.src, None)
-        self.log.info("migration released", device=msg.src, migration=mid)
+        self._drop_session(r, msg.src, mid)
+
+    def on_leave(self, msg: Inbound) -> None:
+        """The device restarts its round elsewhere without its state (FedFly's restart baseline)."""
+        r, s = self.session_of(msg.src)
+        if r is not None and s is not None:
+            self._drop_session(r, msg.src, str(msg.env.body.get("migration", "")) if msg.env else "")
+
+    def _drop_session(self, r: EdgeRound, device: str, mid: str) -> None:
+        r.sessions.pop(device, None)
+        r.devices.pop(device, None)
+        self.device_round.pop(device, None)
+        self.log.info("device left", device=device, migration=mid)
         if not r.sessions:
             self.rounds.pop(r.plan.key, None)  # nothing left to report for this round here
         elif all(x.delta is not None for x in r.sessions.values()):

@@ -123,7 +123,15 @@ class Transport:
         outbox: Outbox | None = None,
         boot: int | None = None,
         status_fields: Mapping[str, Any] | None = None,
+        presence: bool = True,
+        inbox: bool = True,
+        client_suffix: str = "",
+        tcp_nodelay: bool = True,
     ) -> None:
+        """``presence=False``/``client_suffix`` are for console tools (ctl, monitor): no retained status or
+        will, and a client id of their own so they never take over a running agent's session.
+        ``inbox=False`` subscribes to ``subscriptions`` only. ``tcp_nodelay=False`` exists to measure
+        what Nagle costs (bench)."""
         self.cfg = cfg
         self.node, self.fleet, self.role = cfg.node, cfg.fleet, cfg.role
         self.limits = limits or Limits()
@@ -139,7 +147,10 @@ class Transport:
         self._recent = RecentIds(20_000)
         self._acked = RecentIds(20_000)
         self._seq = itertools.count(1)
-        self._subs = minimal_filters([*inbox_filters(cfg.fleet, cfg.node), *subscriptions])
+        self.presence = presence
+        self._client_suffix = client_suffix
+        self._tcp_nodelay = tcp_nodelay
+        self._subs = minimal_filters([*(inbox_filters(cfg.fleet, cfg.node) if inbox else []), *subscriptions])
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._pending_sub_mid: int | None = None
@@ -153,7 +164,8 @@ class Transport:
     # ------------------------------------------------------------------ setup
     @property
     def client_id(self) -> str:
-        return f"mqttfl-{self.fleet}-{self.node}"
+        base = f"mqttfl-{self.fleet}-{self.node}"
+        return f"{base}-{self._client_suffix}" if self._client_suffix else base
 
     def topic(self, kind: str, dst: str) -> str:
         return topic(self.fleet, kind, self.node, dst)
@@ -182,9 +194,10 @@ class Transport:
             )
         if m.username:
             c.username_pw_set(m.username, m.password or None)
-        will = Properties(PacketTypes.WILLMESSAGE)
-        c.will_set(self.topic("status", BROADCAST), self._status_payload("offline"), qos=1, retain=True,
-                   properties=will)
+        if self.presence:
+            will = Properties(PacketTypes.WILLMESSAGE)
+            c.will_set(self.topic("status", BROADCAST), self._status_payload("offline"), qos=1, retain=True,
+                       properties=will)
         c.max_inflight_messages_set(64)
         c.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)
         c.on_connect = self._on_connect
@@ -223,6 +236,8 @@ class Transport:
 
     # ------------------------------------------------------- paho callbacks (network thread: enqueue only)
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if not self._tcp_nodelay:
+            return
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
@@ -238,8 +253,9 @@ class Transport:
         self._subscribed.clear()
         result, mid = client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._subs])
         self._pending_sub_mid = mid
-        # online after CONNACK (DESIGN §4); retained so late subscribers see presence.
-        client.publish(self.topic("status", BROADCAST), self._status_payload(), qos=1, retain=True)
+        if self.presence:
+            # online after CONNACK (DESIGN §4); retained so late subscribers see presence.
+            client.publish(self.topic("status", BROADCAST), self._status_payload(), qos=1, retain=True)
         self._links.append(LinkChange(True, bool(flags.session_present)))
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
@@ -426,7 +442,8 @@ class Transport:
     def set_status(self, state: str, **fields: Any) -> None:
         self._status.update(fields)
         self._status["state"] = state
-        self.publish("status", BROADCAST, self._status_payload(), retain=True)
+        if self.presence:
+            self.publish("status", BROADCAST, self._status_payload(), retain=True)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -455,7 +472,7 @@ class Transport:
             return
         self._closing = True
         try:
-            if publish_offline and self.connected:
+            if publish_offline and self.presence and self.connected:
                 info = self.client.publish(self.topic("status", BROADCAST), self._status_payload("offline"),
                                            qos=1, retain=True)
                 deadline = time.monotonic() + timeout

@@ -38,17 +38,10 @@ CHUNKED_BYTES = 4_500_000
 SMALL_CHUNK = 256 * 1024  # for context: the default chunk size is a measured trade-off (DESIGN §3)
 
 
-class _NagleTransport(Transport):
-    """A Transport that leaves Nagle's algorithm on (paho's default), for the comparison only."""
-
-    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
-        pass
-
-
-def _transport(broker: Broker, fleet: str, node: str, cls: type[Transport] = Transport, **mqtt: Any) -> Transport:
+def _transport(broker: Broker, fleet: str, node: str, nodelay: bool = True, **mqtt: Any) -> Transport:
     cfg = load_config(None, "bench", environ={}, node=node, fleet=fleet,
                       mqtt={"host": broker.host, "port": broker.port, **mqtt})
-    return cls(cfg).start()
+    return Transport(cfg, tcp_nodelay=nodelay).start()
 
 
 class _Echo:
@@ -82,9 +75,9 @@ def _await_reply(t: Transport, kind: str, i: int, timeout: float = 10.0) -> None
             return
 
 
-def _round_trips(broker: Broker, fleet: str, n: int, warmup: int, cls: type[Transport]) -> tuple[list[float], int]:
-    req = _transport(broker, fleet, "req", cls)
-    resp = _transport(broker, fleet, "resp", cls)
+def _round_trips(broker: Broker, fleet: str, n: int, warmup: int, nodelay: bool) -> tuple[list[float], int]:
+    req = _transport(broker, fleet, "req", nodelay)
+    resp = _transport(broker, fleet, "resp", nodelay)
     echo = _Echo(resp)
     pad = "x" * 4
     size = len(encode(Envelope(kind="act", src="req", dst="resp", body={"i": n + warmup, "pad": pad})))
@@ -153,11 +146,11 @@ def measure(*, round_trips: int = 500, warmup: int = 50, nagle_round_trips: int 
     results: dict[str, Any] = {}
     try:
         with Broker(BrokerOptions(), workdir=root / "broker") as broker:
-            rtts, size = _round_trips(broker, fleet, round_trips, warmup, Transport)
+            rtts, size = _round_trips(broker, fleet, round_trips, warmup, True)
             mb_s, mb_s_mean, ms_per_msg, received = _chunked(broker, fleet, chunked_messages, MqttConfig.chunk_bytes)
             mb_s_small, _, _, _ = _chunked(broker, fleet, chunked_messages, SMALL_CHUNK)
         with _nagle_broker(root / "broker-nagle") as nagle:
-            slow, _ = _round_trips(nagle, fleet, nagle_round_trips, min(warmup, 3), _NagleTransport)
+            slow, _ = _round_trips(nagle, fleet, nagle_round_trips, min(warmup, 3), False)
         codec, codec_mean = _codec(codec_iterations)
         results.update(
             small_rtt_p50_ms=percentile(rtts, 50),
