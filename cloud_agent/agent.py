@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cloud_agent.async_mode import AsyncMode
 from mqttfl.agent import Agent, CommandError, arg
 from mqttfl.aggregate import apply_delta, weighted_average
 from mqttfl.config import AgentConfig
@@ -41,6 +42,9 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "quorum": ((int, float), lambda v: 0 < v <= 1),
     "min_devices": (int, lambda v: v >= 1),
     "max_attempts": (int, lambda v: v >= 1),
+    "max_versions": (int, lambda v: v >= 0),
+    "group_deadline_s": ((int, float), lambda v: v > 0),
+    "regroup_every": (int, lambda v: v >= 0),
 }
 
 
@@ -65,6 +69,19 @@ class Settings:
     seed: int = 0
     test_data: str = ""
     autostart: bool = True
+    # Asynchronous group aggregation (cloud_agent/async_mode.py, docs/async.md).
+    mode: str = "sync"  # sync | async
+    strategy: str = "ecofl"  # ecofl | fedasync | fedbuff | fedat | sync
+    num_groups: int = 3
+    alpha: float = 0.6
+    staleness: str = "polynomial"  # polynomial | constant | hinge
+    fedbuff_k: int = 4
+    group_deadline_s: float = 60.0
+    max_versions: int = 50
+    regroup_every: int = 10
+    lam: float = 1.0
+    latency_ema: float = 0.3  # weight of a new latency measurement in the moving average
+    profile_rounds: int = 2  # synchronous rounds with everyone before grouping; the last one's latencies count
 
     @classmethod
     def from_section(cls, sec: dict[str, Any]) -> Settings:
@@ -83,8 +100,20 @@ class CloudRound:
     edges: dict[str, list[str]]  # edge -> its participating devices
     deadline: float
     started: float
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # edge -> body
-    deltas: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # One entry per edge report: (edge, body, delta or None). An edge may report twice in one round when
+    # a device migrated to it after it had already reported its own devices.
+    reports: list[tuple[str, dict[str, Any], dict[str, np.ndarray] | None]] = field(default_factory=list)
+    accounted: set[str] = field(default_factory=set)  # devices some edge reported done or missing
+
+    @property
+    def expected(self) -> set[str]:
+        return {d for ds in self.edges.values() for d in ds}
+
+    def move(self, device: str, edge: str) -> None:
+        for ds in self.edges.values():
+            if device in ds:
+                ds.remove(device)
+        self.edges.setdefault(edge, []).append(device)
 
 
 class CloudAgent(Agent):
@@ -112,10 +141,14 @@ class CloudAgent(Agent):
         self.run_started = time.time()
         self.state_path = self.state_dir / "cloud.state" if self.state_dir else None
         self.runlog = self.state_dir / "runlog.jsonl" if self.state_dir else None
+        self.async_saved: dict[str, Any] | None = None
         self.resumed = self._restore()
+        if self.settings.mode not in ("sync", "async"):
+            raise ValueError(f"[cloud] mode must be 'sync' or 'async', got {self.settings.mode!r}")
+        self.async_mode = AsyncMode(self) if self.settings.mode == "async" else None
         self.commands.update(start=self.cmd_start, stop=self.cmd_stop, pause=self.cmd_pause,
                              resume=self.cmd_resume, set=self.cmd_set, fleet=self.cmd_fleet,
-                             history=self.cmd_history)
+                             history=self.cmd_history, move=self.cmd_move)
 
     # ------------------------------------------------------------------ persistence
     def _restore(self) -> bool:
@@ -130,6 +163,7 @@ class CloudAgent(Agent):
         self.global_state = saved["global"]
         self.round = int(saved["round"])
         self.history = list(saved.get("history", []))
+        self.async_saved = saved.get("async")
         self.state = str(saved.get("state", self.state))
         for k, v in saved.get("settings", {}).items():
             if hasattr(self.settings, k):
@@ -144,6 +178,7 @@ class CloudAgent(Agent):
         save_state(self.state_path, {
             "format": FORMAT_VERSION, "round": self.round, "global": self.global_state, "state": self.state,
             "history": self.history, "settings": s, "saved_at": time.time(),
+            "async": self.async_mode.state_dict() if getattr(self, "async_mode", None) is not None else None,
         })
 
     # ------------------------------------------------------------------ fleet view
@@ -158,17 +193,24 @@ class CloudAgent(Agent):
     def handle(self, msg: Inbound) -> None:
         if msg.kind == "status" and msg.data is not None:
             self.fleet[msg.src] = {**msg.data, "last_seen": time.time()}
+            if self.async_mode is not None:
+                self.async_mode.on_status(msg.src, msg.data)
+        elif msg.kind == "ckpt" and msg.env is not None and msg.env.body.get("op") == "restart":
+            self.on_restart_request(msg)
         elif msg.kind == "delta" and msg.env is not None:
-            self.on_edge_delta(msg)
+            (self.async_mode.on_edge_delta if self.async_mode is not None else self.on_edge_delta)(msg)
 
     def online(self, role: str) -> dict[str, dict[str, Any]]:
         return {n: s for n, s in self.fleet.items() if s.get("role") == role and s.get("state") != "offline"}
 
     # ------------------------------------------------------------------ rounds
     def tick(self, now: float) -> None:
+        if self.async_mode is not None:
+            self.async_mode.tick(now)
+            return
         if self.current is not None:
             r = self.current
-            if set(r.reports) >= set(r.edges) or now >= r.deadline:
+            if self.accounted(r) or now >= r.deadline:
                 self.close_round(now)
             return
         if self.state != "running":
@@ -207,18 +249,25 @@ class CloudAgent(Agent):
                              edges=by_edge)
         self.log.info("round start", round=plan.round, attempt=plan.attempt, edges=by_edge)
 
+    def accounted(self, r: CloudRound) -> bool:
+        """Every device of the round is reported done or missing by some edge. Counted per device, not per
+        edge: a device that moved mid-round is reported by its new edge."""
+        return r.expected <= r.accounted
+
     def on_edge_delta(self, msg: Inbound) -> None:
         env = msg.env
         assert env is not None
         r = self.current
-        if r is None or msg.src not in r.edges or env.run != r.plan.run or env.round != r.plan.round or \
+        is_edge = msg.src in (r.edges if r else {}) or self.fleet.get(msg.src, {}).get("role") == "edge"
+        if r is None or not is_edge or env.run != r.plan.run or env.round != r.plan.round or \
                 env.body.get("attempt") != r.plan.attempt:
             if r is None or env.round <= self.round:
                 self.transport.ack(msg)  # stale re-send: acknowledge so the edge stops, apply nothing
             self.transport.drop("wrong_round", f"delta from {msg.src} for {env.run}/{env.round}", str(msg.topic))
             return
-        if msg.src in r.reports:
-            self.transport.ack(msg)
+        done = set(dict(env.body.get("devices", {})))
+        if done & {d for _, b, _ in r.reports for d in b.get("devices", {})}:
+            self.transport.ack(msg)  # these devices were already applied from an earlier report
             return
         try:
             samples = int(env.body.get("samples", 0))
@@ -229,19 +278,21 @@ class CloudAgent(Agent):
         except (ProtocolError, ValueError, TypeError) as e:
             self.transport.drop(getattr(e, "code", "bad_field"), str(e), str(msg.topic))
             return
-        r.reports[msg.src] = dict(env.body)
-        if samples > 0:
-            r.deltas[msg.src] = {k: np.array(v) for k, v in env.tensors.items()}
+        delta = {k: np.array(v) for k, v in env.tensors.items()} if samples > 0 else None
+        r.reports.append((msg.src, dict(env.body), delta))
+        r.accounted |= done | set(env.body.get("missing", []))
         self.transport.ack(msg)
 
     def close_round(self, now: float) -> None:
         r = self.current
         assert r is not None
         self.current = None
-        expected = sum(len(d) for d in r.edges.values())
-        reports = {d: rep for body in r.reports.values() for d, rep in body.get("devices", {}).items()}
+        expected = len(r.expected)
+        reports = {d: rep for _, body, _ in r.reports for d, rep in body.get("devices", {}).items()}
+        edge_of = {d: e for e, body, _ in r.reports for d in body.get("devices", {})}
         needed = max(1, int(np.ceil(self.settings.quorum * expected)))
-        if len(reports) < needed or not r.deltas:
+        deltas = [(delta, float(body["samples"])) for _, body, delta in r.reports if delta is not None]
+        if len(reports) < needed or not deltas:
             self.attempt += 1
             failed = self.attempt >= self.settings.max_attempts
             self.transport.event("quorum_not_met", level="error" if failed else "warning", run=r.plan.run,
@@ -254,45 +305,45 @@ class CloudAgent(Agent):
                 self.transport.set_status("failed", run=r.plan.run, round=self.round)
             return
         t0 = time.monotonic()
-        weights = [(self.deltas_of(r, e), float(r.reports[e]["samples"])) for e in r.deltas]
-        mean = weighted_average(weights)
+        mean = weighted_average(deltas)
         self.global_state = apply_delta(self.global_state, mean)
         t_global = time.monotonic() - t0
         accuracy, loss = self.evaluate()
         self.round += 1
         self.attempt = 0
-        entry = self.round_metrics(r, reports, accuracy, loss, t_global, now)
+        entry = self.round_metrics(r, reports, accuracy, loss, t_global, now, edge_of)
         self.history.append(entry)
         self.persist()
         if self.runlog is not None:
             with open(self.runlog, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         self.transport.metrics(**entry)
-        self.transport.set_status("running", run=r.plan.run, round=self.round, accuracy=accuracy)
+        # self.state, not "running": a pause during the round must stay visible once the round closes.
+        self.transport.set_status(self.state, run=r.plan.run, round=self.round, accuracy=accuracy)
         self.log.info("round done", round=r.plan.round, accuracy=accuracy, loss=loss,
                       devices=len(reports), round_s=entry["round_s"])
 
-    def deltas_of(self, r: CloudRound, edge: str) -> dict[str, np.ndarray]:
-        return r.deltas[edge]
-
     def round_metrics(self, r: CloudRound, reports: dict[str, dict[str, Any]], accuracy: float | None,
-                      loss: float | None, t_global: float, now: float) -> dict[str, Any]:
+                      loss: float | None, t_global: float, now: float,
+                      edge_of: dict[str, str] | None = None) -> dict[str, Any]:
         devices = {}
         for d, rep in reports.items():
             devices[d] = {
                 "T_local": round(float(rep.get("t_local", 0.0)), 4),
+                "T_total": round(float(rep.get("t_total", rep.get("t_local", 0.0))), 4),
                 "T_upload": round(float(rep.get("t_upload", 0.0)), 4),
                 "T_global": round(t_global, 4),
                 "T_download": round(float(rep.get("t_download", 0.0)), 4),
                 "bytes_up": int(rep.get("bytes_up", 0)), "bytes_down": int(rep.get("bytes_down", 0)),
                 "peak_rss_mb": rep.get("peak_rss_mb"), "samples": int(rep.get("samples", 0)),
-                "cut": rep.get("cut"), "resends": rep.get("resends", 0),
-                "edge": next((e for e, ds in r.edges.items() if d in ds), None),
+                "cut": rep.get("cut"), "resends": rep.get("resends", 0), "steps": rep.get("steps"),
+                "edge_steps": rep.get("edge_steps"), "seen": rep.get("seen"),
+                "edge": (edge_of or {}).get(d),
             }
         return {
             "kind": "round", "run": r.plan.run, "round": r.plan.round, "attempt": r.plan.attempt,
             "accuracy": accuracy, "loss": loss, "participants": len(reports),
-            "missing": sorted({d for ds in r.edges.values() for d in ds} - set(reports)),
+            "missing": sorted(r.expected - set(reports)),
             "round_s": round(now - r.started, 3), "wall_s": round(time.time() - self.run_started, 3),
             "bytes_up": sum(v["bytes_up"] for v in devices.values()),
             "bytes_down": sum(v["bytes_down"] for v in devices.values()),
@@ -321,7 +372,8 @@ class CloudAgent(Agent):
         last = self.history[-1] if self.history else {}
         return {**base, "run": self.settings.run, "state": self.state, "round": self.round,
                 "rounds": self.settings.rounds, "accuracy": last.get("accuracy"),
-                "in_round": self.current is not None}
+                "in_round": self.current is not None,
+                **(self.async_mode.status() if self.async_mode is not None else {})}
 
     def cmd_start(self, msg: Inbound, args: dict[str, Any]) -> Any:
         if self.state == "running":
@@ -334,6 +386,7 @@ class CloudAgent(Agent):
         self.state = "running"
         self.attempt = 0
         self.persist()
+        self.transport.set_status(self.state, run=self.settings.run, round=self.round)
         return {"state": self.state, "round": self.round}
 
     def cmd_stop(self, msg: Inbound, args: dict[str, Any]) -> Any:
@@ -348,6 +401,7 @@ class CloudAgent(Agent):
             raise CommandError(f"cannot pause in state {self.state}", "bad_state")
         self.state = "paused"  # the round in progress completes; no new round starts
         self.persist()
+        self.transport.set_status(self.state, run=self.settings.run, round=self.round)
         return {"state": self.state, "round": self.round}
 
     def cmd_resume(self, msg: Inbound, args: dict[str, Any]) -> Any:
@@ -355,6 +409,7 @@ class CloudAgent(Agent):
             raise CommandError(f"cannot resume in state {self.state}", "bad_state")
         self.state = "running"
         self.persist()
+        self.transport.set_status(self.state, run=self.settings.run, round=self.round)
         return {"state": self.state, "round": self.round}
 
     def cmd_set(self, msg: Inbound, args: dict[str, Any]) -> Any:
@@ -366,6 +421,41 @@ class CloudAgent(Agent):
             setattr(self.settings, k, v)
         self.persist()
         return {k: getattr(self.settings, k) for k in checked}
+
+    def cmd_move(self, msg: Inbound, args: dict[str, Any]) -> Any:
+        """Ask a device to move to another edge; the device answers the cloud, we answer the operator."""
+        device = arg(args, "device", str)
+        edge = arg(args, "edge", str)
+        path = arg(args, "path", str, default="direct", check=lambda v: v in ("direct", "relay"))
+        if self.fleet.get(device, {}).get("role") != "device":
+            raise CommandError(f"unknown device {device!r}", "unknown_node")
+        if self.fleet.get(edge, {}).get("role") != "edge":
+            raise CommandError(f"unknown edge {edge!r}", "unknown_node")
+        self.transport.send_json("ctl", device, {"id": f"move-{uuid.uuid4().hex[:8]}", "cmd": "move",
+                                                 "args": {"edge": edge, "path": path}})
+        return {"forwarded": True, "device": device, "edge": edge, "path": path}
+
+    def on_restart_request(self, msg: Inbound) -> None:
+        """Migration fallback: the device's source edge is gone with its edge-side state. Restart the
+        device's part of the round at its new edge from the round's global model."""
+        env = msg.env
+        assert env is not None
+        r = self.current
+        dest = str(env.body.get("edge", ""))
+        status = self.fleet.get(msg.src, {})
+        if r is None or env.run != r.plan.run or env.round != r.plan.round or msg.src not in r.expected:
+            self.transport.drop("wrong_round", f"restart request from {msg.src} for round {env.round}",
+                                str(msg.topic))
+            return
+        if self.fleet.get(dest, {}).get("role") != "edge":
+            self.transport.drop("unknown_node", f"restart at unknown edge {dest!r}", str(msg.topic))
+            return
+        r.move(msg.src, dest)
+        r.accounted.discard(msg.src)
+        body = {"plan": r.plan.to_body(), "devices": {msg.src: {"cut": self.cut_for(status)}}}
+        self.transport.send("model", dest, body=body, tensors=self.global_state, run=r.plan.run, round=r.plan.round)
+        self.transport.event("round_restarted_for_device", level="warning", device=msg.src, edge=dest,
+                             round=r.plan.round, source=env.body.get("source"))
 
     def cmd_fleet(self, msg: Inbound, args: dict[str, Any]) -> Any:
         return self.fleet
