@@ -133,6 +133,7 @@ class CloudAgent(Agent):
         self.global_state = model_state(self.model)
         self.round = 0
         self.attempt = 0
+        self.failures = 0
         self.history: list[dict[str, Any]] = []
         self.state = "running" if self.settings.autostart else "idle"
         self.fleet: dict[str, dict[str, Any]] = {}
@@ -162,6 +163,9 @@ class CloudAgent(Agent):
         check_state(saved["global"], self.global_state, "persisted global model")
         self.global_state = saved["global"]
         self.round = int(saved["round"])
+        # The round in flight at the crash starts over as a new attempt: devices that finished the old
+        # attempt recognise a new plan key and train again instead of ignoring a re-delivered announcement.
+        self.attempt = int(saved.get("attempt", 0)) + 1
         self.history = list(saved.get("history", []))
         self.async_saved = saved.get("async")
         self.state = str(saved.get("state", self.state))
@@ -176,7 +180,8 @@ class CloudAgent(Agent):
             return
         s = {f.name: getattr(self.settings, f.name) for f in fields(Settings)}
         save_state(self.state_path, {
-            "format": FORMAT_VERSION, "round": self.round, "global": self.global_state, "state": self.state,
+            "format": FORMAT_VERSION, "round": self.round, "attempt": self.attempt, "global": self.global_state,
+            "state": self.state,
             "history": self.history, "settings": s, "saved_at": time.time(),
             "async": self.async_mode.state_dict() if getattr(self, "async_mode", None) is not None else None,
         })
@@ -294,7 +299,8 @@ class CloudAgent(Agent):
         deltas = [(delta, float(body["samples"])) for _, body, delta in r.reports if delta is not None]
         if len(reports) < needed or not deltas:
             self.attempt += 1
-            failed = self.attempt >= self.settings.max_attempts
+            self.failures += 1  # quorum misses only: attempts started by a cloud restart do not count
+            failed = self.failures >= self.settings.max_attempts
             self.transport.event("quorum_not_met", level="error" if failed else "warning", run=r.plan.run,
                                  round=r.plan.round, reported=len(reports), needed=needed,
                                  attempt=r.plan.attempt, action="fail" if failed else "retry")
@@ -311,6 +317,7 @@ class CloudAgent(Agent):
         accuracy, loss = self.evaluate()
         self.round += 1
         self.attempt = 0
+        self.failures = 0
         entry = self.round_metrics(r, reports, accuracy, loss, t_global, now, edge_of)
         self.history.append(entry)
         self.persist()
@@ -384,7 +391,8 @@ class CloudAgent(Agent):
             raise CommandError(f"run {self.settings.run} finished its {self.settings.rounds} rounds; "
                                "raise 'rounds' to continue", "finished")
         self.state = "running"
-        self.attempt = 0
+        self.attempt += 1  # a fresh plan key: devices never mistake it for a round they already finished
+        self.failures = 0
         self.persist()
         self.transport.set_status(self.state, run=self.settings.run, round=self.round)
         return {"state": self.state, "round": self.round}

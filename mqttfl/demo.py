@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
         def on_message(m: Inbound) -> None:
             progress(m)
             d = m.data or {}
-            # Move dev1 to edge2 once training is under way (FedFly: a device changes edge mid-training).
-            if not state["moved"] and m.kind == "metrics" and d.get("kind") == "round" and d.get("round") == 1:
+            # Move dev1 to edge2 while it trains round 2 (FedFly: a device changes edge mid-training); the
+            # move happens at its next mini-batch boundary.
+            if not state["moved"] and m.kind == "status" and m.src == "dev1" and d.get("state") == "training" \
+                    and d.get("round") == 2:
                 state["moved"] = True
                 progress.say("moving dev1 from edge1 to edge2 (direct edge-to-edge transfer)")
                 tb.send_ctl("dev1", "move", edge="edge2")

@@ -115,6 +115,8 @@ def check_activation(smashed: np.ndarray, labels: np.ndarray, expected_shape: tu
         raise ProtocolError("bad_shape", f"activations {tuple(smashed.shape)}, expected (n, *{expected_shape})")
     if labels.dtype != np.int64 or labels.ndim != 1 or labels.shape[0] != smashed.shape[0]:
         raise ProtocolError("bad_shape", f"labels {labels.dtype}{labels.shape} do not match {smashed.shape[0]} rows")
+    if not np.isfinite(smashed).all():
+        raise ProtocolError("non_finite", "activations have NaN/Inf")
     if not 0 < smashed.shape[0] <= max_rows:
         raise ProtocolError("bad_shape", f"{smashed.shape[0]} rows outside 1..{max_rows}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
