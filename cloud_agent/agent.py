@@ -434,13 +434,14 @@ class CloudAgent(Agent):
         """Ask a device to move to another edge; the device answers the cloud, we answer the operator."""
         device = arg(args, "device", str)
         edge = arg(args, "edge", str)
-        path = arg(args, "path", str, default="direct", check=lambda v: v in ("direct", "relay"))
+        path = arg(args, "path", str, default="direct", check=lambda v: v in ("direct", "relay", "restart"))
+        at_step = arg(args, "at_step", int, default=0, check=lambda v: v >= 0)
         if self.fleet.get(device, {}).get("role") != "device":
             raise CommandError(f"unknown device {device!r}", "unknown_node")
         if self.fleet.get(edge, {}).get("role") != "edge":
             raise CommandError(f"unknown edge {edge!r}", "unknown_node")
         self.transport.send_json("ctl", device, {"id": f"move-{uuid.uuid4().hex[:8]}", "cmd": "move",
-                                                 "args": {"edge": edge, "path": path}})
+                                                 "args": {"edge": edge, "path": path, "at_step": at_step}})
         return {"forwarded": True, "device": device, "edge": edge, "path": path}
 
     def on_restart_request(self, msg: Inbound) -> None:
