@@ -1,7 +1,9 @@
 """``mqttfl bench async``: synchronous FedAvg vs asynchronous group aggregation on a heterogeneous fleet.
 
 8 devices on 4 edges (2 each); dev7 and dev8 emulate 4x slower boards (``slowdown = 4``: each device sleeps
-3x its own compute time after every forward/backward, so its compute takes 4x as long). Every strategy gets
+3x its own compute time after every forward/backward, so its compute takes 4x as long). Devices train the whole
+model locally by default (cut = number of blocks), so that the slowdown covers all of a device's compute;
+``--split`` trains split at cut 1, where the edge's share of the compute is not slowed. Every strategy gets
 the same fleet, data split, model (the CNN on 8x8 digits, local SGD lr 0.05, batch 32) and the same wall-time
 budget. Time is counted from the end of the first synchronous round with everyone (round 0 in sync mode, the
 first profiling round in async mode), so that process start-up and torch warm-up, equal for all and noisy on a
@@ -35,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=90.0, help="wall-time budget per strategy, seconds")
     p.add_argument("--target", type=float, default=0.9, help="target test accuracy")
     p.add_argument("--slowdown", type=float, default=4.0, help="compute slowdown of the slow devices")
+    p.add_argument("--split", action="store_true",
+                   help="split training (cut 1): the edge's share of compute is not slowed down; default: devices "
+                        "train the whole model locally, so the slowdown applies to all of a device's compute")
     p.add_argument("--alpha", type=float, default=0.6, help="async mixing weight")
     p.add_argument("--plot", default="async_accuracy.png", help="plot path (.svg is written if no matplotlib)")
     p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
@@ -49,8 +54,12 @@ def _spec(strategy: str, args: argparse.Namespace, fleet: str) -> Any:
     else:
         cloud.update(mode="async", strategy=strategy, num_groups=3, max_versions=100_000, alpha=args.alpha,
                      group_deadline_s=60.0, fedbuff_k=3, regroup_every=10)
+    from mqttfl.models import model_info
+
+    cut = 1 if args.split else model_info("cnn", (1, 8, 8)).n_blocks
+    extra = {d: {"cut": cut, **({"slowdown": float(args.slowdown)} if d in SLOW else {})} for d in DEVICES}
     return FleetSpec(devices=dict(DEVICES), model="cnn", input_shape=(1, 8, 8), cloud=cloud, fleet=fleet,
-                     device_extra={d: {"slowdown": float(args.slowdown)} for d in SLOW})
+                     device_extra=extra)
 
 
 def run_one(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -148,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         delta = round(eco["final_accuracy"] - sync["final_accuracy"], 4)
     out = {"time_ratio": ratio, "acc_delta": delta, "target": args.target, "budget_s": args.budget,
            "devices": len(DEVICES), "slow_devices": list(SLOW), "slowdown": args.slowdown, "model": "cnn",
+           "training": "split" if args.split else "local",
            "plot": str(plot_path),
            "strategies": {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in results.items()},
            "curves": {k: v["curve"] for k, v in results.items()}}
