@@ -217,6 +217,24 @@ class Testbed:
                         raise RuntimeError(f"{n} exited with {p.returncode}: {self.log_tail(n)}")
         raise TimeoutError(f"timed out after {timeout:.0f}s")
 
+    def wait_online(self, nodes: list[str] | tuple[str, ...] | None = None, timeout: float = 60.0
+                    ) -> dict[str, dict[str, Any]]:
+        """Until every node published a live status (connected and subscribed: an agent subscribes before
+        it announces itself, so a command sent after this is not lost). Returns the statuses."""
+        wanted = set(nodes or self.procs)
+        status: dict[str, dict[str, Any]] = {}
+
+        def note(m: Inbound) -> bool:
+            if m.kind == "status" and m.data is not None and m.src in wanted:
+                status[m.src] = m.data
+            return all(status.get(n, {}).get("state") not in (None, "starting", "offline") for n in wanted)
+
+        for m in list(self.inbox):
+            note(m)
+        if not all(status.get(n, {}).get("state") not in (None, "starting", "offline") for n in wanted):
+            self.wait(note, timeout)
+        return status
+
     def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
         msg = self.wait(lambda m: m.kind == "event" and m.data is not None and m.data.get("event") == name
                         and all(m.data.get(k) == v for k, v in match.items()), timeout)

@@ -24,25 +24,12 @@ from mqttfl.cli import main as cli_main
 from mqttfl.ctltool import parse_params
 from mqttfl.testbed import FleetSpec, write_toml
 from mqttfl.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
-from mqttfl.transport import Inbound, Transport
+from mqttfl.transport import Transport
 from tests.helpers import agent_config
 
 pytestmark = pytest.mark.timeout(120)
 
 NODES = ("cloud", "edge1", "dev1", "spare")
-
-
-def wait_online(tb: LocalFleet, nodes: tuple[str, ...], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
-    """Wait until every node's status says it finished starting; returns the statuses."""
-    status: dict[str, dict[str, Any]] = {}
-
-    def done(m: Inbound) -> bool:
-        if m.kind == "status" and m.data is not None and m.src in nodes:
-            status[m.src] = m.data
-        return all(status.get(n, {}).get("state") not in (None, "starting", "offline") for n in nodes)
-
-    tb.wait(done, timeout)
-    return status
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +45,7 @@ def tb(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loc
     })
     try:
         bed.start(["cloud", "edge1", "dev1", "spare"])
-        wait_online(bed, NODES)
+        bed.wait_online(NODES)
         yield bed
     finally:
         bed.stop()

@@ -28,7 +28,6 @@ from mqttfl.topics import filter_for
 from mqttfl.transport import Inbound, Transport
 from tests.helpers import wait_for
 from tests.tcp_proxy import TcpProxy
-from tests.test_rounds import wait_online
 from tests.test_split_e2e import TOL, cloud_state, digits, max_abs_diff, reference_global
 
 
@@ -200,7 +199,7 @@ def test_malformed_and_foreign_messages_are_dropped_without_touching_state(tmp_p
                                         "cut": -1})
         intruder = _client(broker, fleet, "intruder", "device")
         try:
-            wait_online(tb, ["cloud", "edge1", "dev1", "dev2"])
+            tb.wait_online(["cloud", "edge1", "dev1", "dev2"])
             assert tb.ctl("cloud", "start")["ok"]
             FakeDevice(fake_t, shard, intruder).run_round()
             tb.wait(lambda m: m.kind == "event" and bool(m.data) and m.data.get("event") == "run_complete", 120,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable
 from pathlib import Path
 
 from mqttfl import testbed
@@ -12,7 +11,6 @@ from mqttfl.aggregate import apply_delta, delta, weighted_average
 from mqttfl.broker import Broker
 from mqttfl.models import model_info
 from mqttfl.testbed import FleetSpec, make_shards
-from mqttfl.transport import Inbound
 from tests.test_split_e2e import (
     TOL,
     cloud_state,
@@ -22,17 +20,6 @@ from tests.test_split_e2e import (
     reference_global,
     train_like_device,
 )
-
-
-def wait_online(tb: testbed.Testbed, nodes: Iterable[str], timeout: float = 60.0) -> None:
-    """Until every node has published a live status (they are retained, so order does not matter)."""
-    pending = set(nodes)
-
-    def seen(m: Inbound) -> None:
-        if m.kind == "status" and m.data is not None and m.data.get("state") not in (None, "offline", "starting"):
-            pending.discard(m.src)
-
-    tb.wait(lambda m: not pending, timeout, on_message=seen)
 
 
 def test_edge_preaggregation_then_cloud_aggregation_equals_flat_fedavg(tmp_path: Path, broker: Broker,
@@ -83,7 +70,7 @@ def test_silent_device_does_not_stall_the_round(tmp_path: Path, broker: Broker, 
     with testbed.Testbed(tmp_path, spec, broker=broker, data=data) as tb:
         tb.prepare()
         tb.start()
-        wait_online(tb, ["cloud", "edge1", "dev1", "dev2", "dev3"])
+        tb.wait_online(["cloud", "edge1", "dev1", "dev2", "dev3"])
         # Stopped, not dead: its connection and its retained "online" status stay, it just never answers.
         os.kill(tb.procs["dev3"].pid, signal.SIGSTOP)
         try:
@@ -107,7 +94,7 @@ def test_round_below_quorum_is_retried_then_the_run_fails(tmp_path: Path, broker
     with testbed.Testbed(tmp_path, spec, broker=broker, data=data) as tb:
         tb.prepare()
         tb.start()
-        wait_online(tb, ["cloud", "edge1", "edge2", "dev1", "dev2", "dev3"])
+        tb.wait_online(["cloud", "edge1", "edge2", "dev1", "dev2", "dev3"])
         os.kill(tb.procs["dev3"].pid, signal.SIGSTOP)
         try:
             assert tb.ctl("cloud", "start")["ok"]

@@ -121,6 +121,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         tb.start_node("edge1", env={"OMP_NUM_THREADS": str(args.edge_threads), **one})
         tb.start_node("dev1", env={"OMP_NUM_THREADS": str(args.device_threads), **one})
         _warm_up(args, shard)
+        tb.wait_online(["cloud", "edge1", "dev1"], timeout=120)
         for rnd, m in enumerate([micro[0], *micro]):  # round 0 warms the fleet up and is not reported
             saved = load_state(state_path)
             g = saved["global"] if saved else model_state(build_model(args.model, input_shape=args.shape,
