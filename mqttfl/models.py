@@ -168,7 +168,8 @@ def _load(own: Mapping[str, torch.Tensor], state: Mapping[str, np.ndarray], wher
         arrays[key] = arr
     with torch.no_grad():
         for key, t in own.items():
-            t.copy_(torch.from_numpy(np.array(arrays[key], dtype=np.float32)))  # a writable copy: decoded arrays are read-only views
+            # np.array copies: decoded arrays are read-only views, which torch.from_numpy warns about.
+            t.copy_(torch.from_numpy(np.array(arrays[key], dtype=np.float32)))
 
 
 class Part:
