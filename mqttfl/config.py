@@ -126,20 +126,21 @@ def _mqtt_from(data: Mapping[str, Any], node: str, environ: Mapping[str, str]) -
     return cfg
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
 def load_config(
     path: str | Path | None, role: str, *, environ: Mapping[str, str] | None = None, **overrides: Any
 ) -> AgentConfig:
     environ = os.environ if environ is None else environ
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from e
-    data = apply_env(data, environ)
+    data = apply_env(read_toml(path) if path else {}, environ)
     for k, v in overrides.items():
         if v is not None:
             data[k] = v

@@ -22,13 +22,12 @@ import math
 import os
 import sys
 import time
-import tomllib
 import uuid
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from mqttfl.config import AgentConfig, ConfigError, apply_env, load_config
+from mqttfl.config import AgentConfig, ConfigError, apply_env, load_config, read_toml
 from mqttfl.topics import TopicError, filter_for, validate_id
 from mqttfl.transport import Transport, TransportError
 
@@ -78,16 +77,7 @@ def tool_config(args: argparse.Namespace, role: str, default_as: str,
                 environ: dict[str, str] | None = None) -> AgentConfig:
     """The tool's AgentConfig from --config, MQTTFL_* variables and flags (raises ConfigError/TopicError)."""
     environ = dict(os.environ) if environ is None else environ
-    data: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        try:
-            with open(args.config, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read config {args.config}: {e.strerror}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{args.config}: {e}") from e
-    data = apply_env(data, environ)
+    data = apply_env(read_toml(args.config) if getattr(args, "config", None) else {}, environ)
     mqtt = dict(data.get("mqtt", {}))
     for attr, key in _FLAG_KEYS.items():
         value = getattr(args, attr, None)
