@@ -16,7 +16,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mqttfl.codec import Limits
 from mqttfl.topics import validate_id
+
+# [limits] keys an operator may set (sizes in bytes or elements); the rest of Limits stays fixed.
+LIMIT_KEYS = ("max_message_bytes", "max_tensor_elements", "max_total_elements", "max_tensors", "max_json_bytes")
 
 ENV_PREFIX = "MQTTFL_"
 
@@ -59,6 +63,7 @@ class AgentConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     operators: tuple[str, ...] = ("operator",)
     section: Mapping[str, Any] = field(default_factory=dict)  # the role's own section ([device], [edge], [cloud])
+    limits: Limits = field(default_factory=Limits)  # [limits]: what this node accepts from the wire
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -154,6 +159,13 @@ def load_config(
         raise ConfigError(str(e)) from e
     control = data.get("control", {})
     operators = tuple(control.get("operators", ("operator",)))
+    limits_section = dict(data.get("limits", {}))
+    unknown = set(limits_section) - set(LIMIT_KEYS)
+    if unknown:
+        raise ConfigError(f"[limits]: unknown keys {sorted(unknown)}; known: {list(LIMIT_KEYS)}")
+    for k, v in limits_section.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"[limits] {k} must be a positive integer")
     return AgentConfig(
         node=str(node),
         role=role,
@@ -163,4 +175,5 @@ def load_config(
         mqtt=_mqtt_from(data.get("mqtt", {}), str(node), environ),
         operators=operators,
         section=dict(data.get(role, {})),
+        limits=Limits(**limits_section),
     )

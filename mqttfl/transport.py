@@ -134,7 +134,7 @@ class Transport:
         what Nagle costs (bench)."""
         self.cfg = cfg
         self.node, self.fleet, self.role = cfg.node, cfg.fleet, cfg.role
-        self.limits = limits or Limits()
+        self.limits = limits or cfg.limits
         self.log = log
         self.outbox = outbox
         self.boot = boot if boot is not None else next_boot(cfg.state_dir or None)
@@ -143,7 +143,8 @@ class Transport:
         self._stats_lock = threading.Lock()
         self._raw: queue.Queue[tuple[str, bytes, bool, float]] = queue.Queue(maxsize=cfg.mqtt.inbox_size)
         self._links: collections.deque[LinkChange] = collections.deque(maxlen=64)
-        self._reassembler = Reassembler(timeout_s=60.0)
+        # A transfer may not hold more than one whole message may be (the codec's cap applies after it).
+        self._reassembler = Reassembler(timeout_s=60.0, max_bytes=self.limits.max_message_bytes)
         self._recent = RecentIds(20_000)
         self._acked = RecentIds(20_000)
         self._seq = itertools.count(1)
