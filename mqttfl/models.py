@@ -46,7 +46,7 @@ class ModelInfo:
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
@@ -66,7 +66,7 @@ def _vgg5(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         nn.Sequential(*_conv_bn_relu(c, 32), nn.MaxPool2d(2)),
         nn.Sequential(*_conv_bn_relu(32, 64), nn.MaxPool2d(2)),
         nn.Sequential(*_conv_bn_relu(64, 64)),
-        nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU()),
+        nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(inplace=True)),
         nn.Sequential(nn.Linear(128, num_classes)),
     )
 
@@ -79,9 +79,9 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     if flat == 0:
         raise ValueError(f"cnn needs H, W >= 4, got {input_shape}")
     return nn.Sequential(
-        nn.Sequential(nn.Conv2d(c, 32, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
-        nn.Sequential(nn.Conv2d(32, 64, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
-        nn.Sequential(nn.Flatten(), nn.Linear(flat, 512), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(c, 32, kernel_size=5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(32, 64, kernel_size=5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Flatten(), nn.Linear(flat, 512), nn.ReLU(inplace=True)),
         nn.Sequential(nn.Linear(512, num_classes)),
     )
 
