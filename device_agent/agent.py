@@ -70,6 +70,9 @@ class DeviceAgent(Agent):
         self.act_timeout_s = float(sec.get("act_timeout_s", 10.0))
         self.migrate_timeout_s = float(sec.get("migrate_timeout_s", 10.0))
         self.slowdown = float(sec.get("slowdown", 1.0))  # emulate a slower board (benchmarks, tests)
+        # Emulated board compute per mini-batch (seconds, scaled by slowdown): lets a fleet of many devices
+        # share a small test machine without the shared CPU, rather than the boards, setting the pace.
+        self.step_delay_s = float(sec.get("step_delay_s", 0.0))
         super().__init__(cfg, cloud_id=str(sec.get("cloud", "cloud")))
         self.model: torch.nn.Sequential | None = None
         self.model_key: tuple[Any, ...] | None = None
@@ -249,6 +252,10 @@ class DeviceAgent(Agent):
         if self.slowdown > 1.0:
             time.sleep(seconds * (self.slowdown - 1.0))
 
+    def _board_step(self) -> None:
+        if self.step_delay_s > 0:
+            time.sleep(self.step_delay_s * self.slowdown)
+
     def _train_local(self, plan: Plan, order: BatchOrder) -> None:
         assert self.model is not None
         opt = make_optimizer(self.model.parameters(), lr=plan.lr, momentum=plan.momentum,
@@ -259,6 +266,7 @@ class DeviceAgent(Agent):
             t = time.monotonic()
             r = trainer.train_batch(x, y, micro_batches=min(plan.micro_batches, len(idx)))
             self._slow(time.monotonic() - t)
+            self._board_step()
             self.progress.step = step + 1
             self.progress.loss_sum += r.loss_sum
             self.progress.correct += r.correct
@@ -299,6 +307,7 @@ class DeviceAgent(Agent):
                     stage.backward(key, as_torch(grad))
                     self._slow(time.monotonic() - t)
             stage.step()
+            self._board_step()
             p.step = step + 1
             self._poll_between_batches()
             if self.pending_move is not None and self.move_at_step <= step + 1 < p.total_steps:

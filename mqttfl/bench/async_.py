@@ -1,7 +1,10 @@
 """``mqttfl bench async``: synchronous FedAvg vs asynchronous group aggregation on a heterogeneous fleet.
 
 8 devices on 4 edges (2 each); dev7 and dev8 emulate 4x slower boards (``slowdown = 4``: each device sleeps
-3x its own compute time after every forward/backward, so its compute takes 4x as long). Devices train the whole
+3x its own compute time after every forward/backward, so its compute takes 4x as long). Every device also
+spends an emulated board compute time per mini-batch (``--step-delay``, default 50 ms, 200 ms on the slow
+ones): eight devices share this machine's two cores, and without it the shared CPU — not the boards — would
+set every device's pace, which is not the situation asynchronous aggregation is for. Devices train the whole
 model locally by default (cut = number of blocks), so that the slowdown covers all of a device's compute;
 ``--split`` trains split at cut 1, where the edge's share of the compute is not slowed. Every strategy gets
 the same fleet, data split, model (the CNN on 8x8 digits, local SGD lr 0.05, batch 32) and the same wall-time
@@ -41,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split training (cut 1): the edge's share of compute is not slowed down; default: devices "
                         "train the whole model locally, so the slowdown applies to all of a device's compute")
     p.add_argument("--alpha", type=float, default=0.6, help="async mixing weight")
+    p.add_argument("--step-delay", type=float, default=0.05,
+                   help="emulated board compute per mini-batch, seconds (x slowdown on the slow devices): eight "
+                        "devices share this machine's two cores, so without it the shared CPU, not the boards, "
+                        "would set everyone's pace; 0 = real compute only")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="local epochs per round: more makes device compute, rather than messaging, dominate a round")
     p.add_argument("--plot", default="async_accuracy.png", help="plot path (.svg is written if no matplotlib)")
     p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
 
@@ -48,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _spec(strategy: str, args: argparse.Namespace, fleet: str) -> Any:
     from mqttfl.testbed import FleetSpec
 
-    cloud: dict[str, Any] = {"lr": 0.05, "batch_size": 32, "run": f"bench-{strategy}", "deadline_s": 300.0}
+    cloud: dict[str, Any] = {"lr": 0.05, "batch_size": 32, "run": f"bench-{strategy}", "deadline_s": 300.0,
+                             "epochs": args.epochs}
     if strategy == "sync":
         cloud.update(rounds=100_000)
     else:
@@ -57,7 +67,8 @@ def _spec(strategy: str, args: argparse.Namespace, fleet: str) -> Any:
     from mqttfl.models import model_info
 
     cut = 1 if args.split else model_info("cnn", (1, 8, 8)).n_blocks
-    extra = {d: {"cut": cut, **({"slowdown": float(args.slowdown)} if d in SLOW else {})} for d in DEVICES}
+    extra = {d: {"cut": cut, "step_delay_s": args.step_delay,
+                 **({"slowdown": float(args.slowdown)} if d in SLOW else {})} for d in DEVICES}
     return FleetSpec(devices=dict(DEVICES), model="cnn", input_shape=(1, 8, 8), cloud=cloud, fleet=fleet,
                      device_extra=extra)
 
