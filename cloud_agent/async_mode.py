@@ -523,6 +523,8 @@ class AsyncMode:
             "devices": {d: {"T_local": round(float(rep.get("t_local", 0.0)), 4),
                             "T_upload": round(float(rep.get("t_upload", 0.0)), 4),
                             "T_download": round(float(rep.get("t_download", 0.0)), 4),
+                            "bytes_up": int(rep.get("bytes_up", 0)), "bytes_down": int(rep.get("bytes_down", 0)),
+                            "peak_rss_mb": rep.get("peak_rss_mb"),
                             "samples": int(rep.get("samples", 0))} for d, rep in sorted(reports.items())},
         }
         c.round = self.version

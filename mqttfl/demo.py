@@ -119,18 +119,19 @@ def run(args: argparse.Namespace) -> int:
                        args.timeout, on_message=on_message)
         wall = time.monotonic() - t0
         rounds = tb.round_metrics()
-        final = rounds[-1] if rounds else {}
         versions = [m.data for m in tb.inbox if m.kind == "metrics" and m.data and m.data.get("kind") == "version"]
+        steps = rounds if args.mode == "sync" else versions
+        final = steps[-1] if steps else {}
         final_acc = (done.data or {}).get("accuracy", final.get("accuracy"))
-        peak = max((dv.get("peak_rss_mb") or 0 for r in rounds for dv in r.get("devices", {}).values()), default=0)
+        per_device = [dv for r in steps for dv in (r.get("devices") or {}).values() if isinstance(dv, dict)]
         summary = {
-            "mode": args.mode, "model": args.model, "data": args.data,
-            "rounds": len(rounds) if args.mode == "sync" else len(versions),
+            "mode": args.mode, "model": args.model, "data": args.data, "rounds": len(steps),
             "final_accuracy": final_acc, "wall_s": round(wall, 2),
-            "bytes_total": sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in rounds),
-            "device_peak_rss_mb": peak, "migrations": progress.migrations,
-            "history": [{"round": r["round"], "accuracy": r.get("accuracy"), "round_s": r.get("round_s")}
-                        for r in rounds],
+            "bytes_total": sum(int(dv.get("bytes_up", 0)) + int(dv.get("bytes_down", 0)) for dv in per_device),
+            "device_peak_rss_mb": max((dv.get("peak_rss_mb") or 0 for dv in per_device), default=0),
+            "migrations": progress.migrations,
+            "history": [{"step": r.get("round" if args.mode == "sync" else "version"), "accuracy": r.get("accuracy"),
+                         "seconds": r.get("round_s")} for r in steps],
         }
     finally:
         tb.stop()
@@ -145,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    print("\nround  accuracy  seconds")
+    unit = "round" if s["mode"] == "sync" else "version"
+    print(f"\n{unit:>7}  accuracy  seconds")
     for h in s["history"]:
-        print(f"{h['round']:>5}  {h['accuracy']:>8}  {h['round_s']:>7}")
-    rows = [("mode", s["mode"]), ("model", s["model"]), ("data", s["data"]), ("rounds", s["rounds"]),
+        print(f"{h['step']:>7}  {h['accuracy']:>8}  {h['seconds']:>7}")
+    rows = [("mode", s["mode"]), ("model", s["model"]), ("data", s["data"]), (f"{unit}s", s["rounds"]),
             ("final accuracy", s["final_accuracy"]), ("wall time (s)", s["wall_s"]),
             ("bytes on the wire", f"{s['bytes_total']:,}"), ("device peak RSS (MB)", s["device_peak_rss_mb"]),
             ("migrations", len(s["migrations"]))]
