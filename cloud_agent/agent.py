@@ -320,6 +320,7 @@ class CloudAgent(Agent):
         self.failures = 0
         entry = self.round_metrics(r, reports, accuracy, loss, t_global, now, edge_of)
         self.history.append(entry)
+        del self.history[:-1000]  # bounded: the full record is the append-only run log
         self.persist()
         if self.runlog is not None:
             with open(self.runlog, "a") as f:
