@@ -183,8 +183,12 @@ class CloudAgent(Agent):
             "format": FORMAT_VERSION, "round": self.round, "attempt": self.attempt, "global": self.global_state,
             "state": self.state,
             "history": self.history, "settings": s, "saved_at": time.time(),
-            "async": self.async_mode.state_dict() if getattr(self, "async_mode", None) is not None else None,
+            "async": self._async_state(),
         })
+
+    def _async_state(self) -> dict[str, Any] | None:
+        mode = getattr(self, "async_mode", None)  # persist() may run before async mode exists
+        return mode.state_dict() if mode is not None else None
 
     # ------------------------------------------------------------------ fleet view
     def initial_status(self) -> dict[str, Any]:

@@ -146,7 +146,8 @@ class DeviceAgent(Agent):
         return {"edge": edge}
 
     # ------------------------------------------------------------------ protocol
-    def handle(self, msg: Inbound) -> None:
+    def handle(self, first: Inbound) -> None:
+        msg: Inbound | None = first
         while msg is not None:
             if msg.kind != "model":
                 return  # stray grads or acks of an aborted round
@@ -242,7 +243,7 @@ class DeviceAgent(Agent):
                       loss=round(p.loss_sum / max(p.seen, 1), 4))
 
     def _batches(self, plan: Plan, order: BatchOrder) -> list[tuple[int, np.ndarray]]:
-        out = []
+        out: list[tuple[int, np.ndarray]] = []
         for e in range(plan.epochs):
             for idx in order.epoch_batches(plan.round * plan.epochs + e):
                 out.append((len(out), idx))
@@ -435,7 +436,7 @@ class DeviceAgent(Agent):
                 pause_ms = (time.monotonic() - t0) * 1000.0
                 self.transport.send("ckpt", source, body={"op": "release", "migration": mid})
                 self.edge = dest
-                record = {"device": self.node, "source": source, "destination": dest, "path": path,
+                record: dict[str, Any] = {"device": self.node, "source": source, "destination": dest, "path": path,
                           "migration": mid, "pause_ms": round(pause_ms, 2), "checkpoint_bytes": nbytes,
                           "step": self.progress.step, "round": plan.round}
                 self.migrations.append(record)

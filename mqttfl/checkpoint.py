@@ -75,7 +75,7 @@ def digest(tensors: Mapping[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
-        h.update(memoryview(arr).cast("B"))
+        h.update(arr.tobytes())
     return h.hexdigest()
 
 

@@ -44,7 +44,8 @@ def _load_data(spec: str, shape: tuple[int, ...]) -> Any:
     if spec == "digits":
         return load_digits(shape)
     if spec == "synthetic":
-        return synthetic_images(2000, shape, seed=1), synthetic_images(500, shape, seed=2)
+        img = (shape[0], shape[1], shape[2])  # synthetic data are images
+        return synthetic_images(2000, img, seed=1), synthetic_images(500, img, seed=2)
     if spec.startswith("cifar10:"):
         from mqttfl.cifar import load_cifar10
 

@@ -141,7 +141,7 @@ class Transport:
         self.first_boot = self.boot == 1
         self.stats: collections.Counter[str] = collections.Counter()
         self._stats_lock = threading.Lock()
-        self._raw: queue.Queue[tuple[str, bytes, bool, float]] = queue.Queue(maxsize=cfg.mqtt.inbox_size)
+        self._raw: queue.Queue[tuple[str, bytes | bytearray, bool, float]] = queue.Queue(maxsize=cfg.mqtt.inbox_size)
         self._links: collections.deque[LinkChange] = collections.deque(maxlen=64)
         # A transfer may not hold more than one whole message may be (the codec's cap applies after it).
         self._reassembler = Reassembler(timeout_s=60.0, max_bytes=self.limits.max_message_bytes)
@@ -200,7 +200,8 @@ class Transport:
             c.will_set(self.topic("status", BROADCAST), self._status_payload("offline"), qos=1, retain=True,
                        properties=will)
         c.max_inflight_messages_set(64)
-        c.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)
+        # paho annotates these as int but uses them as seconds in float arithmetic; jitter needs fractions.
+        c.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)  # type: ignore[arg-type]
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_connect_fail = self._on_connect_fail
@@ -280,7 +281,7 @@ class Transport:
         self._attempt += 1
         delay = min(m.reconnect_max_s, m.reconnect_min_s * 2 ** min(self._attempt - 1, 16))
         delay *= random.uniform(0.5, 1.0)
-        self.client.reconnect_delay_set(delay, delay)
+        self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -315,7 +316,8 @@ class Transport:
             if item is not None:
                 return item
 
-    def _process(self, raw_topic: str, payload: bytes, retained: bool, received: float) -> Inbound | None:
+    def _process(self, raw_topic: str, payload: bytes | bytearray, retained: bool, received: float
+                 ) -> Inbound | None:
         self._count("rx_bytes", len(payload))
         try:
             t = parse(raw_topic)

@@ -100,7 +100,9 @@ def _run(root: Path, spec: FleetSpec, data: tuple[Dataset, Dataset], variants: l
         tb.wait(lambda m: m.kind == "event" and (m.data or {}).get("event") in ("run_complete", "run_failed"),
                 3600, on_message=on)
         events = [m.data for m in tb.inbox if m.kind == "event" and m.data]
-        weights = load_state(root / "state" / "cloud" / "cloud.state")["global"]
+        saved = load_state(root / "state" / "cloud" / "cloud.state")
+        assert saved is not None, "the cloud persisted no state"
+        weights = saved["global"]
         return tb.round_metrics(), events, weights
     finally:
         tb.stop()

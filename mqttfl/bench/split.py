@@ -70,7 +70,8 @@ def _data(args: argparse.Namespace, shape: tuple[int, ...]) -> tuple[Dataset, Da
         if len(train) < n:
             raise SystemExit(f"digits have {len(train)} training samples, {n} asked")
         return train.subset(np.arange(n)), test
-    return synthetic_images(n, shape, seed=1), synthetic_images(200, shape, seed=2)
+    img = (shape[0], shape[1], shape[2])
+    return synthetic_images(n, img, seed=1), synthetic_images(200, img, seed=2)
 
 
 def _replay(global_state: dict[str, np.ndarray], args: argparse.Namespace, shard: Dataset, rnd: int,
@@ -137,8 +138,12 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             reply = tb.ctl("cloud", "start", timeout=60)
             if not reply.get("ok"):
                 raise RuntimeError(f"cloud refused start: {reply}")
-            msg = tb.wait(lambda x, r=rnd: x.kind == "metrics" and bool(x.data) and x.data.get("kind") == "round"
-                          and x.data.get("round") == r, args.timeout)
+
+            def round_done(x: Any, r: int = rnd) -> bool:
+                d = x.data or {}
+                return bool(x.kind == "metrics" and d.get("kind") == "round" and d.get("round") == r)
+
+            msg = tb.wait(round_done, args.timeout)
             assert msg.data is not None
             tb.wait_event("run_complete", 60)
             t_local = float(msg.data["devices"]["dev1"]["T_local"])
