@@ -166,6 +166,7 @@ class CloudAgent(Agent):
         # The round in flight at the crash starts over as a new attempt: devices that finished the old
         # attempt recognise a new plan key and train again instead of ignoring a re-delivered announcement.
         self.attempt = int(saved.get("attempt", 0)) + 1
+        self.failures = int(saved.get("failures", 0))
         self.history = list(saved.get("history", []))
         self.async_saved = saved.get("async")
         self.state = str(saved.get("state", self.state))
@@ -180,7 +181,8 @@ class CloudAgent(Agent):
             return
         s = {f.name: getattr(self.settings, f.name) for f in fields(Settings)}
         save_state(self.state_path, {
-            "format": FORMAT_VERSION, "round": self.round, "attempt": self.attempt, "global": self.global_state,
+            "format": FORMAT_VERSION, "round": self.round, "attempt": self.attempt, "failures": self.failures,
+            "global": self.global_state,
             "state": self.state,
             "history": self.history, "settings": s, "saved_at": time.time(),
             "async": self._async_state(),
@@ -270,7 +272,7 @@ class CloudAgent(Agent):
         is_edge = msg.src in (r.edges if r else {}) or self.fleet.get(msg.src, {}).get("role") == "edge"
         if r is None or not is_edge or env.run != r.plan.run or env.round != r.plan.round or \
                 env.body.get("attempt") != r.plan.attempt:
-            if r is None or env.round <= self.round:
+            if r is None or env.round <= self.round or env.run != self.settings.run:
                 self.transport.ack(msg)  # stale re-send: acknowledge so the edge stops, apply nothing
             self.transport.drop("wrong_round", f"delta from {msg.src} for {env.run}/{env.round}", str(msg.topic))
             return
@@ -289,7 +291,10 @@ class CloudAgent(Agent):
             return
         delta = {k: np.array(v) for k, v in env.tensors.items()} if samples > 0 else None
         r.reports.append((msg.src, dict(env.body), delta))
-        r.accounted |= done | set(env.body.get("missing", []))
+        # "Missing" counts only from the edge the device is assigned to now: after a restart elsewhere, the
+        # old edge's timed-out session must not close the round before the device reports from its new edge.
+        missing = {d for d in env.body.get("missing", []) if d in r.edges.get(msg.src, [])}
+        r.accounted |= done | missing
         self.transport.ack(msg)
 
     def close_round(self, now: float) -> None:
@@ -311,7 +316,10 @@ class CloudAgent(Agent):
             self.log.warning("quorum not met", round=r.plan.round, reported=len(reports), needed=needed)
             if failed:
                 self.state = "failed"
-                self.persist()
+            # The next attempt's number is on disk before it is announced: after a crash the cloud opens a
+            # fresh attempt, never one that devices may already have finished.
+            self.persist()
+            if failed:
                 self.transport.set_status("failed", run=r.plan.run, round=self.round)
             return
         t0 = time.monotonic()

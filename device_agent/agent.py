@@ -124,8 +124,10 @@ class DeviceAgent(Agent):
             validate_id(edge)
         except ValueError as e:
             raise CommandError(str(e)) from e
-        if edge == self.edge and self.pending_move is None:
-            return {"edge": edge, "moved": False, "reason": "already there"}
+        if edge == self.edge:
+            cancelled = self.pending_move is not None
+            self.pending_move = None  # moving back before the move happened: nothing to do
+            return {"edge": edge, "moved": False, "reason": "already there", "cancelled": cancelled}
         if self.current is None:
             self.previous_edge = self.edge
             self.edge = edge
@@ -226,7 +228,8 @@ class DeviceAgent(Agent):
         delta = {k: (v - base[k]).astype(np.float32) for k, v in dev.state().items()}
         p = self.progress
         report = {
-            "samples": len(self.data), "steps": p.step, "loss_sum": p.loss_sum, "correct": p.correct,
+            "samples": len(self.data), "attempt": plan.attempt, "steps": p.step, "loss_sum": p.loss_sum,
+            "correct": p.correct,
             "seen": p.seen, "cut": cut, "t_local": t_local, "t_download": t_download,
             "t_total": time.monotonic() - first,
             "bytes_up": stats1.get("tx_bytes", 0) - stats0.get("tx_bytes", 0),
@@ -298,7 +301,8 @@ class DeviceAgent(Agent):
                     t = time.monotonic()
                     smashed = stage.forward(key, mx)
                     self._slow(time.monotonic() - t)
-                    body = {"step": step, "micro": action.micro, "n_micro": m, "batch_size": len(idx)}
+                    body = {"step": step, "micro": action.micro, "n_micro": m, "batch_size": len(idx),
+                            "attempt": plan.attempt}
                     payload = (smashed.numpy(), my.numpy().astype(np.int64), body)
                     p.outstanding[key] = payload
                     self._send_act(plan, payload)
@@ -394,7 +398,6 @@ class DeviceAgent(Agent):
         source, mid = self.edge, uuid.uuid4().hex[:16]
         if path == "restart":
             # FedFly's baseline: no state moves; the round starts over at the destination.
-            self.transport.send("ckpt", source, body={"op": "leave", "migration": mid})
             self._restart_at(plan, dest, mid, source, reason="restart requested")
         t0 = time.monotonic()
         self.transport.set_status("migrating", edge=source, destination=dest)
@@ -419,9 +422,9 @@ class DeviceAgent(Agent):
             if m != mid:
                 continue
             if msg.src == source and op == "nothing":
-                self.edge = dest  # the source held nothing for us: a plain switch
-                self.transport.set_status("training", edge=dest)
-                return
+                # Mid-round the source should hold our edge-side state; if it has none (it restarted, or
+                # its round timed out), the round can only start over at the destination.
+                self._restart_at(plan, dest, mid, source, reason="source edge held no state for us")
             if msg.src == source and op == "refused":
                 self._migration_failed(plan, dest, mid, f"source refused: {env.body.get('reason')}", source)
                 return
@@ -453,8 +456,10 @@ class DeviceAgent(Agent):
             self._restart_at(plan, dest, mid, source)
 
     def _migration_failed(self, plan: Plan, dest: str, mid: str, reason: str, source: str) -> None:
-        """Resume at the source: it unfreezes the session, nothing was lost."""
+        """Resume at the source: it unfreezes the session, nothing was lost. The destination drops whatever
+        it may still install for this move."""
         self.transport.send("ckpt", source, body={"op": "abort", "migration": mid})
+        self.transport.send("ckpt", dest, body={"op": "abort", "migration": mid})
         self.transport.set_status("training", edge=source)
         self.transport.event("migration_failed", level="warning", device=self.node, source=source,
                              destination=dest, migration=mid, reason=reason, action="continue at source")
@@ -464,6 +469,9 @@ class DeviceAgent(Agent):
                     reason: str = "source edge did not answer") -> None:
         """The source edge is gone with our edge-side state: ask the cloud to restart our round at dest."""
         self.edge = dest
+        # Best effort: a live source forgets us instead of reporting us missing at its deadline.
+        self.transport.send("ckpt", source, body={"op": "leave", "migration": mid})
+        self.transport.send("ckpt", dest, body={"op": "abort", "migration": mid})  # drop a late install
         self.transport.send("ckpt", self.cloud_id, body={"op": "restart", "migration": mid, "edge": dest,
                                                          "source": source}, run=plan.run, round=plan.round)
         self.transport.set_status("waiting", edge=dest)

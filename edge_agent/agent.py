@@ -24,7 +24,7 @@ from mqttfl.checkpoint import CheckpointError, EdgeCheckpoint, from_message
 from mqttfl.codec import as_torch
 from mqttfl.config import AgentConfig
 from mqttfl.models import Part, build_model, model_info, model_state, split_model
-from mqttfl.protocol import Plan, ProtocolError, check_activation, check_state
+from mqttfl.protocol import Plan, ProtocolError, check_activation, check_state, clean_report
 from mqttfl.split import EdgeStage, make_optimizer
 from mqttfl.topics import validate_id
 from mqttfl.transport import Inbound
@@ -51,6 +51,7 @@ class DeviceSession:
     report: dict[str, Any] = field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
     frozen: str | None = None  # migration id while the device's state is on its way to another edge
+    installed_by: str | None = None  # migration id that brought this session here (an abort undoes it)
     rng: np.ndarray | None = None  # carried for stochastic edge blocks; today's blocks draw no randomness
 
 
@@ -144,6 +145,8 @@ class EdgeAgent(Agent):
             if not devices:
                 return
             r.devices.update(devices)
+            # A round opened by a migration holds only edge-side base weights: take the full state now.
+            r.global_state.update({k: np.array(v) for k, v in env.tensors.items()})
             global_state = r.global_state
         else:
             global_state = {k: np.array(v) for k, v in env.tensors.items()}
@@ -202,7 +205,8 @@ class EdgeAgent(Agent):
         if r is None or s is None:
             self.transport.drop("unknown_sender", f"act from {msg.src}, not in a round here", str(msg.topic))
             return
-        if env.run != r.plan.run or env.round != r.plan.round:
+        if env.run != r.plan.run or env.round != r.plan.round or \
+                env.body.get("attempt", r.plan.attempt) != r.plan.attempt:
             self.transport.drop("wrong_round", f"act for {env.run}/{env.round}, round is {r.plan.round}",
                                 str(msg.topic))
             return
@@ -261,8 +265,9 @@ class EdgeAgent(Agent):
         env = msg.env
         assert env is not None
         r, s = self.session_of(msg.src)
-        if r is None or s is None or env.run != r.plan.run or env.round != r.plan.round:
-            if r is None or env.round < r.plan.round:
+        attempt = env.body.get("attempt", r.plan.attempt if r is not None else None)
+        if r is None or s is None or env.run != r.plan.run or env.round != r.plan.round or attempt != r.plan.attempt:
+            if r is None or env.round < r.plan.round or env.run != r.plan.run or attempt != r.plan.attempt:
                 self.transport.ack(msg)  # a late re-send of a finished round: stop the device re-sending
             self.transport.drop("wrong_round", f"delta from {msg.src} for round {env.round}", str(msg.topic))
             return
@@ -273,9 +278,8 @@ class EdgeAgent(Agent):
             reference = self._reference_state(r.plan)
             expected = {k: v for k, v in reference.items() if int(k.split(".", 1)[0]) < s.cut}
             check_state(dict(env.tensors), expected, f"delta of {msg.src}")
-            samples = int(env.body.get("samples", 0))
-            if samples < 0:
-                raise ProtocolError("bad_field", "negative samples")
+            report = clean_report(env.body)
+            samples = int(report.get("samples", 0))
         except (ProtocolError, ValueError, TypeError) as e:
             self.transport.drop(getattr(e, "code", "bad_field"), str(e), str(msg.topic))
             return
@@ -284,7 +288,7 @@ class EdgeAgent(Agent):
             edge_now = s.part.state()
             delta.update({k: (edge_now[k] - s.base[k]).astype(np.float32) for k in s.base})
         s.delta = delta
-        s.report = {k: v for k, v in env.body.items() if k != "reliable"}
+        s.report = report
         s.report["t_upload"] = max(0.0, time.time() - env.ts)
         s.report["edge_steps"] = s.steps
         self.transport.ack(msg)
@@ -375,11 +379,12 @@ class EdgeAgent(Agent):
         body, tensors = ck.to_message()
         nbytes = ck.nbytes()
         body.update(op="transfer", path=path, source=self.node, checkpoint_bytes=nbytes)
+        if path == "direct":
+            # Before the multi-MB transfer, so the device learns at once that the source is alive.
+            self._reply(device, "frozen", mid, checkpoint_bytes=nbytes)
         # direct: edge to edge through the broker; relay: through the device (edges that may not talk).
         self.transport.send("ckpt", dest if path == "direct" else device, body=body, tensors=tensors,
                             run=r.plan.run, round=r.plan.round)
-        if path == "direct":
-            self._reply(device, "frozen", mid, checkpoint_bytes=nbytes)
         self.transport.event("migration_started", device=device, source=self.node, destination=dest, path=path,
                              migration=mid, step=s.expected[0], checkpoint_bytes=nbytes)
 
@@ -409,6 +414,11 @@ class EdgeAgent(Agent):
                                  reason=getattr(e, "code", "bad_field"), detail=str(e)[:300])
             self._reply(device, "refused", mid, reason=str(e)[:300])
             return
+        _, current = self.session_of(device)
+        if current is not None and current.plan.key == plan.key and current.installed_by != mid:
+            # The device already restarted its round here (a late checkpoint of a move it gave up on).
+            self._reply(device, "refused", mid, reason="the device already has a session for this round here")
+            return
         part.load_state(ck.weights)
         opt = make_optimizer(part.module.parameters(), lr=plan.lr, momentum=plan.momentum,
                              weight_decay=plan.weight_decay)
@@ -418,7 +428,7 @@ class EdgeAgent(Agent):
         session = DeviceSession(
             device, plan, cut, part, EdgeStage(part, opt), base=dict(ck.base), smashed_shape=ck.smashed_shape,
             expected=ck.expected, n_micro=ck.n_micro, steps=ck.steps, loss_sum=ck.loss_sum, seen=ck.seen,
-            optimizer=opt, rng=ck.rng,
+            optimizer=opt, rng=ck.rng, installed_by=mid,
         )
         self._leave(device)
         now = time.monotonic()
@@ -461,9 +471,12 @@ class EdgeAgent(Agent):
             self.finish_round(r)
 
     def on_abort(self, msg: Inbound) -> None:
-        """Source edge: the move failed; the device continues here from where it stopped."""
+        """The device gave up on a move. Source: resume the frozen session. Destination: forget a session
+        installed for that move, so it neither blocks the round nor clashes with a restart."""
         r, s = self.session_of(msg.src)
         mid = str(msg.env.body.get("migration", "")) if msg.env else ""
         if s is not None and s.frozen == mid:
             s.frozen = None
             self.log.info("migration aborted, device resumes here", device=msg.src, migration=mid)
+        elif r is not None and s is not None and s.installed_by == mid:
+            self._drop_session(r, msg.src, mid)

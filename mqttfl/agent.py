@@ -116,7 +116,14 @@ class Agent:
         self.transport.housekeeping(now, resend_after=self.resend_after_s)
         for change in self.transport.link_changes():
             self.on_link(change.up)
-        self.tick(now)
+        try:
+            self.tick(now)
+        except Shutdown:
+            raise
+        except Exception as e:
+            # Timers act on data that came from the wire (reports, deltas): a bug there must not kill the node.
+            self.log.exception("timer failed")
+            self.transport.drop("handler_error", f"tick: {type(e).__name__}: {e}", "")
         if now - self._last_metrics >= self.metrics_interval_s:
             self._last_metrics = now
             self.transport.metrics(kind="agent", transport=self.transport.stats_snapshot(), **self.metrics_fields())

@@ -27,13 +27,18 @@ class OutboxEntry:
 
 
 class Outbox:
-    """Bounded directory of pending messages, one file each (``<key>.msg``)."""
+    """Bounded directory of pending messages, one file each (``<key>.msg``), with an in-memory index so
+    that the agent loop's frequent :meth:`due` calls read a payload only when it is due for a re-send."""
 
-    def __init__(self, directory: str | Path, *, max_entries: int = 256) -> None:
+    def __init__(self, directory: str | Path, *, max_entries: int = 256, max_age_s: float = 86_400.0) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_entries = max_entries
-        self._last_sent: dict[str, float] = {}
+        self.max_age_s = max_age_s  # an unacknowledged message older than this is given up (and counted)
+        self.expired = 0
+        self._index: dict[str, tuple[str, float, float]] = {}  # key -> (topic, created, last_sent)
+        for e in self._read_all():
+            self._index[e.key] = (e.topic, e.created, 0.0)  # after a restart, everything is due at once
 
     def _path(self, key: str) -> Path:
         if not key or not all(c in "0123456789abcdef" for c in key):
@@ -41,42 +46,64 @@ class Outbox:
         return self.dir / f"{key}.msg"
 
     def put(self, key: str, topic: str, payload: bytes, now: float) -> None:
-        if len(self) >= self.max_entries:
+        if len(self._index) >= self.max_entries:
             raise OverflowError(f"outbox full ({self.max_entries} unacknowledged messages)")
         atomic_write(self._path(key), msgpack.packb({"topic": topic, "payload": payload, "created": now}))
-        self._last_sent[key] = now
+        self._index[key] = (topic, now, now)
 
     def ack(self, key: str) -> bool:
-        try:
-            self._path(key).unlink()
-        except (FileNotFoundError, ValueError):
+        if key not in self._index:
             return False
-        self._last_sent.pop(key, None)
+        self._index.pop(key)
+        self._path(key).unlink(missing_ok=True)
         return True
 
     def mark_sent(self, key: str, now: float) -> None:
-        self._last_sent[key] = now
+        if key in self._index:
+            topic, created, _ = self._index[key]
+            self._index[key] = (topic, created, now)
 
     def keys(self) -> list[str]:
-        return sorted(p.stem for p in self.dir.glob("*.msg"))
+        return sorted(self._index)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.dir.glob("*.msg"))
+        return len(self._index)
 
     def __contains__(self, key: str) -> bool:
-        return self._path(key).exists()
+        return key in self._index
+
+    def _read(self, key: str) -> OutboxEntry | None:
+        p = self._path(key)
+        try:
+            d = msgpack.unpackb(p.read_bytes(), raw=False)
+            return OutboxEntry(key, d["topic"], d["payload"], float(d["created"]), 0.0)
+        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
+            p.unlink(missing_ok=True)  # a torn file cannot be re-sent; atomic_write makes this rare
+            self._index.pop(key, None)
+            return None
+
+    def _read_all(self) -> list[OutboxEntry]:
+        entries = [self._read(p.stem) for p in sorted(self.dir.glob("*.msg"), key=os.path.getmtime)]
+        return [e for e in entries if e is not None]
 
     def pending(self) -> list[OutboxEntry]:
         out = []
-        for p in sorted(self.dir.glob("*.msg"), key=os.path.getmtime):
-            try:
-                d = msgpack.unpackb(p.read_bytes(), raw=False)
-            except (OSError, ValueError, msgpack.UnpackException):
-                p.unlink(missing_ok=True)  # a torn file cannot be re-sent; atomic_write makes this rare
-                continue
-            key = p.stem
-            out.append(OutboxEntry(key, d["topic"], d["payload"], d["created"], self._last_sent.get(key, 0.0)))
+        for key in sorted(self._index, key=lambda k: self._index[k][1]):
+            e = self._read(key)
+            if e is not None:
+                out.append(OutboxEntry(key, e.topic, e.payload, e.created, self._index[key][2]))
         return out
 
     def due(self, now: float, resend_after: float) -> list[OutboxEntry]:
-        return [e for e in self.pending() if now - e.last_sent >= resend_after]
+        out = []
+        for key, (_, created, last_sent) in list(self._index.items()):
+            if now - last_sent < resend_after:
+                continue
+            if last_sent and now - created > self.max_age_s:
+                self.ack(key)  # the receiver is gone for good; keep the box from filling up
+                self.expired += 1
+                continue
+            e = self._read(key)
+            if e is not None:
+                out.append(OutboxEntry(key, e.topic, e.payload, e.created, last_sent))
+        return out

@@ -107,6 +107,29 @@ def check_state(state: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarr
             raise ProtocolError("non_finite", f"{what}: {k} has NaN/Inf")
 
 
+# What a device may report with its delta, and the type each field must have. The edge forwards only
+# these, converted, so a malformed report can never reach the cloud's aggregation or metrics.
+REPORT_FIELDS: dict[str, type] = {
+    "samples": int, "steps": int, "loss_sum": float, "correct": int, "seen": int, "cut": int, "attempt": int,
+    "t_local": float, "t_download": float, "t_total": float, "bytes_up": int, "bytes_down": int,
+    "peak_rss_mb": float, "resends": int,
+}
+
+
+def clean_report(body: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, kind in REPORT_FIELDS.items():
+        if name not in body:
+            continue
+        value = body[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError("bad_field", f"report field {name!r} must be a number, got {type(value).__name__}")
+        if value != value or value in (float("inf"), float("-inf")) or value < 0:
+            raise ProtocolError("bad_field", f"report field {name!r} out of range: {value!r}")
+        out[name] = kind(value)
+    return out
+
+
 def check_activation(smashed: np.ndarray, labels: np.ndarray, expected_shape: tuple[int, ...],
                      num_classes: int, max_rows: int) -> None:
     if smashed.dtype != np.float32:
