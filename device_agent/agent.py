@@ -401,6 +401,8 @@ class DeviceAgent(Agent):
             self._restart_at(plan, dest, mid, source, reason="restart requested")
         t0 = time.monotonic()
         self.transport.set_status("migrating", edge=source, destination=dest)
+        # First, tell the destination whose checkpoint to accept (it trusts no self-declared edge).
+        self.transport.send("ckpt", dest, body={"op": "expect", "migration": mid, "source": source})
         self.transport.send("ckpt", source, body={"op": "freeze", "migration": mid, "to": dest, "path": path,
                                                   "step": self.progress.step}, run=plan.run, round=plan.round)
         heard_source = False

@@ -79,7 +79,9 @@ class EdgeAgent(Agent):
         self.device_round: dict[str, tuple[str, int, int]] = {}
         self.rounds_done = 0
         self._models: dict[tuple[Any, ...], torch.nn.Sequential] = {}
-        self.roles: dict[str, str] = {}  # node -> role, from the retained status broadcasts
+        # (device, migration id) -> source edge: announced by the device itself (the broker authenticates
+        # it), so a checkpoint from any other sender is refused. Bounded: oldest forgotten first.
+        self.expected_transfers: dict[tuple[str, str], str] = {}
 
     def initial_status(self) -> dict[str, Any]:
         return {"state": "idle"}
@@ -95,9 +97,6 @@ class EdgeAgent(Agent):
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, msg: Inbound) -> None:
-        if msg.kind == "status" and msg.data is not None:
-            self.roles[msg.src] = str(msg.data.get("role", ""))
-            return
         if msg.env is None:
             return
         if msg.kind == "ckpt":
@@ -332,7 +331,7 @@ class EdgeAgent(Agent):
         assert env is not None
         op = env.body.get("op")
         handlers = {"freeze": self.on_freeze, "transfer": self.on_transfer, "release": self.on_release,
-                    "abort": self.on_abort, "leave": self.on_leave}
+                    "abort": self.on_abort, "leave": self.on_leave, "expect": self.on_expect}
         handler = handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             self.transport.drop("bad_field", f"unknown ckpt op {op!r}", str(msg.topic))
@@ -394,10 +393,11 @@ class EdgeAgent(Agent):
         assert env is not None
         body = env.body
         device = str(body.get("device", ""))
-        if msg.src != device and self.roles.get(msg.src) != "edge":
+        mid = str(body.get("migration", ""))
+        if msg.src != device and self.expected_transfers.get((device, mid)) != msg.src:
+            # Only the device itself (relay) or the source it named (direct) may hand us its state.
             self.transport.drop("unauthorised", f"checkpoint for {device} from {msg.src}", str(msg.topic))
             return
-        mid = str(body.get("migration", ""))
         try:
             plan = Plan.from_body(body.get("plan", {}))
             cut = int(body.get("cut", -1))
@@ -445,6 +445,14 @@ class EdgeAgent(Agent):
                     step=ck.expected[0])
         self.transport.set_status("training", round=plan.round, run=plan.run)
         self.log.info("migration installed", device=device, migration=mid, step=ck.expected[0])
+
+    def on_expect(self, msg: Inbound) -> None:
+        """Destination edge: the device announces its move and the source that will send its state."""
+        env = msg.env
+        assert env is not None
+        self.expected_transfers[(msg.src, str(env.body.get("migration", "")))] = str(env.body.get("source", ""))
+        while len(self.expected_transfers) > 256:
+            self.expected_transfers.pop(next(iter(self.expected_transfers)))
 
     def on_release(self, msg: Inbound) -> None:
         """Source edge: the destination has the device; forget the frozen session."""

@@ -94,7 +94,7 @@ def test_a_device_report_with_a_non_numeric_field_is_refused(edge):
     assert clean_report({"samples": 5.0, "t_local": 1, "evil": "x"}) == {"samples": 5, "t_local": 1.0}
 
 
-def _checkpoint_message(device: str, mid: str) -> Inbound:
+def _checkpoint_message(device: str, mid: str, src: str | None = None) -> Inbound:
     model = build_model("mlp", seed=0)
     _, part = split_model(model, CUT)
     from mqttfl.checkpoint import EdgeCheckpoint
@@ -104,7 +104,8 @@ def _checkpoint_message(device: str, mid: str) -> Inbound:
                         smashed_shape=(64,), rng=np.zeros(8, dtype=np.uint8))
     body, tensors = ck.to_message()
     body.update(op="transfer", path="relay")
-    return _inbound("ckpt", device, "edge2", body, tensors)  # relayed: the device itself carries it
+    # Relayed (src = the device itself carries it) unless an edge sends it directly.
+    return _inbound("ckpt", src or device, "edge2", body, tensors)
 
 
 def test_a_device_added_to_a_round_that_a_migration_opened_gets_the_full_device_part(edge):
@@ -156,3 +157,15 @@ def test_outbox_reads_a_payload_only_when_due_and_gives_up_after_max_age(tmp_pat
     box.mark_sent("aa", 6.0)
     assert Outbox(tmp_path / "ob").keys() == ["aa"], "pending entries survive a restart"
     assert box.due(now=200.0, resend_after=5.0) == [] and box.expired == 1 and len(box) == 0
+
+
+def test_a_direct_checkpoint_is_accepted_only_from_the_source_the_device_named(edge):
+    agent, sent = edge
+    agent.on_transfer(_checkpoint_message("dev1", "m1", src="dev9"))  # a node posing as an edge
+    assert agent.session_of("dev1") == (None, None) and not sent.of("ckpt", "dev1")
+    agent.on_ckpt(_inbound("ckpt", "dev1", "edge2", {"op": "expect", "migration": "m1", "source": "edge1"}))
+    agent.on_transfer(_checkpoint_message("dev1", "m1", src="dev9"))
+    assert agent.session_of("dev1") == (None, None), "still not the source the device named"
+    agent.on_transfer(_checkpoint_message("dev1", "m1", src="edge1"))
+    assert sent.of("ckpt", "dev1")[-1]["body"]["op"] == "ready"
+    assert agent.session_of("dev1")[1].expected == (3, 0)
