@@ -85,6 +85,7 @@ class DeviceAgent(Agent):
         self.rounds_done = 0
         self.pending_move: tuple[str, str] | None = None
         self.previous_edge: str | None = None  # a round announced there before an idle move still counts
+        self.idle_move: tuple[str, int] = ("direct", 0)  # path and at_step of that idle move
         self.move_at_step = 0  # a scheduled move waits for this many completed mini-batches
         self._first_start: dict[tuple[str, int, int], float] = {}
         self.migrations: list[dict[str, Any]] = []
@@ -130,6 +131,7 @@ class DeviceAgent(Agent):
             return {"edge": edge, "moved": False, "reason": "already there", "cancelled": cancelled}
         if self.current is None:
             self.previous_edge = self.edge
+            self.idle_move = (path, at_step)
             self.edge = edge
             self.transport.set_status("idle", edge=edge)
             self.transport.event("moved", device=self.node, destination=edge, during_round=False)
@@ -175,8 +177,9 @@ class DeviceAgent(Agent):
                                     str(msg.topic))
                 return None
             # The round was announced at the old edge before our move arrived there: train it there and
-            # migrate at the first mini-batch boundary.
-            self.pending_move = (self.edge, "direct")
+            # migrate as the move asked (path, and at_step or the first mini-batch boundary).
+            self.pending_move = (self.edge, self.idle_move[0])
+            self.move_at_step = self.idle_move[1]
             self.edge = msg.src
         self.previous_edge = None
         try:

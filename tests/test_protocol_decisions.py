@@ -169,3 +169,23 @@ def test_a_direct_checkpoint_is_accepted_only_from_the_source_the_device_named(e
     agent.on_transfer(_checkpoint_message("dev1", "m1", src="edge1"))
     assert sent.of("ckpt", "dev1")[-1]["body"]["op"] == "ready"
     assert agent.session_of("dev1")[1].expected == (3, 0)
+
+
+def test_an_idle_move_overtaken_by_a_round_at_the_old_edge_keeps_its_path_and_step(tmp_path):
+    from device_agent.agent import DeviceAgent
+    from mqttfl.data import load_digits, save_shard
+
+    train, _ = load_digits((64,))
+    save_shard(tmp_path / "shard.npz", train.subset(np.arange(40)))
+    cfg = load_config(None, "device", environ={}, node="dev1", fleet="f", state_dir=str(tmp_path / "dev"),
+                      device={"edge": "edge1", "data": str(tmp_path / "shard.npz")})
+    dev = DeviceAgent(cfg)
+    for name in ("send", "event", "set_status", "send_json"):
+        setattr(dev.transport, name, lambda *a, **k: None)
+    ctl = Inbound(Topic("f", "ctl", "operator", "dev1"), None, {}, False, time.monotonic())
+    assert dev.cmd_move(ctl, {"edge": "edge2", "path": "relay", "at_step": 3})["when"] == "now (idle)"
+    dev_part = {k: v for k, v in _global().items() if int(k.split(".")[0]) < CUT}
+    accepted = dev._accept_model(_inbound("model", "edge1", "dev1", {"plan": _plan().to_body(), "cut": CUT},
+                                          dev_part))
+    assert accepted is not None, "the round announced at the old edge is trained there"
+    assert dev.edge == "edge1" and dev.pending_move == ("edge2", "relay") and dev.move_at_step == 3
