@@ -235,11 +235,9 @@ class CloudAgent(Agent):
             self.start_round(devices, now)
 
     def plan(self) -> Plan:
-        s = self.settings
-        return Plan(run=s.run, round=self.round, attempt=self.attempt, model=s.model, input_shape=s.input_shape,
-                    num_classes=s.num_classes, lr=float(s.lr), momentum=float(s.momentum),
-                    weight_decay=float(s.weight_decay), epochs=s.epochs, batch_size=s.batch_size,
-                    micro_batches=s.micro_batches, deadline_s=float(s.deadline_s), seed=s.seed)
+        # Every plan field the settings carry, by name: a field added to Plan and Settings needs no copying here.
+        shared = {f.name: getattr(self.settings, f.name) for f in fields(Plan) if hasattr(self.settings, f.name)}
+        return Plan(**{**shared, "round": self.round, "attempt": self.attempt})
 
     def cut_for(self, status: dict[str, Any]) -> int:
         cut = int(status.get("cut", -1))
