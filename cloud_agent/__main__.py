@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mqttfl.runner import agent_main
+from mqttfl.runtime.runner import agent_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 
 from cloud_agent.async_mode import AsyncMode
-from mqttfl.agent import Agent, CommandError, arg
-from mqttfl.aggregate import apply_delta, weighted_average
-from mqttfl.config import AgentConfig
-from mqttfl.data import load_shard
-from mqttfl.models import build_model, load_model_state, model_info, model_state
-from mqttfl.persist import load_state, save_state
-from mqttfl.protocol import FORMAT_VERSION, Plan, ProtocolError, check_state
-from mqttfl.split import evaluate
-from mqttfl.transport import Inbound
+from mqttfl.runtime.agent import Agent, CommandError, arg
+from mqttfl.fl.aggregate import apply_delta, weighted_average
+from mqttfl.runtime.config import AgentConfig
+from mqttfl.ml.data import load_shard
+from mqttfl.ml.models import build_model, load_model_state, model_info, model_state
+from mqttfl.runtime.persist import load_state, save_state
+from mqttfl.protocol.messages import FORMAT_VERSION, Plan, ProtocolError, check_state
+from mqttfl.ml.stage import evaluate
+from mqttfl.runtime.transport import Inbound
 
 # Run parameters an operator may change with the `set` command, and their checks.
 SETTABLE: dict[str, tuple[type | tuple[type, ...], Any]] = {

@@ -3,7 +3,7 @@
 Global *versions* replace rounds. Clients are split into groups; every group runs its own synchronous rounds
 (FedAvg inside the group, exactly like a synchronous round of the cloud), concurrently with the other groups.
 When a group round closes (every edge of it reported, or ``group_deadline_s`` passed) its sample-weighted
-mean delta goes to an asynchronous strategy (``mqttfl.strategies``) as one ``Update`` with the global version
+mean delta goes to an asynchronous strategy (``mqttfl.fl.strategies``) as one ``Update`` with the global version
 the round started from; the strategy mixes it into the global model (damped by staleness) and the group
 starts its next round at once from the newest global model.
 
@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mqttfl.aggregate import apply_delta, weighted_average
-from mqttfl.grouping import DROPPED, ClientProfile, form_groups, initial_groups, regroup
-from mqttfl.protocol import Plan, ProtocolError, check_state
-from mqttfl.staleness import by_name as staleness_by_name
-from mqttfl.strategies import EcoFLHybrid, FedAsync, FedAT, FedBuff, SyncFedAvg, Update, UpdateRejected
-from mqttfl.transport import Inbound
+from mqttfl.fl.aggregate import apply_delta, weighted_average
+from mqttfl.fl.grouping import DROPPED, ClientProfile, form_groups, initial_groups, regroup
+from mqttfl.protocol.messages import Plan, ProtocolError, check_state
+from mqttfl.fl.staleness import by_name as staleness_by_name
+from mqttfl.fl.strategies import EcoFLHybrid, FedAsync, FedAT, FedBuff, SyncFedAvg, Update, UpdateRejected
+from mqttfl.runtime.transport import Inbound
 
 if TYPE_CHECKING:
     from cloud_agent.agent import CloudAgent

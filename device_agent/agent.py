@@ -1,6 +1,6 @@
 """Device agent: owns its data, trains the input-side blocks, exchanges smashed data and gradients.
 
-Within a mini-batch the device follows the 2-stage 1F1B schedule of :mod:`mqttfl.pipeline`: up to
+Within a mini-batch the device follows the 2-stage 1F1B schedule of :mod:`mqttfl.protocol.schedule`: up to
 min(M, 3) micro-batches are in flight, so the device computes the next forward while the edge works and
 the network carries the previous one. Gradients accumulate; the optimizer steps once per mini-batch.
 
@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mqttfl.agent import Agent, CommandError, arg
-from mqttfl.codec import as_torch
-from mqttfl.config import AgentConfig
-from mqttfl.data import BatchOrder, label_histogram, load_shard
-from mqttfl.models import Part, build_model, model_info, split_model
-from mqttfl.pipeline import one_f_one_b
-from mqttfl.protocol import Plan, ProtocolError, check_state, data_seed
-from mqttfl.split import DeviceStage, LocalTrainer, make_optimizer, micro_batches
-from mqttfl.topics import validate_id
-from mqttfl.transport import Inbound
+from mqttfl.runtime.agent import Agent, CommandError, arg
+from mqttfl.wire.codec import as_torch
+from mqttfl.runtime.config import AgentConfig
+from mqttfl.ml.data import BatchOrder, label_histogram, load_shard
+from mqttfl.ml.models import Part, build_model, model_info, split_model
+from mqttfl.protocol.schedule import one_f_one_b
+from mqttfl.protocol.messages import Plan, ProtocolError, check_state, data_seed
+from mqttfl.ml.stage import DeviceStage, LocalTrainer, make_optimizer, micro_batches
+from mqttfl.wire.topics import validate_id
+from mqttfl.runtime.transport import Inbound
 
 
 class RoundAborted(Exception):

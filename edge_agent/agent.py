@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mqttfl.agent import Agent
-from mqttfl.aggregate import weighted_average
-from mqttfl.checkpoint import CheckpointError, EdgeCheckpoint, from_message
-from mqttfl.codec import as_torch
-from mqttfl.config import AgentConfig
-from mqttfl.models import Part, build_model, model_info, model_state, split_model
-from mqttfl.protocol import Plan, ProtocolError, check_activation, check_state, clean_report
-from mqttfl.split import EdgeStage, make_optimizer
-from mqttfl.topics import validate_id
-from mqttfl.transport import Inbound
+from mqttfl.runtime.agent import Agent
+from mqttfl.fl.aggregate import weighted_average
+from mqttfl.protocol.checkpoint import CheckpointError, EdgeCheckpoint, from_message
+from mqttfl.wire.codec import as_torch
+from mqttfl.runtime.config import AgentConfig
+from mqttfl.ml.models import Part, build_model, model_info, model_state, split_model
+from mqttfl.protocol.messages import Plan, ProtocolError, check_activation, check_state, clean_report
+from mqttfl.ml.stage import EdgeStage, make_optimizer
+from mqttfl.wire.topics import validate_id
+from mqttfl.runtime.transport import Inbound
 
 GRAD_CACHE = 16  # >= the most micro-batches of one mini-batch that can be re-sent at once
 

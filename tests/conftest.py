@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mqttfl.broker import Broker, BrokerOptions
+from mqttfl.tools.broker import Broker, BrokerOptions
 
 _fleet_counter = itertools.count()
 

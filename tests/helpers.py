@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mqttfl.broker import Broker
-from mqttfl.config import AgentConfig, load_config
-from mqttfl.testbed import write_toml  # noqa: F401  (re-exported for tests)
+from mqttfl.tools.broker import Broker
+from mqttfl.runtime.config import AgentConfig, load_config
+from mqttfl.tools.testbed import write_toml  # noqa: F401  (re-exported for tests)
 
 
 def agent_config(broker: Broker, fleet: str, node: str, role: str = "test", state_dir: Path | None = None,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqttfl.aggregate import (
+from mqttfl.fl.aggregate import (
     AggregationError,
     State,
     apply_delta,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from mqttfl.cli import main
+from mqttfl.tools.cli import main
 
 KEYS = {"small_rtt_p50_ms", "small_rtt_p99_ms", "small_rtt_p50_ms_no_nodelay", "codec_mb_per_s", "chunked_mb_per_s"}
 

@@ -21,9 +21,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mqttfl.broker import Broker, BrokerOptions
-from mqttfl.testbed import FleetSpec
-from mqttfl.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
+from mqttfl.tools.broker import Broker, BrokerOptions
+from mqttfl.tools.testbed import FleetSpec
+from mqttfl.tools.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -107,11 +107,11 @@ def test_a_round_completes_across_a_site_broker_bridged_to_the_cloud_broker(
 
         # Operations from the cloud side of the bridge: commands go in, replies and presence come out.
         port = ["--fleet", spec.fleet, "--port", str(cloud_broker.port)]
-        r = subprocess.run([sys.executable, "-m", "mqttfl.cli", "ctl", "dev1", "ping", "--json", *port],
+        r = subprocess.run([sys.executable, "-m", "mqttfl.tools.cli", "ctl", "dev1", "ping", "--json", *port],
                            capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["result"]["pong"] is True
-        r = subprocess.run([sys.executable, "-m", "mqttfl.cli", "monitor", "--once", "--json", "--interval", "1",
+        r = subprocess.run([sys.executable, "-m", "mqttfl.tools.cli", "monitor", "--once", "--json", "--interval", "1",
                             *port], capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 0, r.stderr
         nodes = json.loads(r.stdout)["nodes"]

@@ -1,6 +1,6 @@
 import socket
 
-from mqttfl.broker import Broker, BrokerOptions
+from mqttfl.tools.broker import Broker, BrokerOptions
 
 
 def test_managed_broker_accepts_connections_and_stops(tmp_path):

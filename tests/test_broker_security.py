@@ -25,7 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from mqttfl.broker import Broker, BrokerOptions, find_mosquitto
+from mqttfl.tools.broker import Broker, BrokerOptions, find_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "broker_config"

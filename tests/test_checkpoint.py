@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mqttfl.checkpoint import CHECKPOINT_FORMAT, CheckpointError, EdgeCheckpoint, digest, from_message
-from mqttfl.codec import Envelope, decode, encode
-from mqttfl.models import build_model, split_model
-from mqttfl.protocol import Plan
-from mqttfl.split import EdgeStage, make_optimizer
+from mqttfl.protocol.checkpoint import CHECKPOINT_FORMAT, CheckpointError, EdgeCheckpoint, digest, from_message
+from mqttfl.wire.codec import Envelope, decode, encode
+from mqttfl.ml.models import build_model, split_model
+from mqttfl.protocol.messages import Plan
+from mqttfl.ml.stage import EdgeStage, make_optimizer
 
 CUT = 2
 

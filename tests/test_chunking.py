@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqttfl.chunking import FRAME_OVERHEAD, ChunkError, Reassembler, is_chunk_frame, make_chunks
-from mqttfl.codec import CodecError, Envelope, encode
+from mqttfl.wire.chunking import FRAME_OVERHEAD, ChunkError, Reassembler, is_chunk_frame, make_chunks
+from mqttfl.wire.codec import CodecError, Envelope, encode
 
 CHUNK = 1024
 

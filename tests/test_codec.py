@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mqttfl.codec import (
+from mqttfl.wire.codec import (
     DEFAULT_LIMITS,
     DTYPES,
     PROTOCOL_VERSION,
@@ -29,7 +29,7 @@ from mqttfl.codec import (
     encode_json,
     tensor_bytes,
 )
-from mqttfl.topics import BINARY_KINDS
+from mqttfl.wire.topics import BINARY_KINDS
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -195,7 +195,7 @@ def test_as_torch_gives_a_writable_tensor_without_warning() -> None:
 
 
 def test_importing_the_codec_does_not_import_torch() -> None:
-    code = "import sys, mqttfl.codec; sys.exit('torch' in sys.modules)"
+    code = "import sys, mqttfl.wire.codec; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mqttfl.compress import (
+from mqttfl.wire.compress import (
     CompressionError,
     TopK,
     decode,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mqttfl.config import ConfigError, load_config
-from mqttfl.testbed import write_toml
-from mqttfl.transport import Transport
+from mqttfl.runtime.config import ConfigError, load_config
+from mqttfl.tools.testbed import write_toml
+from mqttfl.runtime.transport import Transport
 from tests.helpers import agent_config, wait_for
 
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from mqttfl.broker import Broker, free_port
-from mqttfl.cli import main as cli_main
-from mqttfl.ctltool import parse_params
-from mqttfl.testbed import FleetSpec, write_toml
-from mqttfl.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
-from mqttfl.transport import Transport
+from mqttfl.tools.broker import Broker, free_port
+from mqttfl.tools.cli import main as cli_main
+from mqttfl.tools.ctl import parse_params
+from mqttfl.tools.testbed import FleetSpec, write_toml
+from mqttfl.tools.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
+from mqttfl.runtime.transport import Transport
 from tests.helpers import agent_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,7 +62,7 @@ def send_raw(tb: LocalFleet, node: str, payload: dict[str, Any], timeout: float 
 
 
 def ctl_cli(tb: LocalFleet, *argv: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "mqttfl.cli", "ctl", *argv, "--fleet", tb.spec.fleet,
+    cmd = [sys.executable, "-m", "mqttfl.tools.cli", "ctl", *argv, "--fleet", tb.spec.fleet,
            "--host", tb.broker.host, "--port", str(tb.broker.port)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -287,7 +287,7 @@ def test_ctl_refuses_credentials_in_clear_to_a_remote_host(
 def test_ctl_and_monitor_run_without_importing_torch(tb: LocalFleet) -> None:
     code = (
         "import sys\n"
-        "from mqttfl.cli import main\n"
+        "from mqttfl.tools.cli import main\n"
         f"rc = main(['ctl', 'cloud', 'ping', '--fleet', {tb.spec.fleet!r}, '--port', '{tb.broker.port}'])\n"
         f"rc2 = main(['monitor', '--once', '--json', '--interval', '0.2', '--fleet', {tb.spec.fleet!r},"
         f" '--port', '{tb.broker.port}'])\n"
@@ -301,7 +301,7 @@ def test_ctl_and_monitor_run_without_importing_torch(tb: LocalFleet) -> None:
 def test_ctl_cli_stops_on_ctrl_c_while_waiting(tb: LocalFleet) -> None:
     # A silent "ghost" node receives the command, so the test knows the tool is waiting for the reply.
     ghost = Transport(agent_config(tb.broker, tb.spec.fleet, "ghost")).start()
-    p = subprocess.Popen([sys.executable, "-m", "mqttfl.cli", "ctl", "ghost", "ping", "--timeout", "60",
+    p = subprocess.Popen([sys.executable, "-m", "mqttfl.tools.cli", "ctl", "ghost", "ping", "--timeout", "60",
                           "--fleet", tb.spec.fleet, "--port", str(tb.broker.port)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mqttfl.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
-from mqttfl.data import (
+from mqttfl.ml.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from mqttfl.ml.data import (
     BatchOrder,
     Dataset,
     label_histogram,
@@ -37,7 +37,7 @@ def digits_8() -> tuple[Dataset, Dataset]:
 
 
 def test_importing_data_pulls_in_neither_sklearn_nor_torch() -> None:
-    code = "import sys, mqttfl.data; print('sklearn' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, mqttfl.ml.data; print('sklearn' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

@@ -9,7 +9,7 @@ import sys
 
 def test_demo_trains_moves_a_device_and_prints_one_json_summary(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "mqttfl.cli", "demo", "--json", "--model", "cnn", "--rounds", "4",
+        [sys.executable, "-m", "mqttfl.tools.cli", "demo", "--json", "--model", "cnn", "--rounds", "4",
          "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=280,
     )

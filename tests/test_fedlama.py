@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqttfl.fedlama import FedLAMA, discrepancy
+from mqttfl.fl.fedlama import FedLAMA, discrepancy
 
 SHAPES = {"conv.weight": (4, 3), "conv.bias": (3,), "norm.weight": (3,), "fc.weight": (3, 2), "fc.bias": (2,)}
 

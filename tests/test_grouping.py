@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqttfl.grouping import (
+from mqttfl.fl.grouping import (
     DROPPED,
     ClientProfile,
     form_groups,

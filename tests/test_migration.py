@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mqttfl.data import load_digits
-from mqttfl.persist import load_state
-from mqttfl.testbed import FleetSpec, Testbed
-from mqttfl.transport import Inbound
+from mqttfl.ml.data import load_digits
+from mqttfl.runtime.persist import load_state
+from mqttfl.tools.testbed import FleetSpec, Testbed
+from mqttfl.runtime.transport import Inbound
 
 DATA = load_digits((64,))
 CLOUD = {"rounds": 1, "batch_size": 4, "epochs": 1, "deadline_s": 90.0, "run": "mig", "quorum": 1.0}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mqttfl.models import (
+from mqttfl.ml.models import (
     MODELS,
     Part,
     build_model,

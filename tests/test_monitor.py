@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from mqttfl.broker import Broker
-from mqttfl.monitor import FleetView
-from mqttfl.testbed import FleetSpec
-from mqttfl.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
-from mqttfl.topics import Topic
-from mqttfl.transport import Inbound
+from mqttfl.tools.broker import Broker
+from mqttfl.tools.monitor import FleetView
+from mqttfl.tools.testbed import FleetSpec
+from mqttfl.tools.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
+from mqttfl.wire.topics import Topic
+from mqttfl.runtime.transport import Inbound
 
 NOW = 1_800_000_000.0
 
@@ -177,7 +177,7 @@ def fleet_up(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def monitor_cmd(tb: LocalFleet, *argv: str) -> list[str]:
-    return [sys.executable, "-m", "mqttfl.cli", "monitor", "--fleet", tb.spec.fleet, "--host", tb.broker.host,
+    return [sys.executable, "-m", "mqttfl.tools.cli", "monitor", "--fleet", tb.spec.fleet, "--host", tb.broker.host,
             "--port", str(tb.broker.port), *argv]
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mqttfl.models import build_model, model_state
-from mqttfl.pipeline import (
+from mqttfl.ml.models import build_model, model_state
+from mqttfl.protocol.schedule import (
     Action,
     ScheduleError,
     format_grid,
@@ -21,7 +21,7 @@ from mqttfl.pipeline import (
     validate,
     warmup,
 )
-from mqttfl.split import LocalTrainer, make_optimizer
+from mqttfl.ml.stage import LocalTrainer, make_optimizer
 
 
 def test_warmup_is_twice_the_depth_minus_one_with_hops_and_the_depth_without() -> None:

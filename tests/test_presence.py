@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mqttfl.transport import Transport
+from mqttfl.runtime.transport import Transport
 from tests.helpers import agent_config, wait_for, write_toml
 
 

@@ -16,13 +16,13 @@ import pytest
 
 from cloud_agent.agent import CloudAgent
 from edge_agent.agent import EdgeAgent
-from mqttfl.codec import Envelope
-from mqttfl.config import load_config
-from mqttfl.models import build_model, model_state, split_model
-from mqttfl.outbox import Outbox
-from mqttfl.protocol import Plan, ProtocolError, clean_report
-from mqttfl.topics import Topic
-from mqttfl.transport import Inbound
+from mqttfl.wire.codec import Envelope
+from mqttfl.runtime.config import load_config
+from mqttfl.ml.models import build_model, model_state, split_model
+from mqttfl.runtime.outbox import Outbox
+from mqttfl.protocol.messages import Plan, ProtocolError, clean_report
+from mqttfl.wire.topics import Topic
+from mqttfl.runtime.transport import Inbound
 
 CUT = 2
 
@@ -97,7 +97,7 @@ def test_a_device_report_with_a_non_numeric_field_is_refused(edge):
 def _checkpoint_message(device: str, mid: str, src: str | None = None) -> Inbound:
     model = build_model("mlp", seed=0)
     _, part = split_model(model, CUT)
-    from mqttfl.checkpoint import EdgeCheckpoint
+    from mqttfl.protocol.checkpoint import EdgeCheckpoint
 
     ck = EdgeCheckpoint(device=device, migration=mid, plan=_plan(), cut=CUT, weights=part.state(), momentum={},
                         base=part.state(), expected=(3, 0), steps=3, loss_sum=1.0, seen=24, n_micro=1,
@@ -173,7 +173,7 @@ def test_a_direct_checkpoint_is_accepted_only_from_the_source_the_device_named(e
 
 def test_an_idle_move_overtaken_by_a_round_at_the_old_edge_keeps_its_path_and_step(tmp_path):
     from device_agent.agent import DeviceAgent
-    from mqttfl.data import load_digits, save_shard
+    from mqttfl.ml.data import load_digits, save_shard
 
     train, _ = load_digits((64,))
     save_shard(tmp_path / "shard.npz", train.subset(np.arange(40)))

@@ -6,11 +6,11 @@ import os
 import signal
 from pathlib import Path
 
-from mqttfl import testbed
-from mqttfl.aggregate import apply_delta, delta, weighted_average
-from mqttfl.broker import Broker
-from mqttfl.models import model_info
-from mqttfl.testbed import FleetSpec, make_shards
+from mqttfl.tools import testbed
+from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
+from mqttfl.tools.broker import Broker
+from mqttfl.ml.models import model_info
+from mqttfl.tools.testbed import FleetSpec, make_shards
 from tests.test_split_e2e import (
     TOL,
     cloud_state,

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mqttfl.models import build_model, model_info, model_state, split_model
-from mqttfl.split import (
+from mqttfl.ml.models import build_model, model_info, model_state, split_model
+from mqttfl.ml.stage import (
     DeviceStage,
     EdgeStage,
     LocalTrainer,

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from mqttfl import testbed
-from mqttfl.aggregate import apply_delta, delta, weighted_average
-from mqttfl.broker import Broker
-from mqttfl.data import BatchOrder, Dataset, load_digits
-from mqttfl.models import build_model, load_model_state, model_info, model_state
-from mqttfl.persist import load_state
-from mqttfl.protocol import data_seed
-from mqttfl.split import LocalTrainer, make_optimizer
-from mqttfl.testbed import FleetSpec, make_shards
+from mqttfl.tools import testbed
+from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
+from mqttfl.tools.broker import Broker
+from mqttfl.ml.data import BatchOrder, Dataset, load_digits
+from mqttfl.ml.models import build_model, load_model_state, model_info, model_state
+from mqttfl.runtime.persist import load_state
+from mqttfl.protocol.messages import data_seed
+from mqttfl.ml.stage import LocalTrainer, make_optimizer
+from mqttfl.tools.testbed import FleetSpec, make_shards
 
 TOL = 1e-5
 PLAN_DEFAULTS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "epochs": 1, "batch_size": 100,
@@ -134,7 +134,7 @@ def test_device_with_cut_at_the_end_trains_locally_like_local_trainer(tmp_path: 
 def test_split_bench_reports_every_figure(tmp_path: Path) -> None:
     """``mqttfl bench split --json`` at a tiny size: one JSON object with every figure the bench promises."""
     out = subprocess.run(
-        [sys.executable, "-m", "mqttfl.cli", "bench", "split", "--json", "--batches", "2", "--batch-size", "8",
+        [sys.executable, "-m", "mqttfl.tools.cli", "bench", "split", "--json", "--batches", "2", "--batch-size", "8",
          "--micro", "1,2", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=240,
     )

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqttfl.staleness import by_name, constant, hinge, polynomial
+from mqttfl.fl.staleness import by_name, constant, hinge, polynomial
 
 
 @pytest.mark.parametrize("make", [constant, polynomial, hinge])

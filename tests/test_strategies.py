@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mqttfl.staleness import constant, polynomial
-from mqttfl.strategies import (
+from mqttfl.fl.staleness import constant, polynomial
+from mqttfl.fl.strategies import (
     EcoFLHybrid,
     FedAsync,
     FedAT,

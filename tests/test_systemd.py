@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from mqttfl import sdnotify
-from mqttfl.sdnotify import Watchdog
+from mqttfl.runtime import sdnotify
+from mqttfl.runtime.sdnotify import Watchdog
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -114,7 +114,7 @@ def test_example_config_is_valid_toml_with_the_role_section(role: str) -> None:
 
 _CHILD = """
 import sys
-from mqttfl import sdnotify
+from mqttfl.runtime import sdnotify
 ok = sdnotify.ready("connected") and sdnotify.notify("WATCHDOG=1")
 sys.exit(0 if ok else 1)
 """

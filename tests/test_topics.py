@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqttfl import topics
-from mqttfl.topics import BINARY_KINDS, JSON_KINDS, KINDS, Topic, TopicError
+from mqttfl.wire import topics
+from mqttfl.wire.topics import BINARY_KINDS, JSON_KINDS, KINDS, Topic, TopicError
 
 ids = st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,63}", fullmatch=True)
 senders = ids.filter(lambda s: s != topics.BROADCAST)

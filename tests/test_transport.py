@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
-from mqttfl.codec import Envelope, encode
-from mqttfl.transport import Transport
+from mqttfl.wire.codec import Envelope, encode
+from mqttfl.runtime.transport import Transport
 from tests.helpers import agent_config, wait_for
 
 

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from mqttfl.config import load_config
-from mqttfl.outbox import Outbox
-from mqttfl.transport import Transport
+from mqttfl.runtime.config import load_config
+from mqttfl.runtime.outbox import Outbox
+from mqttfl.runtime.transport import Transport
 
 
 def main(argv: list[str] | None = None) -> int:

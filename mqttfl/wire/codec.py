@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from mqttfl.topics import BINARY_KINDS, TopicError, validate_id
+from mqttfl.wire.topics import BINARY_KINDS, TopicError, validate_id
 
 if TYPE_CHECKING:
     import torch

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mqttfl.data import Dataset
+from mqttfl.ml.data import Dataset
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "load_cifar10"]
 

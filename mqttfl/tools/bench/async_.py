@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mqttfl.bench.common import emit, fmt
+from mqttfl.tools.bench.common import emit, fmt
 
 DEVICES = {f"dev{i}": f"edge{(i - 1) // 2 + 1}" for i in range(1, 9)}
 SLOW = ("dev7", "dev8")
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(strategy: str, args: argparse.Namespace, fleet: str) -> Any:
-    from mqttfl.testbed import FleetSpec
+    from mqttfl.tools.testbed import FleetSpec
 
     cloud: dict[str, Any] = {"lr": 0.05, "batch_size": 32, "run": f"bench-{strategy}", "deadline_s": 300.0,
                              "epochs": args.epochs}
@@ -64,7 +64,7 @@ def _spec(strategy: str, args: argparse.Namespace, fleet: str) -> Any:
     else:
         cloud.update(mode="async", strategy=strategy, num_groups=3, max_versions=100_000, alpha=args.alpha,
                      group_deadline_s=60.0, fedbuff_k=3, regroup_every=10)
-    from mqttfl.models import model_info
+    from mqttfl.ml.models import model_info
 
     cut = 1 if args.split else model_info("cnn", (1, 8, 8)).n_blocks
     extra = {d: {"cut": cut, "step_delay_s": args.step_delay,
@@ -74,7 +74,7 @@ def _spec(strategy: str, args: argparse.Namespace, fleet: str) -> Any:
 
 
 def run_one(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from mqttfl.testbed import Testbed
+    from mqttfl.tools.testbed import Testbed
 
     curve: list[tuple[float, float]] = []
     t0: list[float] = []

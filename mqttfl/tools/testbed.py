@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mqttfl.broker import Broker, BrokerOptions
-from mqttfl.config import load_config
-from mqttfl.data import (
+from mqttfl.tools.broker import Broker, BrokerOptions
+from mqttfl.runtime.config import load_config
+from mqttfl.ml.data import (
     Dataset,
     load_digits,
     partition_dirichlet,
@@ -29,7 +29,7 @@ from mqttfl.data import (
     partition_imbalanced,
     save_shard,
 )
-from mqttfl.transport import Inbound, Transport
+from mqttfl.runtime.transport import Inbound, Transport
 
 ROLE_MODULE = {"cloud": "cloud_agent", "edge": "edge_agent", "device": "device_agent"}
 

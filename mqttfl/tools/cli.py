@@ -10,16 +10,16 @@ import time
 
 # subcommand -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
-    "broker": ("mqttfl.cli", "run a managed Mosquitto on a free loopback port until Ctrl-C"),
-    "demo": ("mqttfl.demo", "train on this machine: broker, cloud, 2 edges, 4 devices as processes"),
-    "ctl": ("mqttfl.ctltool", "send a control command to a node and print its reply"),
-    "monitor": ("mqttfl.monitor", "live view of every node of a fleet"),
+    "broker": ("mqttfl.tools.cli", "run a managed Mosquitto on a free loopback port until Ctrl-C"),
+    "demo": ("mqttfl.tools.demo", "train on this machine: broker, cloud, 2 edges, 4 devices as processes"),
+    "ctl": ("mqttfl.tools.ctl", "send a control command to a node and print its reply"),
+    "monitor": ("mqttfl.tools.monitor", "live view of every node of a fleet"),
 }
 BENCHES = {
-    "transport": ("mqttfl.bench.transport", "MQTT round trips, codec and chunked throughput"),
-    "split": ("mqttfl.bench.split", "monolithic vs split-over-MQTT training of the same batches"),
-    "migration": ("mqttfl.bench.migration", "FedFly migration pause and time saved vs restarting"),
-    "async": ("mqttfl.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
+    "transport": ("mqttfl.tools.bench.transport", "MQTT round trips, codec and chunked throughput"),
+    "split": ("mqttfl.tools.bench.split", "monolithic vs split-over-MQTT training of the same batches"),
+    "migration": ("mqttfl.tools.bench.migration", "FedFly migration pause and time saved vs restarting"),
+    "async": ("mqttfl.tools.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
 }
 
 
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mqttfl.broker import Broker, BrokerOptions
+    from mqttfl.tools.broker import Broker, BrokerOptions
 
     b = Broker(BrokerOptions(port=args.port, persistence=args.persistence))
     b.start()

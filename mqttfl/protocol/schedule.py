@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mqttfl.split import micro_batches
+from mqttfl.ml.stage import micro_batches
 
 Op = Literal["F", "B"]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from mqttfl.codec import Limits
-from mqttfl.topics import validate_id
+from mqttfl.wire.codec import Limits
+from mqttfl.wire.topics import validate_id
 
 # [limits] keys an operator may set (sizes in bytes or elements); the rest of Limits stays fixed.
 LIMIT_KEYS = ("max_message_bytes", "max_tensor_elements", "max_total_elements", "max_tensors", "max_json_bytes")

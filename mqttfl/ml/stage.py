@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mqttfl.models import Part
+from mqttfl.ml.models import Part
 
 
 @dataclass(frozen=True)

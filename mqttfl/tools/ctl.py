@@ -1,7 +1,7 @@
 """``mqttfl ctl NODE CMD [key=value ...]``: send one control command and print the node's reply.
 
 The command goes out as JSON ``{"id", "cmd", "args"}`` on ``mqttfl/v1/{fleet}/ctl/{as}/{NODE}``; the node
-answers on ``mqttfl/v1/{fleet}/reply/{NODE}/{as}`` with the same ``id`` (mqttfl.agent.Agent.on_ctl). With the
+answers on ``mqttfl/v1/{fleet}/reply/{NODE}/{as}`` with the same ``id`` (mqttfl.runtime.agent.Agent.on_ctl). With the
 production ACL the broker only lets a client publish with its own username as the sender level, so ``--as``
 defaults to the MQTT username when one is given.
 
@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from mqttfl.config import AgentConfig, ConfigError, apply_env, load_config, read_toml
-from mqttfl.topics import TopicError, filter_for, validate_id
-from mqttfl.transport import Transport, TransportError
+from mqttfl.runtime.config import AgentConfig, ConfigError, apply_env, load_config, read_toml
+from mqttfl.wire.topics import TopicError, filter_for, validate_id
+from mqttfl.runtime.transport import Transport, TransportError
 
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_NO_REPLY = 0, 1, 2, 3
 

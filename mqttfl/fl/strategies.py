@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from mqttfl.staleness import StalenessFn, polynomial
+from mqttfl.fl.staleness import StalenessFn, polynomial
 
 State = dict[str, np.ndarray]
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mqttfl.testbed import FleetSpec, Testbed
-from mqttfl.transport import Inbound
+from mqttfl.tools.testbed import FleetSpec, Testbed
+from mqttfl.runtime.transport import Inbound
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def _input_shape(model: str) -> tuple[int, ...]:
 
 
 def _load_data(spec: str, shape: tuple[int, ...]) -> Any:
-    from mqttfl.data import load_digits, synthetic_images
+    from mqttfl.ml.data import load_digits, synthetic_images
 
     if spec == "digits":
         return load_digits(shape)
@@ -47,7 +47,7 @@ def _load_data(spec: str, shape: tuple[int, ...]) -> Any:
         img = (shape[0], shape[1], shape[2])  # synthetic data are images
         return synthetic_images(2000, img, seed=1), synthetic_images(500, img, seed=2)
     if spec.startswith("cifar10:"):
-        from mqttfl.cifar import load_cifar10
+        from mqttfl.ml.cifar import load_cifar10
 
         return load_cifar10(spec.split(":", 1)[1])
     raise SystemExit(f"unknown --data {spec!r}")

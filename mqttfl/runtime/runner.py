@@ -8,9 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mqttfl.config import AgentConfig, ConfigError, load_config
-from mqttfl.log import setup_logging
-from mqttfl.transport import TransportError
+from mqttfl.runtime.config import AgentConfig, ConfigError, load_config
+from mqttfl.runtime.log import setup_logging
+from mqttfl.runtime.transport import TransportError
 
 
 def agent_main(role: str, factory: Callable[[AgentConfig], Any], argv: list[str] | None = None) -> int:

@@ -35,13 +35,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqttfl.chunking import ChunkError, Reassembler, is_chunk_frame, make_chunks
-from mqttfl.codec import CodecError, Envelope, Limits, decode, decode_json, encode, encode_json
-from mqttfl.config import AgentConfig
-from mqttfl.dedupe import RecentIds
-from mqttfl.outbox import Outbox
-from mqttfl.persist import atomic_write
-from mqttfl.topics import BROADCAST, JSON_KINDS, Topic, TopicError, inbox_filters, parse, topic
+from mqttfl.wire.chunking import ChunkError, Reassembler, is_chunk_frame, make_chunks
+from mqttfl.wire.codec import CodecError, Envelope, Limits, decode, decode_json, encode, encode_json
+from mqttfl.runtime.config import AgentConfig
+from mqttfl.wire.dedupe import RecentIds
+from mqttfl.runtime.outbox import Outbox
+from mqttfl.runtime.persist import atomic_write
+from mqttfl.wire.topics import BROADCAST, JSON_KINDS, Topic, TopicError, inbox_filters, parse, topic
 
 
 class TransportError(RuntimeError):

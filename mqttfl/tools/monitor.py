@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mqttfl.config import ConfigError
-from mqttfl.topics import TopicError, filter_for
-from mqttfl.transport import Inbound, TransportError
+from mqttfl.runtime.config import ConfigError
+from mqttfl.wire.topics import TopicError, filter_for
+from mqttfl.runtime.transport import Inbound, TransportError
 
 ROLE_ORDER = {"cloud": 0, "edge": 1, "device": 2}
 # Event fields that identify the event rather than describe it.
@@ -230,7 +230,7 @@ def _throughput(r: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mqttfl.ctltool import add_connection_arguments
+    from mqttfl.tools.ctl import add_connection_arguments
 
     p.description = "Live view of every node of a fleet: presence, rounds, accuracy, throughput, drops, events."
     add_connection_arguments(p, default_as="monitor")
@@ -243,7 +243,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mqttfl.ctltool import EXIT_NO_REPLY, EXIT_OK, EXIT_USAGE, ToolTransport, tool_config
+    from mqttfl.tools.ctl import EXIT_NO_REPLY, EXIT_OK, EXIT_USAGE, ToolTransport, tool_config
 
     try:
         if args.interval <= 0 or args.timeout <= 0:

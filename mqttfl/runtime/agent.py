@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mqttfl import sdnotify
-from mqttfl.config import AgentConfig
-from mqttfl.log import get_logger
-from mqttfl.outbox import Outbox
-from mqttfl.transport import Inbound, Transport
+from mqttfl.runtime import sdnotify
+from mqttfl.runtime.config import AgentConfig
+from mqttfl.runtime.log import get_logger
+from mqttfl.runtime.outbox import Outbox
+from mqttfl.runtime.transport import Inbound, Transport
 
 CommandHandler = Callable[[Inbound, dict[str, Any]], Any]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgpack
 
-from mqttfl.persist import atomic_write
+from mqttfl.runtime.persist import atomic_write
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mqttfl.protocol import Plan, ProtocolError
+from mqttfl.protocol.messages import Plan, ProtocolError
 
 CHECKPOINT_FORMAT = 1
 _GROUPS = ("w", "m", "b")  # weights (+ float buffers), momentum, base

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-from mqttfl.codec import PROTOCOL_VERSION, CodecError
+from mqttfl.wire.codec import PROTOCOL_VERSION, CodecError
 
 TID_BYTES = 16
 SHA256_BYTES = 32
