@@ -8,9 +8,9 @@ from mqttfl.runtime.runner import agent_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cloud_agent.agent import CloudAgent
+    from cloud_agent.agent import build
 
-    return agent_main("cloud", CloudAgent, argv)
+    return agent_main("cloud", build, argv)
 
 
 if __name__ == "__main__":

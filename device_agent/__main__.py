@@ -8,9 +8,9 @@ from mqttfl.runtime.runner import agent_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    from device_agent.agent import DeviceAgent
+    from device_agent.agent import build
 
-    return agent_main("device", DeviceAgent, argv)
+    return agent_main("device", build, argv)
 
 
 if __name__ == "__main__":

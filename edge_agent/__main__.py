@@ -8,9 +8,9 @@ from mqttfl.runtime.runner import agent_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge_agent.agent import EdgeAgent
+    from edge_agent.agent import build
 
-    return agent_main("edge", EdgeAgent, argv)
+    return agent_main("edge", build, argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.broker import Broker
 from mqttfl.runtime.config import AgentConfig, load_config
+from mqttfl.tools.broker import Broker
 from mqttfl.tools.testbed import write_toml  # noqa: F401  (re-exported for tests)
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from mqttfl.runtime.transport import Transport
 from mqttfl.tools.broker import Broker
 from mqttfl.tools.testbed import write_toml
-from mqttfl.runtime.transport import Transport
 from tests.helpers import agent_config
 
 pytestmark = pytest.mark.timeout(120)

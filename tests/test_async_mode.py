@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mqttfl.tools.broker import Broker
 from mqttfl.runtime.persist import load_state
-from mqttfl.tools.testbed import FleetSpec, Testbed
 from mqttfl.runtime.transport import Inbound
+from mqttfl.tools.broker import Broker
+from mqttfl.tools.testbed import FleetSpec, Testbed
 
 _fleet_ids = itertools.count()
 GROUP_DEADLINE_S = 8.0

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mqttfl.protocol.checkpoint import CHECKPOINT_FORMAT, CheckpointError, EdgeCheckpoint, digest, from_message
-from mqttfl.wire.codec import Envelope, decode, encode
 from mqttfl.ml.models import build_model, split_model
-from mqttfl.protocol.messages import Plan
 from mqttfl.ml.stage import EdgeStage, make_optimizer
+from mqttfl.protocol.checkpoint import CHECKPOINT_FORMAT, CheckpointError, EdgeCheckpoint, digest, from_message
+from mqttfl.protocol.messages import Plan
+from mqttfl.wire.codec import Envelope, decode, encode
 
 CUT = 2
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mqttfl.runtime.config import ConfigError, load_config
-from mqttfl.tools.testbed import write_toml
 from mqttfl.runtime.transport import Transport
+from mqttfl.tools.testbed import write_toml
 from tests.helpers import agent_config, wait_for
 
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
+from mqttfl.runtime.transport import Transport
 from mqttfl.tools.broker import Broker, free_port
 from mqttfl.tools.cli import main as cli_main
 from mqttfl.tools.ctl import parse_params
 from mqttfl.tools.testbed import FleetSpec, write_toml
 from mqttfl.tools.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
-from mqttfl.runtime.transport import Transport
 from tests.helpers import agent_config
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,17 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from mqttfl.tools import testbed
-from mqttfl.tools.broker import Broker
-from mqttfl.runtime.config import load_config
 from mqttfl.ml.data import BatchOrder, load_shard
 from mqttfl.ml.models import build_model, model_info, split_model
-from mqttfl.runtime.outbox import Outbox
-from mqttfl.protocol.messages import Plan, data_seed
 from mqttfl.ml.stage import DeviceStage, make_optimizer
+from mqttfl.protocol.messages import Plan, data_seed
+from mqttfl.runtime.config import load_config
+from mqttfl.runtime.outbox import Outbox
+from mqttfl.runtime.transport import Inbound, Transport
+from mqttfl.tools import testbed
+from mqttfl.tools.broker import Broker
 from mqttfl.tools.testbed import FleetSpec
 from mqttfl.wire.topics import filter_for
-from mqttfl.runtime.transport import Inbound, Transport
 from tests.helpers import wait_for
 from tests.tcp_proxy import TcpProxy
 from tests.test_split_e2e import TOL, cloud_state, digits, max_abs_diff, reference_global

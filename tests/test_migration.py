@@ -15,8 +15,8 @@ import pytest
 
 from mqttfl.ml.data import load_digits
 from mqttfl.runtime.persist import load_state
-from mqttfl.tools.testbed import FleetSpec, Testbed
 from mqttfl.runtime.transport import Inbound
+from mqttfl.tools.testbed import FleetSpec, Testbed
 
 DATA = load_digits((64,))
 CLOUD = {"rounds": 1, "batch_size": 4, "epochs": 1, "deadline_s": 90.0, "run": "mig", "quorum": 1.0}

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
+from mqttfl.runtime.transport import Inbound
 from mqttfl.tools.broker import Broker
 from mqttfl.tools.monitor import FleetView
 from mqttfl.tools.testbed import FleetSpec
 from mqttfl.tools.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
 from mqttfl.wire.topics import Topic
-from mqttfl.runtime.transport import Inbound
 
 NOW = 1_800_000_000.0
 

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.broker import Broker, BrokerOptions
-from mqttfl.wire.codec import Envelope, encode
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.transport import Inbound, Transport
+from mqttfl.tools.broker import Broker, BrokerOptions
+from mqttfl.wire.codec import Envelope, encode
 from tests.helpers import agent_config, wait_for
 
 

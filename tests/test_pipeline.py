@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mqttfl.ml.models import build_model, model_state
+from mqttfl.ml.stage import LocalTrainer, make_optimizer
 from mqttfl.protocol.schedule import (
     Action,
     ScheduleError,
@@ -21,7 +22,6 @@ from mqttfl.protocol.schedule import (
     validate,
     warmup,
 )
-from mqttfl.ml.stage import LocalTrainer, make_optimizer
 
 
 def test_warmup_is_twice_the_depth_minus_one_with_hops_and_the_depth_without() -> None:

@@ -16,13 +16,13 @@ import pytest
 
 from cloud_agent.agent import CloudAgent
 from edge_agent.agent import EdgeAgent
-from mqttfl.wire.codec import Envelope
-from mqttfl.runtime.config import load_config
 from mqttfl.ml.models import build_model, model_state, split_model
-from mqttfl.runtime.outbox import Outbox
 from mqttfl.protocol.messages import Plan, ProtocolError, clean_report
-from mqttfl.wire.topics import Topic
+from mqttfl.runtime.config import load_config
+from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.transport import Inbound
+from mqttfl.wire.codec import Envelope
+from mqttfl.wire.topics import Topic
 
 CUT = 2
 

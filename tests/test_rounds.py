@@ -6,10 +6,10 @@ import os
 import signal
 from pathlib import Path
 
-from mqttfl.tools import testbed
 from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
-from mqttfl.tools.broker import Broker
 from mqttfl.ml.models import model_info
+from mqttfl.tools import testbed
+from mqttfl.tools.broker import Broker
 from mqttfl.tools.testbed import FleetSpec, make_shards
 from tests.test_split_e2e import (
     TOL,

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from mqttfl.tools import testbed
 from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
-from mqttfl.tools.broker import Broker
 from mqttfl.ml.data import BatchOrder, Dataset, load_digits
 from mqttfl.ml.models import build_model, load_model_state, model_info, model_state
-from mqttfl.runtime.persist import load_state
-from mqttfl.protocol.messages import data_seed
 from mqttfl.ml.stage import LocalTrainer, make_optimizer
+from mqttfl.protocol.messages import data_seed
+from mqttfl.runtime.persist import load_state
+from mqttfl.tools import testbed
+from mqttfl.tools.broker import Broker
 from mqttfl.tools.testbed import FleetSpec, make_shards
 
 TOL = 1e-5

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
-from mqttfl.wire.codec import Envelope, encode
 from mqttfl.runtime.transport import Transport
+from mqttfl.wire.codec import Envelope, encode
 from tests.helpers import agent_config, wait_for
 
 

@@ -12,15 +12,18 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
+from typing import Protocol
 
 import numpy as np
 
 __all__ = [
     "BatchOrder",
+    "DataSource",
     "Dataset",
     "label_histogram",
     "load_digits",
     "load_shard",
+    "open_source",
     "partition_dirichlet",
     "partition_iid",
     "partition_imbalanced",
@@ -28,6 +31,21 @@ __all__ = [
     "save_shard",
     "synthetic_images",
 ]
+
+
+class DataSource(Protocol):
+    """What a device reads its training batches through (docs/data.md): a sized, indexable set of
+    (input, label) rows. Today's implementation is an in-memory :class:`Dataset` read from an ``.npz`` shard."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``idx`` as (float32 inputs, int64 labels), in that order."""
+        ...
+
+    def labels(self) -> np.ndarray:
+        """Every row's label (for the label histogram a device may share)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,12 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.x[idx], self.y[idx]
+
+    def labels(self) -> np.ndarray:
+        return self.y
 
     def subset(self, idx: np.ndarray | Sequence[int]) -> Dataset:
         idx = np.asarray(idx, dtype=np.int64)
@@ -239,9 +263,11 @@ def partition_imbalanced(
     return parts
 
 
-def label_histogram(y: np.ndarray, num_classes: int) -> np.ndarray:
-    """Count of each label 0..num_classes-1 (int64)."""
+def label_histogram(y: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    """Count of each label 0..num_classes-1 (int64); by default up to the largest label present."""
     y = np.asarray(y)
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if y.size else 0
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
     return np.bincount(y.astype(np.int64), minlength=num_classes).astype(np.int64)
@@ -275,6 +301,11 @@ def load_shard(path: str | PathLike[str]) -> Dataset:
     if y.size and y.min() < 0:
         raise ValueError(f"shard {path} has negative labels")
     return Dataset(x, y)
+
+
+def open_source(path: str | PathLike[str]) -> DataSource:
+    """The data source a device trains from, by path (an ``.npz`` shard today)."""
+    return load_shard(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,13 +16,19 @@ left out rather than averaged.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.metadata
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from mqttfl.protocol.schema import ModelRef, ModelSchema, TensorSpec
 
 Builder = Callable[[tuple[int, ...], int], nn.Sequential]
 
@@ -34,15 +40,6 @@ class ModelSpec:
     build: Builder
     input_shape: tuple[int, ...]
     default_cut: int
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    default_cut: int
-    n_blocks: int
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -105,13 +102,43 @@ MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(_cnn, (1, 28, 28), default_cut=1),
     "mlp": ModelSpec(_mlp, (64,), default_cut=2),
 }
+ENTRY_POINTS = "mqttfl.models"  # a package may register models under this entry-point group
+
+
+def _user_spec(ref: str) -> ModelSpec:
+    """A user's model: ``package.module:function`` or an entry point of :data:`ENTRY_POINTS`.
+
+    The function takes ``(input_shape, num_classes)`` and returns the model's blocks (an ``nn.Sequential``
+    or a list of modules); an optional ``default_cut`` attribute on it names its usual split point."""
+    fn: Any = None
+    if ":" in ref:
+        module, _, attr = ref.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"model {ref!r}: cannot load {attr!r} from {module!r}: {e}") from None
+    else:
+        found = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINTS) if ep.name == ref]
+        if not found:
+            known = sorted({*MODELS, *(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINTS))})
+            raise ValueError(f"unknown model {ref!r}; known: {', '.join(known)} (or module:function)")
+        fn = found[0].load()
+    if not callable(fn):
+        raise ValueError(f"model {ref!r} is not callable")
+
+    def build(shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+        blocks = fn(tuple(shape), num_classes)
+        model = blocks if isinstance(blocks, nn.Sequential) else nn.Sequential(*blocks)
+        if len(model) < 2:
+            raise ValueError(f"model {ref!r} has {len(model)} block(s); a split needs at least 2")
+        return model
+
+    return ModelSpec(build, (), default_cut=int(getattr(fn, "default_cut", 1)))
 
 
 def _spec(name: str) -> ModelSpec:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+    spec = MODELS.get(name)
+    return spec if spec is not None else _user_spec(name)
 
 
 def build_model(
@@ -121,13 +148,15 @@ def build_model(
     input_shape: tuple[int, ...] | None = None,
     seed: int | None = None,
 ) -> nn.Sequential:
-    """Build a registered model; with ``seed`` the initial weights are a function of the seed alone.
+    """Build a model by name or reference; with ``seed`` the initial weights are a function of the seed alone.
 
     The seeded init runs inside a forked RNG so it neither depends on nor disturbs the caller's global
     torch RNG (a device that builds a model mid-run must not shift its data shuffling).
     """
     spec = _spec(name)
     shape = tuple(input_shape) if input_shape is not None else spec.input_shape
+    if not shape:
+        raise ValueError(f"model {name!r} needs an input_shape")
     if seed is None:
         return spec.build(shape, num_classes)
     with torch.random.fork_rng(devices=[]):
@@ -135,13 +164,32 @@ def build_model(
         return spec.build(shape, num_classes)
 
 
-def model_info(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int = 10) -> ModelInfo:
-    spec = _spec(name)
-    shape = tuple(input_shape) if input_shape is not None else spec.input_shape
-    # Built on the meta device: only the block count is wanted, not the weights or their init cost.
+@functools.lru_cache(maxsize=32)
+def schema_of(ref: ModelRef) -> ModelSchema:
+    """The pure description of a model that the protocol machines check states and activations against.
+
+    Built on the meta device: shapes without weights or their init cost."""
+    spec = _spec(ref.model)
     with torch.device("meta"):
-        n_blocks = len(spec.build(shape, num_classes))
-    return ModelInfo(name, shape, num_classes, spec.default_cut, n_blocks)
+        model = spec.build(tuple(ref.input_shape), ref.num_classes)
+        blocks = []
+        for i, block in enumerate(model):
+            trainable = {k for k, _ in block.named_parameters(prefix=str(i))}
+            blocks.append(tuple(TensorSpec(k, tuple(t.shape), "float32", k in trainable)
+                                for k, t in _float_tensors(block, f"{i}.")))
+        x = torch.zeros((1, *ref.input_shape))
+        boundaries = [tuple(ref.input_shape)]
+        model.eval()
+        with torch.no_grad():
+            for block in model:
+                x = block(x)
+                boundaries.append(tuple(x.shape[1:]))
+    return ModelSchema(ref, tuple(blocks), tuple(boundaries), default_cut=min(spec.default_cut, len(model) - 1))
+
+
+def initial_state(ref: ModelRef, seed: int) -> dict[str, np.ndarray]:
+    """The seeded initial weights of a run's global model."""
+    return model_state(build_model(ref.model, num_classes=ref.num_classes, input_shape=ref.input_shape, seed=seed))
 
 
 def _float_tensors(module: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,146 +1,553 @@
-"""The split-FL round protocol: message bodies shared by cloud, edges and devices (no I/O here).
+"""Typed message bodies: every field from the wire is checked here, once, before a machine sees it.
 
-Round r, synchronous (SplitFed V1, DESIGN §5):
+A binary message (``mqttfl.wire.codec``) has a header (kind, src, dst, run, round, ts) and a body map plus
+tensors. :func:`parse` turns a decoded envelope into one of the dataclasses below, or raises
+:class:`ProtocolError` naming the first bad field; :meth:`Message.to_wire` is the inverse. Machines
+construct and match these classes and never read a raw body. Tensors arrive already decoded to float32 by
+the tensor encoding of their kind (``mqttfl.wire.encoding``).
 
-    cloud --model(plan, full global state)--> edge          one per edge with participants
-    edge  --model(plan, cut, device part)---> device        edges forward the device-side layers
-    device --act(step, micro, smashed, y)---> edge          1F1B: up to min(M, 3) micro-batches in flight
-    edge  --grad(step, micro, dA)-----------> device        cached: a re-sent act gets the same grad back
-    device --delta(device part - global)----> edge          reliable (outbox + application ack)
-    edge  --delta(sample-weighted mean of its devices' full-model deltas)--> cloud   reliable
-    cloud: FedAvg over edges weighted by samples == flat FedAvg over devices; evaluate; persist; next round
+The round protocol, synchronous (SplitFed V1; docs/design.md, "Round")::
 
-A device whose cut equals the number of blocks trains locally (classic FL) and sends only its delta.
+    cloud  --model/round (plan, devices+cuts, global state)--> edge
+    edge   --model/train (plan, cut, device-side state)-----> device
+    device --act (step, micro, smashed, labels)-------------> edge      1F1B, several micro-batches in flight
+    edge   --grad (step, micro, gradient at the cut)--------> device    cached: a re-sent act is answered again
+    device --delta/device (report, device part - global)----> edge      reliable (outbox + application ack)
+    edge   --delta/edge (reports, sample-weighted mean)-----> cloud     reliable
+
+Migration (FedFly) travels on ``ckpt`` with the operations of :class:`CkptOp` (docs/design.md, "Migration").
 """
 
 from __future__ import annotations
 
-import zlib
+import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any, ClassVar
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from mqttfl.protocol.errors import ProtocolError
+from mqttfl.protocol.plan import Plan
+from mqttfl.wire.topics import TopicError, validate_id
+
+State = dict[str, np.ndarray]
 
 
-class ProtocolError(ValueError):
-    """A message that is well-formed on the wire but wrong for the protocol (round, shape, sender)."""
+class CkptOp(StrEnum):
+    EXPECT = "expect"  # device -> destination: accept a checkpoint for me from this source only
+    FREEZE = "freeze"  # device -> source: checkpoint my session and send it
+    FROZEN = "frozen"  # source -> device: frozen, the checkpoint is on its way (direct path)
+    TRANSFER = "transfer"  # source -> destination (direct) or source -> device -> destination (relay)
+    READY = "ready"  # destination -> device: installed, resume here
+    RELEASE = "release"  # device -> source: the destination has me, forget the frozen session
+    ABORT = "abort"  # device -> source (resume here) and destination (forget what you installed)
+    LEAVE = "leave"  # device -> source: I restart the round elsewhere without my state
+    REFUSED = "refused"  # source or destination -> device
+    NOTHING = "nothing"  # source -> device: I hold no state of yours
+    RESTART = "restart"  # device -> cloud: my source is gone; restart my round at this edge
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+
+class MovePath(StrEnum):
+    DIRECT = "direct"  # edge to edge through the broker
+    RELAY = "relay"  # through the device, for edges that may not talk to each other
+    RESTART = "restart"  # no state moves: the round starts over at the destination (FedFly's baseline)
+
+
+# ------------------------------------------------------------------------------------------------ field checks
+
+
+def _get(body: Mapping[str, Any], name: str, default: Any = ...) -> Any:
+    if name not in body:
+        if default is ...:
+            raise ProtocolError("bad_field", f"missing field {name!r}")
+        return default
+    return body[name]
+
+
+def int_field(body: Mapping[str, Any], name: str, default: Any = ..., *, low: int = 0) -> int:
+    v = _get(body, name, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ProtocolError("bad_field", f"field {name!r} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def float_field(body: Mapping[str, Any], name: str, default: Any = ..., *, low: float = 0.0) -> float:
+    v = _get(body, name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+        raise ProtocolError("bad_field", f"field {name!r} must be a finite number >= {low}, got {v!r}")
+    return float(v)
+
+
+def str_field(body: Mapping[str, Any], name: str, default: Any = ..., *, max_len: int = 300) -> str:
+    v = _get(body, name, default)
+    if not isinstance(v, str) or len(v) > max_len:
+        raise ProtocolError("bad_field", f"field {name!r} must be a string of at most {max_len} characters")
+    return v
+
+
+def id_field(body: Mapping[str, Any], name: str, default: Any = ...) -> str:
+    v = _get(body, name, default)
+    try:
+        return validate_id(v)
+    except TopicError as e:
+        raise ProtocolError("bad_field", f"field {name!r}: {e}") from None
+
+
+def enum_field(body: Mapping[str, Any], name: str, enum: type[StrEnum], default: Any = ...) -> Any:
+    v = _get(body, name, default)
+    try:
+        return enum(v)
+    except ValueError:
+        raise ProtocolError("bad_field", f"field {name!r} must be one of {[e.value for e in enum]}") from None
+
+
+def tensor(tensors: Mapping[str, Any], name: str) -> np.ndarray:
+    v = tensors.get(name)
+    if not isinstance(v, np.ndarray):
+        raise ProtocolError("bad_field", f"missing tensor {name!r}")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ messages
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """A protocol message. ``run`` and ``round`` travel in the envelope header, the rest in body/tensors."""
+
+    kind: ClassVar[str]
+    op: ClassVar[str]
+    run: str = ""
+    round: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {}
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def to_wire(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"op": self.op, **self.body()}, self.tensors()
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Message:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Everything a participant needs to train one round; travels in every ``model`` message."""
+class RoundTag:
+    """Echoed by an edge with its delta, so a late delta of an asynchronous group round can be placed."""
 
-    run: str
-    round: int
-    attempt: int = 0
-    model: str = "vgg5"
-    input_shape: tuple[int, ...] = (3, 32, 32)
-    num_classes: int = 10
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 1
-    batch_size: int = 100
-    micro_batches: int = 1
-    deadline_s: float = 120.0
-    seed: int = 0
+    group: int
+    version: int
+    base: int
+    kind: str  # profile | group | probe
 
     def to_body(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["input_shape"] = list(self.input_shape)
-        return d
+        return {"group": self.group, "version": self.version, "base": self.base, "kind": self.kind}
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Plan:
-        names = {f.name for f in fields(cls)}
-        try:
-            kw = {k: v for k, v in body.items() if k in names}
-            kw["input_shape"] = tuple(int(v) for v in kw.get("input_shape", (3, 32, 32)))
-            plan = cls(**kw)
-        except (TypeError, ValueError) as e:
-            raise ProtocolError("bad_plan", f"bad plan: {e}") from e
-        if plan.batch_size < 1 or plan.micro_batches < 1 or plan.epochs < 0 or not plan.lr > 0:
-            raise ProtocolError("bad_plan", f"bad plan values: {plan}")
-        return plan
+    def from_body(cls, body: Any) -> RoundTag | None:
+        if body is None or body == {}:
+            return None
+        if not isinstance(body, Mapping):
+            raise ProtocolError("bad_field", "round tag must be a map")
+        return cls(int_field(body, "group", low=-1), int_field(body, "version"), int_field(body, "base"),
+                   str_field(body, "kind", max_len=16))
 
-    def with_(self, **kw: Any) -> Plan:
-        return replace(self, **kw)
+
+@dataclass(frozen=True, kw_only=True)
+class OpenRound(Message):
+    """cloud -> edge: a round with these devices (and their cuts) from this global model."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "round"
+    plan: Plan
+    cuts: dict[str, int]
+    state: State
+    tag: RoundTag | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_body(), "devices": {d: {"cut": c} for d, c in self.cuts.items()},
+                "tag": self.tag.to_body() if self.tag else None}
+
+    def tensors(self) -> State:
+        return dict(self.state)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> OpenRound:
+        plan = Plan.from_body(_get(body, "plan"))
+        devices = _get(body, "devices")
+        if not isinstance(devices, Mapping):
+            raise ProtocolError("bad_field", "devices must be a map")
+        cuts = {}
+        for d, c in devices.items():
+            validated = id_field({"d": d}, "d")
+            cuts[validated] = int_field(c if isinstance(c, Mapping) else {}, "cut", low=1)
+        return cls(run=run, round=round, plan=plan, cuts=cuts, state=dict(tensors),
+                   tag=RoundTag.from_body(body.get("tag")))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRound(Message):
+    """edge -> device: train this round from these device-side weights (all weights when cut = end)."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "train"
+    plan: Plan
+    cut: int
+    edge: str
+    state: State
+
+    def body(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_body(), "cut": self.cut, "edge": self.edge}
+
+    def tensors(self) -> State:
+        return dict(self.state)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> TrainRound:
+        return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")), cut=int_field(body, "cut", low=1),
+                   edge=id_field(body, "edge"), state=dict(tensors))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Activations(Message):
+    """device -> edge: the smashed activations and labels of one micro-batch."""
+
+    kind: ClassVar[str] = "act"
+    op: ClassVar[str] = "micro"
+    step: int
+    micro: int
+    n_micro: int
+    batch_size: int
+    attempt: int
+    x: np.ndarray
+    y: np.ndarray
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.run, self.round, self.attempt)
+    def key(self) -> tuple[int, int]:
+        return (self.step, self.micro)
+
+    def body(self) -> dict[str, Any]:
+        return {"step": self.step, "micro": self.micro, "n_micro": self.n_micro, "batch_size": self.batch_size,
+                "attempt": self.attempt}
+
+    def tensors(self) -> State:
+        return {"x": self.x, "y": self.y}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Activations:
+        step, micro = int_field(body, "step"), int_field(body, "micro")
+        n_micro, batch_size = int_field(body, "n_micro", low=1), int_field(body, "batch_size", low=1)
+        if not micro < n_micro <= batch_size:
+            raise ProtocolError("bad_field", f"micro {micro}/{n_micro} of a batch of {batch_size}")
+        return cls(run=run, round=round, step=step, micro=micro, n_micro=n_micro, batch_size=batch_size,
+                   attempt=int_field(body, "attempt"), x=tensor(tensors, "x"), y=tensor(tensors, "y"))
 
 
-def data_seed(plan_seed: int, node: str) -> int:
-    """Per-device shuffling seed: stable across processes (unlike hash()) so runs are reproducible."""
-    return (plan_seed * 1_000_003 + zlib.crc32(node.encode())) % (2**32)
+@dataclass(frozen=True, kw_only=True)
+class Gradients(Message):
+    """edge -> device: the gradient at the cut for one micro-batch, with its loss and correct count."""
+
+    kind: ClassVar[str] = "grad"
+    op: ClassVar[str] = "micro"
+    step: int
+    micro: int
+    loss_sum: float
+    correct: int
+    g: np.ndarray
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.step, self.micro)
+
+    def body(self) -> dict[str, Any]:
+        return {"step": self.step, "micro": self.micro, "loss_sum": self.loss_sum, "correct": self.correct}
+
+    def tensors(self) -> State:
+        return {"g": self.g}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Gradients:
+        return cls(run=run, round=round, step=int_field(body, "step"), micro=int_field(body, "micro"),
+                   loss_sum=float_field(body, "loss_sum"), correct=int_field(body, "correct"),
+                   g=tensor(tensors, "g"))
 
 
-def prefixed(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {prefix + k: v for k, v in state.items()}
+@dataclass(frozen=True)
+class Report:
+    """What a device reports with its delta (per-device system costs of the heterogeneous-IoT cost model).
+
+    ``samples`` weighs the device in FedAvg; times are seconds, bytes count whole messages."""
+
+    samples: int
+    attempt: int = 0
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    cut: int = 0
+    t_local: float = 0.0
+    t_download: float = 0.0
+    t_total: float = 0.0
+    t_upload: float = 0.0  # filled in by the edge, from the delta's sender timestamp
+    edge_steps: int = 0  # filled in by the edge
+    bytes_up: int = 0
+    bytes_down: int = 0
+    peak_rss_mb: float = 0.0
+    resends: int = 0
+
+    def to_body(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_body(cls, body: Any) -> Report:
+        if not isinstance(body, Mapping):
+            raise ProtocolError("bad_field", "report must be a map")
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in body:
+                kw[f.name] = (int_field if f.type == "int" else float_field)(body, f.name)
+        if "samples" not in kw:
+            raise ProtocolError("bad_field", "report lacks 'samples'")
+        return cls(**kw)
 
 
-def unprefixed(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+@dataclass(frozen=True, kw_only=True)
+class DeviceUpdate(Message):
+    """device -> edge: the device part's delta against the round's global model, and the device's report."""
+
+    kind: ClassVar[str] = "delta"
+    op: ClassVar[str] = "device"
+    report: Report
+    delta: State
+
+    def body(self) -> dict[str, Any]:
+        return {"report": self.report.to_body()}
+
+    def tensors(self) -> State:
+        return dict(self.delta)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> DeviceUpdate:
+        return cls(run=run, round=round, report=Report.from_body(_get(body, "report")), delta=dict(tensors))
 
 
-def check_state(state: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], what: str) -> None:
-    """Same keys, shapes and float dtype as the reference — a wrong model never touches ours."""
-    if set(state) != set(expected):
-        missing = sorted(set(expected) - set(state))[:3]
-        extra = sorted(set(state) - set(expected))[:3]
-        raise ProtocolError("bad_shape", f"{what}: keys differ (missing {missing}, unexpected {extra})")
-    for k, ref in expected.items():
-        v = state[k]
-        if v.shape != ref.shape:
-            raise ProtocolError("bad_shape", f"{what}: {k} has shape {v.shape}, expected {ref.shape}")
-        if v.dtype.kind != "f":
-            raise ProtocolError("bad_dtype", f"{what}: {k} has dtype {v.dtype}, expected float")
-        if not np.isfinite(v).all():
-            raise ProtocolError("non_finite", f"{what}: {k} has NaN/Inf")
+@dataclass(frozen=True, kw_only=True)
+class EdgeUpdate(Message):
+    """edge -> cloud: the sample-weighted mean of its devices' full-model deltas (empty when none finished)."""
+
+    kind: ClassVar[str] = "delta"
+    op: ClassVar[str] = "edge"
+    attempt: int
+    reports: dict[str, Report]
+    missing: tuple[str, ...]
+    delta: State
+    edge_time_s: float = 0.0
+    tag: RoundTag | None = None
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.reports.values())
+
+    def body(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "devices": {d: r.to_body() for d, r in self.reports.items()},
+                "missing": list(self.missing), "edge_time_s": self.edge_time_s,
+                "tag": self.tag.to_body() if self.tag else None}
+
+    def tensors(self) -> State:
+        return dict(self.delta)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> EdgeUpdate:
+        devices = _get(body, "devices")
+        missing = _get(body, "missing", [])
+        if not isinstance(devices, Mapping) or not isinstance(missing, list):
+            raise ProtocolError("bad_field", "devices must be a map and missing a list")
+        reports = {id_field({"d": d}, "d"): Report.from_body(r) for d, r in devices.items()}
+        return cls(run=run, round=round, attempt=int_field(body, "attempt"), reports=reports,
+                   missing=tuple(id_field({"d": d}, "d") for d in missing), delta=dict(tensors),
+                   edge_time_s=float_field(body, "edge_time_s", 0.0), tag=RoundTag.from_body(body.get("tag")))
 
 
-# What a device may report with its delta, and the type each field must have. The edge forwards only
-# these, converted, so a malformed report can never reach the cloud's aggregation or metrics.
-REPORT_FIELDS: dict[str, type] = {
-    "samples": int, "steps": int, "loss_sum": float, "correct": int, "seen": int, "cut": int, "attempt": int,
-    "t_local": float, "t_download": float, "t_total": float, "bytes_up": int, "bytes_down": int,
-    "peak_rss_mb": float, "resends": int,
+# ------------------------------------------------------------------------------------------------ migration
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ckpt(Message):
+    """A migration message; ``migration`` ties the messages of one move together."""
+
+    kind: ClassVar[str] = "ckpt"
+    migration: str
+
+    def body(self) -> dict[str, Any]:
+        return {"migration": self.migration}
+
+    @classmethod
+    def _mid(cls, body: Mapping[str, Any]) -> str:
+        return str_field(body, "migration", max_len=64)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Ckpt:
+        return cls(run=run, round=round, migration=cls._mid(body))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expect(Ckpt):
+    op: ClassVar[str] = CkptOp.EXPECT
+    source: str
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "source": self.source}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Expect:
+        return cls(run=run, round=round, migration=cls._mid(body), source=id_field(body, "source"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Freeze(Ckpt):
+    op: ClassVar[str] = CkptOp.FREEZE
+    to: str
+    path: MovePath
+    step: int
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "to": self.to, "path": str(self.path), "step": self.step}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Freeze:
+        return cls(run=run, round=round, migration=cls._mid(body), to=id_field(body, "to"),
+                   path=enum_field(body, "path", MovePath), step=int_field(body, "step", 0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Frozen(Ckpt):
+    op: ClassVar[str] = CkptOp.FROZEN
+    checkpoint_bytes: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "checkpoint_bytes": self.checkpoint_bytes}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Frozen:
+        return cls(run=run, round=round, migration=cls._mid(body),
+                   checkpoint_bytes=int_field(body, "checkpoint_bytes", 0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transfer(Ckpt):
+    """The checkpoint itself (``mqttfl.protocol.checkpoint``): validated against the model by the receiver."""
+
+    op: ClassVar[str] = CkptOp.TRANSFER
+    device: str
+    path: MovePath
+    source: str
+    checkpoint_bytes: int
+    checkpoint: dict[str, Any] = field(default_factory=dict)  # the checkpoint body (format, plan, position)
+    checkpoint_tensors: State = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {**self.checkpoint, **super().body(), "device": self.device, "path": str(self.path),
+                "source": self.source, "checkpoint_bytes": self.checkpoint_bytes}
+
+    def tensors(self) -> State:
+        return dict(self.checkpoint_tensors)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Transfer:
+        own = {"op", "migration", "device", "path", "source", "checkpoint_bytes", "reliable"}
+        return cls(run=run, round=round, migration=cls._mid(body), device=id_field(body, "device"),
+                   path=enum_field(body, "path", MovePath), source=id_field(body, "source"),
+                   checkpoint_bytes=int_field(body, "checkpoint_bytes", 0),
+                   checkpoint={k: v for k, v in body.items() if k not in own}, checkpoint_tensors=dict(tensors))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ready(Ckpt):
+    op: ClassVar[str] = CkptOp.READY
+    checkpoint_bytes: int = 0
+    step: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "checkpoint_bytes": self.checkpoint_bytes, "step": self.step}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Ready:
+        return cls(run=run, round=round, migration=cls._mid(body),
+                   checkpoint_bytes=int_field(body, "checkpoint_bytes", 0), step=int_field(body, "step", 0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Release(Ckpt):
+    op: ClassVar[str] = CkptOp.RELEASE
+
+
+@dataclass(frozen=True, kw_only=True)
+class Abort(Ckpt):
+    op: ClassVar[str] = CkptOp.ABORT
+
+
+@dataclass(frozen=True, kw_only=True)
+class Leave(Ckpt):
+    op: ClassVar[str] = CkptOp.LEAVE
+
+
+@dataclass(frozen=True, kw_only=True)
+class Nothing(Ckpt):
+    op: ClassVar[str] = CkptOp.NOTHING
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refused(Ckpt):
+    op: ClassVar[str] = CkptOp.REFUSED
+    reason: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "reason": self.reason[:300]}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Refused:
+        return cls(run=run, round=round, migration=cls._mid(body), reason=str_field(body, "reason", "", max_len=300))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Restart(Ckpt):
+    op: ClassVar[str] = CkptOp.RESTART
+    edge: str
+    source: str
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "edge": self.edge, "source": self.source}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Restart:
+        return cls(run=run, round=round, migration=cls._mid(body), edge=id_field(body, "edge"),
+                   source=id_field(body, "source"))
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+MESSAGES: dict[tuple[str, str], type[Message]] = {
+    (c.kind, str(c.op)): c
+    for c in (OpenRound, TrainRound, Activations, Gradients, DeviceUpdate, EdgeUpdate, Expect, Freeze, Frozen,
+              Transfer, Ready, Release, Abort, Leave, Nothing, Refused, Restart)
 }
 
 
-def clean_report(body: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, kind in REPORT_FIELDS.items():
-        if name not in body:
-            continue
-        value = body[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ProtocolError("bad_field", f"report field {name!r} must be a number, got {type(value).__name__}")
-        if value != value or value in (float("inf"), float("-inf")) or value < 0:
-            raise ProtocolError("bad_field", f"report field {name!r} out of range: {value!r}")
-        out[name] = kind(value)
-    return out
-
-
-def check_activation(smashed: np.ndarray, labels: np.ndarray, expected_shape: tuple[int, ...],
-                     num_classes: int, max_rows: int) -> None:
-    if smashed.dtype != np.float32:
-        raise ProtocolError("bad_dtype", f"activations must be float32, got {smashed.dtype}")
-    if tuple(smashed.shape[1:]) != tuple(expected_shape):
-        raise ProtocolError("bad_shape", f"activations {tuple(smashed.shape)}, expected (n, *{expected_shape})")
-    if labels.dtype != np.int64 or labels.ndim != 1 or labels.shape[0] != smashed.shape[0]:
-        raise ProtocolError("bad_shape", f"labels {labels.dtype}{labels.shape} do not match {smashed.shape[0]} rows")
-    if not np.isfinite(smashed).all():
-        raise ProtocolError("non_finite", "activations have NaN/Inf")
-    if not 0 < smashed.shape[0] <= max_rows:
-        raise ProtocolError("bad_shape", f"{smashed.shape[0]} rows outside 1..{max_rows}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ProtocolError("bad_labels", f"labels outside 0..{num_classes - 1}")
+def parse(kind: str, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Message:
+    """The typed message of a decoded envelope; ProtocolError for an unknown operation or a bad field."""
+    op = body.get("op")
+    cls = MESSAGES.get((kind, op)) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError("bad_field", f"unknown {kind} operation {op!r}")
+    try:
+        return cls.from_wire(run, round, body, tensors)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        # A gap in the checks above must drop the message, never reach a machine.
+        raise ProtocolError("bad_field", f"{kind}/{op}: {type(e).__name__}: {e}") from None

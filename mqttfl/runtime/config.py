@@ -66,6 +66,99 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)  # [limits]: what this node accepts from the wire
 
 
+AGENT_ROLES = ("device", "edge", "cloud")
+
+
+def doc(text: str) -> dict[str, str]:
+    """Field metadata: what a key means (docs/config.md is checked against these)."""
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    """``[device]``: a device agent."""
+
+    edge: str = field(default="", metadata=doc("the edge this device attaches to (required)"))
+    data: str = field(default="", metadata=doc("path of the device's local data shard (required; docs/data.md)"))
+    cloud: str = field(default="cloud", metadata=doc("node id of the cloud (restart requests after a lost edge)"))
+    cut: int = field(default=-1, metadata=doc(
+        "split point: blocks [0, cut) train here, the rest at the edge; the number of blocks = local "
+        "training; -1 = the run's default. 0 is refused: raw inputs never leave a device"))
+    act_timeout_s: float = field(default=10.0, metadata=doc(
+        "re-send activations whose gradient has not come back after this many seconds"))
+    migrate_timeout_s: float = field(default=10.0, metadata=doc(
+        "give up a move when the source or destination edge is silent this long"))
+    share_labels: bool = field(default=True, metadata=doc(
+        "publish the label histogram (Eco-FL grouping by label mix); false keeps it private"))
+    slowdown: float = field(default=1.0, metadata=doc(
+        "emulated board speed: every compute step takes this many times as long (benchmarks, tests)"))
+    step_delay_s: float = field(default=0.0, metadata=doc(
+        "emulated board compute per mini-batch, seconds (x slowdown)"))
+    threads: int = field(default=1, metadata=doc("torch intra-op threads"))
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.edge or not self.data:
+            out.append("[device] needs 'edge' and 'data'")
+        if self.cut == 0 or self.cut < -1:
+            out.append("[device] cut must be >= 1 (a device keeps at least one block: raw inputs never leave "
+                       "it) or -1 for the run's default")
+        if self.act_timeout_s <= 0 or self.migrate_timeout_s <= 0 or self.slowdown < 1 or self.step_delay_s < 0:
+            out.append("[device] timeouts must be > 0, slowdown >= 1, step_delay_s >= 0")
+        return out
+
+
+@dataclass(frozen=True)
+class EdgeSection:
+    """``[edge]``: an edge agent."""
+
+    cloud: str = field(default="cloud", metadata=doc("node id of the cloud"))
+    deadline_fraction: float = field(default=0.85, metadata=doc(
+        "an edge closes its part of a round at this fraction of the round's deadline, so its report reaches "
+        "the cloud in time"))
+    threads: int = field(default=1, metadata=doc("torch intra-op threads"))
+
+    def problems(self) -> list[str]:
+        return [] if 0 < self.deadline_fraction <= 1 else ["[edge] deadline_fraction must be in (0, 1]"]
+
+
+@dataclass(frozen=True)
+class CloudRuntime:
+    """``[cloud]`` keys read by the cloud's runtime rather than its protocol machine."""
+
+    test_data: str = field(default="", metadata=doc(
+        "held-out data the cloud evaluates every global model on; empty: no accuracy is reported"))
+    threads: int = field(default=1, metadata=doc("torch intra-op threads"))
+
+    def problems(self) -> list[str]:
+        return []
+
+
+def parse_section(cls: type, values: Mapping[str, Any], name: str, *, extra: frozenset[str] = frozenset()) -> Any:
+    """A section dataclass from its TOML table: unknown keys and wrong types are refused by name.
+    Keys in ``extra`` belong to another reader of the same section and are skipped here."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known) - extra
+    if unknown:
+        raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}; known: {sorted(set(known) | extra)}")
+    kw = {}
+    for key, value in values.items():
+        if key not in known:
+            continue
+        want = str(known[key].type)
+        ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}.get(want, True)
+        if not ok:
+            raise ConfigError(f"[{name}] {key} must be {want}, got {type(value).__name__} {value!r}")
+        kw[key] = float(value) if want == "float" else value
+    section = cls(**kw)
+    bad = section.problems()
+    if bad:
+        raise ConfigError("; ".join(bad))
+    return section
+
+
 def _parse_env_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -166,11 +259,24 @@ def load_config(
     for k, v in limits_section.items():
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"[limits] {k} must be a positive integer")
+    known_top = {"node", "fleet", "state_dir", "log_level", "mqtt", "limits", "control", role}
+    unknown_top = set(data) - known_top
+    if role in AGENT_ROLES and unknown_top:
+        raise ConfigError(f"unknown top-level keys or sections {sorted(unknown_top)} for a {role} "
+                          f"(known: {sorted(known_top)})")
+    unknown_control = set(control) - {"operators"}
+    if unknown_control:
+        raise ConfigError(f"[control]: unknown keys {sorted(unknown_control)}; known: ['operators']")
+    state_dir = str(data.get("state_dir", ""))
+    if state_dir and role in AGENT_ROLES:
+        # Agents of one host may share a state directory (systemd's StateDirectory=mqttfl): each keeps its
+        # outbox, boot counter and state in a folder of its own.
+        state_dir = str(Path(state_dir) / str(node))
     return AgentConfig(
         node=str(node),
         role=role,
         fleet=str(data.get("fleet", "default")),
-        state_dir=str(data.get("state_dir", "")),
+        state_dir=state_dir,
         log_level=str(data.get("log_level", "info")),
         mqtt=_mqtt_from(data.get("mqtt", {}), str(node), environ),
         operators=operators,

@@ -33,6 +33,9 @@ def agent_main(role: str, factory: Callable[[AgentConfig], Any], argv: list[str]
     torch.set_num_threads(a.threads or int(cfg.section.get("threads", 1)))
     try:
         agent = factory(cfg)
+    except ConfigError as e:
+        print(f"mqttfl-{role}: config error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, KeyError) as e:
         print(f"mqttfl-{role}: cannot start: {e}", file=sys.stderr)
         return 2

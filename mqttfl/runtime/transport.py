@@ -35,12 +35,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqttfl.wire.chunking import ChunkError, Reassembler, is_chunk_frame, make_chunks
-from mqttfl.wire.codec import CodecError, Envelope, Limits, decode, decode_json, encode, encode_json
 from mqttfl.runtime.config import AgentConfig
-from mqttfl.wire.dedupe import RecentIds
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.persist import atomic_write
+from mqttfl.wire.chunking import ChunkError, Reassembler, is_chunk_frame, make_chunks
+from mqttfl.wire.codec import CodecError, Envelope, Limits, decode, decode_json, encode, encode_json
+from mqttfl.wire.dedupe import RecentIds
 from mqttfl.wire.topics import BROADCAST, JSON_KINDS, Topic, TopicError, inbox_filters, parse, topic
 
 
@@ -290,9 +290,11 @@ class Transport:
             # Bounded by design; the protocols above recover by acknowledgement and re-send.
             self._count("drop_inbox_full")
 
-    def _count(self, key: str, n: int = 1) -> None:
+    def count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[key] += n
+
+    _count = count
 
     # ------------------------------------------------------------------ receiving (agent thread)
     def link_changes(self) -> list[LinkChange]:
@@ -433,7 +435,12 @@ class Transport:
             self._send_ack(inbound.env)
 
     def _send_ack(self, env: Envelope) -> None:
-        self.send("ack", env.src, body={"ids": [env.id.hex()], "of": env.kind}, run=env.run, round=env.round)
+        self.ack_id(env.src, env.id, env.kind, env.run, env.round)
+
+    def ack_id(self, src: str, msg_id: bytes, kind: str, run: str, round: int) -> None:
+        """Acknowledge the message ``msg_id`` from ``src``: it is applied here, stop re-sending it."""
+        self._acked.seen(msg_id)
+        self.send("ack", src, body={"ids": [msg_id.hex()], "of": kind}, run=run, round=round)
 
     def event(self, name: str, *, level: str = "info", **fields: Any) -> None:
         self.send_json("event", BROADCAST, {"event": name, "level": level, "node": self.node,

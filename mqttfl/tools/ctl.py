@@ -28,8 +28,8 @@ from dataclasses import replace
 from typing import Any
 
 from mqttfl.runtime.config import AgentConfig, ConfigError, apply_env, load_config, read_toml
-from mqttfl.wire.topics import TopicError, filter_for, validate_id
 from mqttfl.runtime.transport import Transport, TransportError
+from mqttfl.wire.topics import TopicError, filter_for, validate_id
 
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_NO_REPLY = 0, 1, 2, 3
 

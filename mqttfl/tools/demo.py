@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.testbed import FleetSpec, Testbed
 from mqttfl.runtime.transport import Inbound
+from mqttfl.tools.testbed import FleetSpec, Testbed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqttfl.runtime.config import ConfigError
-from mqttfl.wire.topics import TopicError, filter_for
 from mqttfl.runtime.transport import Inbound, TransportError
+from mqttfl.wire.topics import TopicError, filter_for
 
 ROLE_ORDER = {"cloud": 0, "edge": 1, "device": 2}
 # Event fields that identify the event rather than describe it.

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.broker import Broker, BrokerOptions
-from mqttfl.runtime.config import load_config
 from mqttfl.ml.data import (
     Dataset,
     load_digits,
@@ -29,7 +27,9 @@ from mqttfl.ml.data import (
     partition_imbalanced,
     save_shard,
 )
+from mqttfl.runtime.config import load_config
 from mqttfl.runtime.transport import Inbound, Transport
+from mqttfl.tools.broker import Broker, BrokerOptions
 
 ROLE_MODULE = {"cloud": "cloud_agent", "edge": "edge_agent", "device": "device_agent"}
 
@@ -131,7 +131,7 @@ class Testbed:
             self._config(d, "device", common, {"edge": e, "data": str(self.root / "data" / f"{d}.npz"), **extra})
 
     def _config(self, node: str, role: str, common: dict[str, Any], section: dict[str, Any]) -> None:
-        data = {"node": node, **common, "state_dir": str(self.root / "state" / node), role: section}
+        data = {"node": node, **common, "state_dir": str(self.root / "state"), role: section}
         self.configs[node] = write_toml(self.root / f"{node}.toml", data)
 
     def role_of(self, node: str) -> str:

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from mqttfl.tools.bench.common import emit, fmt
 from mqttfl.ml.data import Dataset, load_digits
 from mqttfl.runtime.persist import load_state
-from mqttfl.tools.testbed import FleetSpec, Testbed
 from mqttfl.runtime.transport import Inbound
+from mqttfl.tools.bench.common import emit, fmt
+from mqttfl.tools.testbed import FleetSpec, Testbed
 
 VARIANTS: list[tuple[str, float, str]] = [  # (name, p, path), one per round
     # Two discarded rounds first: torch's first-use costs, and both edges building their first replica

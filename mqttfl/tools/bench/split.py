@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mqttfl.tools.bench.common import emit, fmt
 from mqttfl.ml.data import BatchOrder, Dataset, load_digits, synthetic_images
 from mqttfl.ml.models import build_model, load_model_state, model_info, model_state
-from mqttfl.runtime.persist import load_state
-from mqttfl.protocol.messages import data_seed
 from mqttfl.ml.stage import LocalTrainer, make_optimizer
+from mqttfl.protocol.messages import data_seed
+from mqttfl.runtime.persist import load_state
+from mqttfl.tools.bench.common import emit, fmt
 from mqttfl.tools.testbed import FleetSpec, Testbed, make_shards
 
 SEED = 0

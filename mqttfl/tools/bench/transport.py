@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from mqttfl.runtime.config import MqttConfig, load_config
+from mqttfl.runtime.transport import Transport
 from mqttfl.tools.bench.common import emit, fmt, percentile
 from mqttfl.tools.broker import Broker, BrokerOptions, free_port, render_config
 from mqttfl.wire.codec import Envelope, decode, encode
-from mqttfl.runtime.config import MqttConfig, load_config
-from mqttfl.runtime.transport import Transport
 
 SMASHED_SHAPE = (100, 64, 8, 8)  # VGG-5 device-side output for a batch of 100 (1.6 MB as float32)
 CHUNKED_BYTES = 4_500_000

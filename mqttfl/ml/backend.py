@@ -1,0 +1,150 @@
+"""The torch implementation of the stage interface (``mqttfl.protocol.stage``): what the runtime calls to
+carry out a machine's ``Run(job)`` effects.
+
+One :class:`TorchBackend` per node holds that node's stage sessions (a device's round, or each device's
+edge-side copy at an edge), its local data source (devices) and test data (the cloud). Emulated board speed
+for benchmarks and tests sharing one small machine (docs/operations.md, "Emulated devices"): ``slowdown``
+stretches every compute job by that factor (sleeping the extra time), ``step_delay_s`` adds a fixed board
+compute time per mini-batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mqttfl.ml.data import BatchOrder, Dataset, DataSource
+from mqttfl.ml.models import Part, build_model, load_model_state
+from mqttfl.ml.stage import LocalTrainer, Stage, evaluate, make_optimizer, micro_batches
+from mqttfl.protocol import stage as jobs
+from mqttfl.protocol.plan import Plan, data_seed
+
+
+@dataclass
+class _Session:
+    plan: Plan
+    stage: Stage
+    model: torch.nn.Sequential
+    order: BatchOrder | None = None
+    rng: torch.Tensor | None = None
+
+
+class TorchBackend:
+    def __init__(self, node: str, *, data: DataSource | None = None, test: Dataset | None = None,
+                 slowdown: float = 1.0, step_delay_s: float = 0.0) -> None:
+        self.node = node
+        self.data = data
+        self.test = test
+        self.slowdown = slowdown
+        self.step_delay_s = step_delay_s
+        self.sessions: dict[str, _Session] = {}
+        self._eval_models: dict[Any, torch.nn.Sequential] = {}
+
+    def run(self, job: jobs.Job) -> Any:
+        handler = getattr(self, "_" + type(job).__name__.lower(), None)
+        if handler is None:
+            raise TypeError(f"no handler for job {type(job).__name__}")
+        return handler(job)
+
+    # ------------------------------------------------------------------ emulation
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        t = time.monotonic()
+        out = fn(*args)
+        if self.slowdown > 1.0:
+            time.sleep((time.monotonic() - t) * (self.slowdown - 1.0))
+        return out
+
+    def _board_step(self) -> None:
+        if self.step_delay_s > 0:
+            time.sleep(self.step_delay_s * self.slowdown)
+
+    # ------------------------------------------------------------------ jobs
+    def _session(self, job: jobs.Job) -> _Session:
+        s = self.sessions.get(job.session)
+        if s is None:
+            raise KeyError(f"no stage session {job.session!r}")
+        return s
+
+    def _open(self, job: jobs.Open) -> None:
+        plan = job.plan
+        model = build_model(plan.model, num_classes=plan.num_classes, input_shape=plan.input_shape)
+        part = Part(model, job.start, job.stop)
+        part.load_state(job.state)
+        opt = make_optimizer((p for _, p in part.named_parameters()), lr=plan.lr, momentum=plan.momentum,
+                             weight_decay=plan.weight_decay)
+        stage = Stage(part, opt)
+        if job.optimizer:
+            stage.load_optimizer_state(job.optimizer)
+        order = None
+        if job.data:
+            if self.data is None:
+                raise RuntimeError(f"{self.node} has no local data")
+            order = BatchOrder(len(self.data), plan.batch_size, seed=data_seed(plan.seed, self.node))
+        rng = torch.from_numpy(np.array(job.rng, dtype=np.uint8)) if job.rng is not None else None
+        self.sessions[job.session] = _Session(plan, stage, model, order, rng)
+
+    def _batch(self, s: _Session, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert s.order is not None and self.data is not None
+        epoch, index = s.order.locate(step)
+        x, y = self.data.batch(s.order.batch(s.plan.round * s.plan.epochs + epoch, index))
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def _forward(self, job: jobs.Forward) -> jobs.Smashed:
+        s = self._session(job)
+        if job.x is None:
+            x, y = micro_batches(*self._batch(s, job.step), job.n_micro)[job.micro]
+        else:
+            x, y = torch.from_numpy(np.array(job.x)), torch.from_numpy(np.array(job.y))
+        out = self._timed(s.stage.forward, (job.step, job.micro), x)
+        return jobs.Smashed(out.numpy(), y.numpy().astype(np.int64))
+
+    def _backward(self, job: jobs.Backward) -> np.ndarray | None:
+        s = self._session(job)
+        g = self._timed(s.stage.backward, (job.step, job.micro), torch.from_numpy(np.array(job.grad)))
+        return None if g is None else g.detach().contiguous().numpy()
+
+    def _loss(self, job: jobs.Loss) -> jobs.LossResult:
+        s = self._session(job)
+        grad, res = s.stage.loss(torch.from_numpy(job.x), torch.from_numpy(job.y), job.batch_size)
+        return jobs.LossResult(grad.detach().contiguous().numpy(), res.loss_sum, res.correct, res.n)
+
+    def _step(self, job: jobs.Step) -> None:
+        s = self._session(job)
+        s.stage.step()
+        if s.order is not None:
+            self._board_step()
+
+    def _localbatch(self, job: jobs.LocalBatch) -> jobs.BatchStats:
+        s = self._session(job)
+        x, y = self._batch(s, job.step)
+        trainer = LocalTrainer(s.stage.part.module, s.stage.optimizer)
+        res = self._timed(trainer.train_batch, x, y, min(job.n_micro, len(x)))
+        self._board_step()
+        return jobs.BatchStats(res.loss_sum, res.correct, res.n)
+
+    def _snapshot(self, job: jobs.Snapshot) -> jobs.StageSnapshot:
+        s = self._session(job)
+        rng = s.rng if s.rng is not None else torch.get_rng_state()
+        return jobs.StageSnapshot(s.stage.part.state(), s.stage.optimizer_state(), rng.numpy().copy())
+
+    def _weights(self, job: jobs.Weights) -> dict[str, np.ndarray]:
+        return self._session(job).stage.part.state()
+
+    def _close(self, job: jobs.Close) -> None:
+        self.sessions.pop(job.session, None)
+
+    def _evaluate(self, job: jobs.Evaluate) -> jobs.EvalResult:
+        if self.test is None:
+            return jobs.EvalResult(None, None)
+        ref = job.model
+        model = self._eval_models.get(ref)
+        if model is None:
+            model = self._eval_models[ref] = build_model(ref.model, num_classes=ref.num_classes,
+                                                         input_shape=ref.input_shape)
+        load_model_state(model, job.state)
+        acc, loss = evaluate(model, torch.from_numpy(self.test.x), torch.from_numpy(self.test.y))
+        return jobs.EvalResult(float(acc), float(loss), len(self.test))

@@ -1,0 +1,90 @@
+"""One open round at the cloud: who takes part (by edge), what the edges reported, when it closes.
+
+Shared by both round policies (docs/design.md, "Cloud"): a synchronous round, and each group's round in
+asynchronous mode. Accounting is per device, not per edge: a device that moved mid-round is reported by its
+new edge, and a round closes when every device is reported done or missing, or at its deadline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mqttfl.fl.strategies import Update
+from mqttfl.protocol.messages import EdgeUpdate, Report, RoundTag
+from mqttfl.protocol.plan import Plan
+
+
+@dataclass
+class CloudRound:
+    plan: Plan
+    edges: dict[str, list[str]]  # edge -> its participating devices
+    started: float
+    deadline: float
+    tag: RoundTag | None = None  # asynchronous groups: kind, group, base versions
+    # One entry per edge report. An edge may report twice in one round when a device migrated to it after it
+    # had already reported its own devices.
+    reports: list[tuple[str, EdgeUpdate]] = field(default_factory=list)
+    accounted: set[str] = field(default_factory=set)  # devices some edge reported done or missing
+
+    @property
+    def expected(self) -> set[str]:
+        return {d for ds in self.edges.values() for d in ds}
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted(self.expected)
+
+    def done(self, now: float) -> bool:
+        return self.expected <= self.accounted or now >= self.deadline
+
+    def move(self, device: str, edge: str) -> None:
+        for ds in self.edges.values():
+            if device in ds:
+                ds.remove(device)
+        self.edges.setdefault(edge, []).append(device)
+        self.accounted.discard(device)
+
+    def applied(self, update: EdgeUpdate) -> bool:
+        """Whether some device of this report was already counted from an earlier report."""
+        done = {d for _, u in self.reports for d in u.reports}
+        return bool(done & set(update.reports))
+
+    def add(self, edge: str, update: EdgeUpdate) -> None:
+        self.reports.append((edge, update))
+        # "Missing" counts only from the edge the device is assigned to now: after a restart elsewhere, the
+        # old edge's timed-out session must not close the round before the device reports from its new edge.
+        missing = {d for d in update.missing if d in self.edges.get(edge, [])}
+        self.accounted |= set(update.reports) | missing
+
+    def updates(self) -> list[Update]:
+        """One update per edge report that carries a delta (an edge's samples weigh its devices' mean)."""
+        return [Update(edge, u.delta, u.samples) for edge, u in self.reports if u.delta and u.samples > 0]
+
+    def device_reports(self) -> dict[str, Report]:
+        return {d: rep for _, u in self.reports for d, rep in u.reports.items()}
+
+    def edge_of(self) -> dict[str, str]:
+        return {d: e for e, u in self.reports for d in u.reports}
+
+    def to_saved(self, now: float) -> dict[str, Any]:
+        return {"plan": self.plan.to_body(), "edges": self.edges, "elapsed": now - self.started,
+                "remaining": max(0.0, self.deadline - now), "tag": self.tag.to_body() if self.tag else None}
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any], now: float, grace_s: float = 1.0) -> CloudRound:
+        return cls(Plan.from_body(d["plan"]), {str(e): [str(x) for x in ds] for e, ds in d["edges"].items()},
+                   started=now - float(d["elapsed"]), deadline=now + float(d["remaining"]) + grace_s,
+                   tag=RoundTag.from_body(d.get("tag")))
+
+
+def device_costs(reports: dict[str, Report], t_global: float, edge_of: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per device and round: the heterogeneous-IoT cost model's T_local, T_upload, T_global, T_download, bytes
+    up and down and peak memory, plus what the device did (docs/operations.md, "Metrics")."""
+    return {d: {
+        "T_local": round(rep.t_local, 4), "T_total": round(rep.t_total or rep.t_local, 4),
+        "T_upload": round(rep.t_upload, 4), "T_global": round(t_global, 4), "T_download": round(rep.t_download, 4),
+        "bytes_up": rep.bytes_up, "bytes_down": rep.bytes_down, "peak_rss_mb": rep.peak_rss_mb,
+        "samples": rep.samples, "cut": rep.cut, "resends": rep.resends, "steps": rep.steps,
+        "edge_steps": rep.edge_steps, "seen": rep.seen, "edge": edge_of.get(d),
+    } for d, rep in sorted(reports.items())}

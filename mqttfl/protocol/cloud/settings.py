@@ -1,0 +1,138 @@
+"""The cloud's run settings: ``[cloud]`` keys, checked once, each with one default.
+
+``[cloud]`` is flat for operators; here it is three parts: the training parameters every plan carries
+(:class:`~mqttfl.protocol.plan.Training`), the strategy's parameters
+(:class:`~mqttfl.fl.strategies.StrategyParams`) and how the run proceeds (this class). An unknown key is
+refused with its name, never ignored.
+
+Precedence (docs/operations.md, "Runs"): a run's settings are the config's at the run's start plus the
+operator's ``set`` commands; they are persisted with the run and win over an edited config file after a
+restart (the cloud logs and reports the keys that differ). ``new-run`` starts a run from the config file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from mqttfl.fl import strategies
+from mqttfl.fl.staleness import by_name as staleness_by_name
+from mqttfl.protocol.plan import TRAINING_FIELDS, Training
+
+PARAM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(strategies.StrategyParams))
+MODES = ("sync", "async")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudSettings:
+    run: str = ""  # run id; empty: a new one is drawn at start
+    rounds: int = 20  # synchronous rounds to run
+    quorum: float = 0.5  # fraction of a round's devices that must report for it to count
+    max_attempts: int = 3  # below quorum a round is retried; after this many misses the run fails
+    min_devices: int = 1  # devices online (with an online edge) before a round starts
+    cut: int = -1  # split point for devices that do not set their own; -1: the model's default
+    autostart: bool = True  # start the run when the cloud starts (else wait for 'start')
+    mode: str = "sync"  # sync | async
+    strategy: str = ""  # sync: fedavg; async: ecofl | fedasync | fedbuff | fedat | sync
+    # Asynchronous group aggregation (docs/async.md)
+    num_groups: int = 3
+    group_deadline_s: float = 60.0
+    max_versions: int = 50
+    regroup_every: int = 10
+    lam: float = 1.0  # weight of the label-mix term in Eco-FL's grouping objective
+    latency_ema: float = 0.3  # weight of a new latency measurement in the moving average
+    profile_rounds: int = 2  # synchronous rounds with everyone before grouping; the last one's latencies count
+    training: Training = field(default_factory=Training)
+    params: strategies.StrategyParams = field(default_factory=strategies.StrategyParams)
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy or ("fedavg" if self.mode == "sync" else "ecofl")
+
+    def problems(self) -> list[str]:
+        out = list(self.training.problems())
+        if self.mode not in MODES:
+            out.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        elif self.strategy_name not in strategies.names(synchronous=self.mode == "sync"):
+            out.append(f"strategy {self.strategy_name!r} is not a {self.mode} strategy; known: "
+                       f"{strategies.names(synchronous=self.mode == 'sync')}")
+        try:
+            staleness_by_name(self.params.staleness)
+        except ValueError as e:
+            out.append(str(e))
+        if self.rounds < 0 or self.max_versions < 0 or self.regroup_every < 0:
+            out.append("rounds, max_versions and regroup_every must be >= 0")
+        if not 0 < self.quorum <= 1:
+            out.append("quorum must be in (0, 1]")
+        if self.max_attempts < 1 or self.min_devices < 1 or self.num_groups < 1 or self.profile_rounds < 1:
+            out.append("max_attempts, min_devices, num_groups and profile_rounds must be >= 1")
+        if self.cut == 0 or self.cut < -1:
+            out.append("cut must be >= 1 (a device keeps at least one block: raw inputs never leave it) or -1")
+        if not 0 < self.params.alpha <= 1:
+            out.append("alpha must be in (0, 1]")
+        if self.params.fedbuff_k < 1:
+            out.append("fedbuff_k must be >= 1")
+        if not self.group_deadline_s > 0 or not 0 < self.latency_ema <= 1 or self.lam < 0:
+            out.append("group_deadline_s must be > 0, latency_ema in (0, 1], lam >= 0")
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """The ``[cloud]`` keys and values (for persistence, status and the config reference)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("training", "params")}
+        out.update(asdict(self.training))
+        out["input_shape"] = list(self.training.input_shape)
+        out.update(asdict(self.params))
+        return out
+
+    def with_values(self, values: Mapping[str, Any]) -> CloudSettings:
+        """These settings with ``values`` (flat ``[cloud]`` keys) applied; ValueError names a bad key."""
+        own = {f.name for f in fields(self)} - {"training", "params"}
+        unknown = set(values) - own - set(TRAINING_FIELDS) - set(PARAM_FIELDS)
+        if unknown:
+            raise ValueError(f"[cloud]: unknown keys {sorted(unknown)}")
+        top = {k: v for k, v in values.items() if k in own}
+        train = {k: v for k, v in values.items() if k in TRAINING_FIELDS}
+        if "input_shape" in train:
+            train["input_shape"] = tuple(train["input_shape"])
+        par = {k: v for k, v in values.items() if k in PARAM_FIELDS}
+        for name, v in values.items():
+            want = _field_type(name)
+            if want is not None and not _is(v, want):
+                raise ValueError(f"[cloud] {name} must be {want}, got {type(v).__name__} {v!r}")
+        try:
+            return replace(self, **top, training=replace(self.training, **train), params=replace(self.params, **par))
+        except TypeError as e:
+            raise ValueError(f"[cloud]: {e}") from e
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> CloudSettings:
+        s = cls().with_values(section)
+        bad = s.problems()
+        if bad:
+            raise ValueError("[cloud]: " + "; ".join(bad))
+        return s
+
+
+def _field_type(name: str) -> str | None:
+    for dc in (CloudSettings, Training, strategies.StrategyParams):
+        for f in fields(dc):
+            if f.name == name and f.name not in ("training", "params"):
+                return str(f.type)
+    return None
+
+
+def _is(v: Any, want: str) -> bool:
+    if want == "bool":
+        return isinstance(v, bool)
+    if isinstance(v, bool):
+        return False
+    if want == "int":
+        return isinstance(v, int)
+    if want == "float":
+        return isinstance(v, (int, float))
+    if want == "str":
+        return isinstance(v, str)
+    if want.startswith("tuple"):
+        return isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    return True

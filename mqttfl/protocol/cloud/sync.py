@@ -1,0 +1,176 @@
+"""Synchronous rounds (``[cloud] mode = "sync"``): FedAvg across edges with deadline, quorum and retries.
+
+Each round: take the online devices whose edge is online, announce the round to those edges with the
+global model, wait until every device is reported done or missing (or the deadline passes), check the
+quorum, apply the strategy to the edges' updates, and commit the new model. Below quorum the round is
+retried as a new attempt with the same model, up to ``max_attempts`` times, then the run fails. A restarted
+cloud opens a new attempt of the round it was in: devices that finished the old attempt recognise a new
+plan key and train again instead of ignoring a re-delivered announcement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mqttfl.fl.strategies import UpdateRejected, make_strategy
+from mqttfl.protocol.cloud.machine import CloudMachine, quorum_needed
+from mqttfl.protocol.cloud.rounds import CloudRound, device_costs
+from mqttfl.protocol.errors import ProtocolError
+from mqttfl.protocol.events import Ack, Emit, Log, Received, Send, SetTimer
+from mqttfl.protocol.messages import EdgeUpdate, OpenRound, Restart
+from mqttfl.protocol.status import Presence
+
+
+class SyncRounds:
+    def __init__(self, cloud: CloudMachine, saved: dict[str, Any] | None) -> None:
+        self.cloud = cloud
+        self.strategy = make_strategy(cloud.settings.strategy_name, cloud.settings.params)
+        self.completed = 0  # rounds completed
+        self.attempt = 0
+        self.failures = 0  # quorum misses of the current round
+        self.current: CloudRound | None = None
+        if saved:
+            self.completed = int(saved["round"])
+            # The round in flight at the crash starts over as a new attempt.
+            self.attempt = int(saved.get("attempt", 0)) + 1
+            self.failures = int(saved.get("failures", 0))
+            if saved.get("strategy"):
+                self.strategy.load_state_dict(saved["strategy"])
+
+    def state_dict(self, now: float) -> dict[str, Any]:
+        return {"round": self.completed, "attempt": self.attempt, "failures": self.failures,
+                "strategy": self.strategy.state_dict()}
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": "sync", "strategy": self.strategy.name, "attempt": self.attempt}
+
+    def status_fields(self) -> dict[str, Any]:
+        return {"attempt": self.attempt}
+
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def on_status(self, p: Presence, was: Presence | None) -> None:
+        pass
+
+    def on_start(self) -> None:
+        self.attempt += 1  # a fresh plan key: devices never mistake it for a round they already finished
+        self.failures = 0
+
+    def on_stop(self) -> None:
+        self.current = None  # late deltas of the abandoned round are acknowledged and dropped
+
+    # ------------------------------------------------------------------ rounds
+    def progress(self, now: float) -> None:
+        c = self.cloud
+        r = self.current
+        if r is not None:
+            if r.done(now):
+                self.close(now)
+            return
+        if not c.running:
+            return
+        if self.completed >= c.settings.rounds:
+            c.complete(now)
+            return
+        devices = c.eligible()
+        if len(devices) >= c.settings.min_devices:
+            self.start(devices, now)
+
+    def start(self, devices: dict[str, Presence], now: float) -> None:
+        c = self.cloud
+        plan = c.plan(self.completed, self.attempt)
+        by_edge: dict[str, list[str]] = {}
+        for d, p in sorted(devices.items()):
+            by_edge.setdefault(str(p.edge), []).append(d)
+        self.current = CloudRound(plan, by_edge, started=now, deadline=now + plan.deadline_s)
+        c.announce(plan, by_edge)
+        c.do(SetTimer(("deadline", plan.key), self.current.deadline))
+        c.publish_status()
+        c.do(Emit("round_started", fields={"run": plan.run, "round": plan.round, "attempt": plan.attempt,
+                                           "edges": by_edge}),
+             Log("info", "round start", {"round": plan.round, "attempt": plan.attempt, "edges": by_edge}))
+
+    def on_update(self, ev: Received, msg: EdgeUpdate, now: float) -> None:
+        c = self.cloud
+        r = self.current
+        is_edge = r is not None and (ev.src in r.edges or c.is_edge(ev.src))
+        if r is None or not is_edge or msg.run != r.plan.run or msg.round != r.plan.round \
+                or msg.attempt != r.plan.attempt:
+            if r is None or msg.round <= self.completed or msg.run != c.settings.run:
+                c.do(Ack(ev))  # stale re-send: acknowledge so the edge stops, apply nothing
+            c.drop("wrong_round", f"delta from {ev.src} for {msg.run}/{msg.round}", ev.src)
+            return
+        if r.applied(msg):
+            c.do(Ack(ev))  # these devices were already applied from an earlier report
+            return
+        try:
+            c.check_update(ev.src, msg)
+        except ProtocolError as e:
+            c.drop(e.code, str(e), ev.src)
+            return
+        r.add(ev.src, msg)
+        c.do(Ack(ev))
+
+    def close(self, now: float) -> None:
+        c = self.cloud
+        r = self.current
+        assert r is not None
+        self.current = None
+        reports = r.device_reports()
+        needed = quorum_needed(c.settings.quorum, len(r.expected))
+        updates = r.updates()
+        if len(reports) < needed or not updates:
+            self._retry(r, len(reports), needed, now)
+            return
+        try:
+            new = self.strategy.aggregate(c.global_state, updates)
+        except UpdateRejected as e:
+            c.drop("rejected", str(e))
+            self._retry(r, len(reports), needed, now)
+            return
+        self.completed += 1
+        self.attempt = 0
+        self.failures = 0
+        entry = {
+            "kind": "round", "run": r.plan.run, "round": r.plan.round, "attempt": r.plan.attempt,
+            "strategy": self.strategy.name, "participants": len(reports), "missing": sorted(r.expected - set(reports)),
+            "round_s": round(now - r.started, 3),
+            "bytes_up": sum(rep.bytes_up for rep in reports.values()),
+            "bytes_down": sum(rep.bytes_down for rep in reports.values()),
+            "devices": device_costs(reports, 0.0, r.edge_of()),
+        }
+        c.commit(new, entry, now)
+
+    def _retry(self, r: CloudRound, reported: int, needed: int, now: float) -> None:
+        c = self.cloud
+        self.attempt += 1
+        self.failures += 1  # quorum misses only: attempts started by a cloud restart do not count
+        failed = self.failures >= c.settings.max_attempts
+        c.do(Emit("quorum_not_met", "error" if failed else "warning", {
+            "run": r.plan.run, "round": r.plan.round, "reported": reported, "needed": needed,
+            "attempt": r.plan.attempt, "action": "fail" if failed else "retry"}))
+        if failed:
+            c.fail(now, f"round {r.plan.round}: quorum not met in {self.failures} attempts")
+        else:
+            # The next attempt's number is on disk before it is announced: after a crash the cloud opens a
+            # fresh attempt, never one that devices may already have finished.
+            c.persist(now)
+
+    def on_restart(self, ev: Received, msg: Restart, now: float) -> None:
+        """Migration fallback: the device's source edge is gone with its edge-side state. Restart the device's
+        part of the round at its new edge from the round's global model."""
+        c = self.cloud
+        r = self.current
+        if r is None or msg.run != r.plan.run or msg.round != r.plan.round or ev.src not in r.expected:
+            c.drop("wrong_round", f"restart request from {ev.src} for round {msg.round}", ev.src)
+            return
+        if not c.is_edge(msg.edge):
+            c.drop("unknown_node", f"restart at unknown edge {msg.edge!r}", ev.src)
+            return
+        r.move(ev.src, msg.edge)
+        c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan, cuts={ev.src: c.cut_for(ev.src)},
+                                state=c.global_state)))
+        c.do(Emit("round_restarted_for_device", "warning", {"device": ev.src, "edge": msg.edge,
+                                                            "round": r.plan.round, "source": msg.source}))
+

@@ -1,0 +1,594 @@
+"""The device's protocol machine: one round at a time, the first stage of a split, the mover in a migration.
+
+Theory of operation (docs/design.md, "Round" and "Migration"). Idle, the device waits for its edge's
+``TrainRound``. A round opens the device's stage (blocks ``[0, cut)``, or the whole model when the cut is
+the end: classic FL), then walks its mini-batches. Within a mini-batch the device follows the 2-stage 1F1B
+schedule (``mqttfl.protocol.schedule``): up to min(M, 3) micro-batches are in flight, so the next forward
+runs while the edge and the network handle the previous one. Each forward's activations stay in
+``outstanding`` until their gradient arrives; when a gradient is overdue, or the link comes back, the
+device re-sends them, and the edge answers a re-sent micro-batch from its cache (exactly-once effect). The
+optimizer steps once per mini-batch. At the end the device sends its part's delta (reliable) and is idle.
+
+A move (FedFly) happens at a mini-batch boundary, when no gradient is in flight:
+
+    MIGRATING: expect -> dest, freeze -> source
+      source: nothing ............ restart the round at dest from the global model (via the cloud)
+      source: refused ............ abort, continue at the source
+      source: frozen / transfer .. (relay: carry the transfer to dest) wait for dest
+      dest:   ready .............. release -> source, continue at dest
+      dest:   refused ............ abort, continue at the source
+      timer:  heard the source ... abort, continue at the source; else restart at dest
+
+Every effect is returned, never performed: the runtime sends, times and trains (``mqttfl.runtime.node``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mqttfl.protocol import stage
+from mqttfl.protocol.control import arg, check_id
+from mqttfl.protocol.errors import ProtocolError
+from mqttfl.protocol.events import (
+    Command,
+    CommandError,
+    Drop,
+    Effect,
+    Emit,
+    Event,
+    JobDone,
+    LinkChanged,
+    Log,
+    Received,
+    Reply,
+    Run,
+    Send,
+    SetStatus,
+    SetTimer,
+    Started,
+    TimerFired,
+)
+from mqttfl.protocol.messages import (
+    Abort,
+    Activations,
+    Ckpt,
+    DeviceUpdate,
+    Expect,
+    Freeze,
+    Frozen,
+    Gradients,
+    Leave,
+    MovePath,
+    Nothing,
+    Ready,
+    Refused,
+    Release,
+    Report,
+    Restart,
+    TrainRound,
+    Transfer,
+)
+from mqttfl.protocol.plan import Plan, batches_per_epoch, round_steps
+from mqttfl.protocol.schedule import Action, one_f_one_b
+from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
+from mqttfl.protocol.status import NodeState
+
+SchemaSource = Callable[[ModelRef], ModelSchema]
+Key = tuple[int, int]
+ACT_TIMER = "act"
+MIGRATE_TIMER = "migrate"
+
+
+@dataclass
+class Migration:
+    id: str
+    source: str
+    dest: str
+    path: MovePath
+    t0: float  # the pause a move costs is timed on this device's clock only, from here to ready
+    started: float  # the current wait began (moves when the source answers)
+    heard_source: bool = False
+    nbytes: int = 0
+
+
+@dataclass
+class DeviceRound:
+    plan: Plan
+    cut: int
+    local: bool
+    base: dict[str, np.ndarray]
+    session: str
+    started: float
+    first_start: float  # the first start of this plan (a restart keeps counting FedFly's total time)
+    t_download: float
+    total: int  # mini-batches this round
+    step: int = 0  # mini-batches completed
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    actions: list[Action] = field(default_factory=list)  # the current mini-batch's 1F1B actions
+    pos: int = 0
+    n_micro: int = 1
+    batch_len: int = 0
+    waiting: stage.Job | None = None  # the job whose result we need before going on
+    outstanding: dict[Key, Activations] = field(default_factory=dict)
+    grads: dict[Key, Gradients] = field(default_factory=dict)
+    blocked_since: float | None = None  # waiting for a gradient since
+    last_send: float = 0.0
+    resends: int = 0
+    migration: Migration | None = None
+    meters0: stage.Meters = field(default_factory=stage.Meters)
+    delta: dict[str, np.ndarray] | None = None
+
+
+class DeviceMachine:
+    """See the module docstring. ``n_samples`` is the size of the local shard (the data stays in the runtime)."""
+
+    def __init__(self, node: str, *, edge: str, n_samples: int, schemas: SchemaSource, cloud: str = "cloud",
+                 cut: int | None = None, labels: list[int] | None = None, act_timeout_s: float = 10.0,
+                 migrate_timeout_s: float = 10.0, id_prefix: str = "0") -> None:
+        check_id(edge, "edge")
+        self.node, self.edge, self.cloud = node, edge, cloud
+        self.n_samples = n_samples
+        self.schemas = schemas
+        self.cut_pref = cut
+        self.labels = labels
+        self.act_timeout_s = act_timeout_s
+        self.migrate_timeout_s = migrate_timeout_s
+        self.round: DeviceRound | None = None
+        self.pending: Received | None = None  # a newer round announced while one was running
+        self.done_keys: list[tuple[str, int, int]] = []
+        self.first_starts: dict[tuple[str, int, int], float] = {}
+        self.rounds_done = 0
+        self.rx_mark = 0  # bytes received at the end of the previous round
+        self.pending_move: tuple[str, MovePath] | None = None
+        self.move_at_step = 0
+        self.previous_edge: str | None = None  # a round announced there before an idle move still counts
+        self.idle_move: tuple[MovePath, int] = (MovePath.DIRECT, 0)
+        self.migrations: list[dict[str, Any]] = []
+        self._ids = 0
+        self._id_prefix = id_prefix
+        self._fx: list[Effect] = []
+
+    # ------------------------------------------------------------------ interface
+    def presence(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"edge": self.edge, "samples": self.n_samples,
+                                  "cut": -1 if self.cut_pref is None else self.cut_pref}
+        if self.labels is not None:
+            # Eco-FL grouping uses the label mix; a device may keep it to itself (share_labels = false).
+            status["labels"] = list(self.labels)
+        return status
+
+    def metrics(self) -> dict[str, Any]:
+        return {"rounds_done": self.rounds_done}
+
+    def handle(self, ev: Event, now: float) -> list[Effect]:
+        self._fx = []
+        if isinstance(ev, Received):
+            self._on_message(ev, now)
+        elif isinstance(ev, JobDone):
+            self._on_job(ev, now)
+        elif isinstance(ev, TimerFired):
+            self._on_timer(ev, now)
+        elif isinstance(ev, LinkChanged):
+            if ev.up and self.round is not None and self.round.outstanding:
+                self._resend(now)
+        elif isinstance(ev, Command):
+            self._on_command(ev, now)
+        elif isinstance(ev, Started):
+            self._status(NodeState.IDLE, round=None)
+        fx, self._fx = self._fx, []
+        return fx
+
+    # ------------------------------------------------------------------ helpers
+    def _do(self, *effects: Effect) -> None:
+        self._fx.extend(effects)
+
+    def _new_id(self, what: str) -> str:
+        self._ids += 1
+        return f"{what}{self._id_prefix}.{self._ids}"
+
+    def _status(self, state: NodeState, **fields: Any) -> None:
+        self._do(SetStatus(state, {"edge": self.edge, **fields}))
+
+    def _run(self, job: stage.Job) -> None:
+        assert self.round is not None
+        self.round.waiting = job
+        self._do(Run(job))
+
+    def _send(self, dst: str, msg: Any, reliable: bool = False) -> None:
+        self._do(Send(dst, msg, reliable))
+
+    # ------------------------------------------------------------------ messages
+    def _on_message(self, ev: Received, now: float) -> None:
+        msg = ev.msg
+        if isinstance(msg, TrainRound):
+            self._on_train_round(ev, now)
+        elif isinstance(msg, Gradients):
+            self._on_grad(ev, msg, now)
+        elif isinstance(msg, Ckpt):
+            self._on_ckpt(ev, msg, now)
+        else:
+            self._do(Drop("unexpected", f"{msg.kind}/{msg.op} is not for a device", ev.src))
+
+    def _on_train_round(self, ev: Received, now: float) -> None:
+        msg = ev.msg
+        assert isinstance(msg, TrainRound)
+        plan, r = msg.plan, self.round
+        if ev.src != self.edge and not (r is None and ev.src == self.previous_edge):
+            self._do(Drop("unknown_sender", f"model from {ev.src}, attached to {self.edge}", ev.src))
+            return
+        if plan.key in self.done_keys or (r is not None and plan.key == r.plan.key):
+            return  # a re-delivered announcement of a round we run or finished
+        try:
+            schema = self.schemas(plan.model_ref)
+            if not 1 <= msg.cut <= schema.n_blocks:
+                raise ProtocolError("bad_plan", f"cut {msg.cut} outside 1..{schema.n_blocks}")
+            state = check_state(msg.state, schema.specs(0, msg.cut), "device model")
+        except (ProtocolError, ValueError, KeyError) as e:
+            self._do(Drop(getattr(e, "code", "bad_model"), str(e), ev.src))
+            return
+        if r is not None:
+            if not plan.newer_than(r.plan):
+                self._do(Drop("stale", f"round {plan.key} is older than the one running {r.plan.key}", ev.src))
+                return
+            self.pending = ev
+            self._abort(now, "a newer round was announced")
+            return
+        if ev.src != self.edge:
+            # The round was announced at the old edge before our idle move reached it: train it there and
+            # migrate as the move asked (path, and at_step or the first mini-batch boundary).
+            self.pending_move = (self.edge, self.idle_move[0])
+            self.move_at_step = self.idle_move[1]
+            self.edge = ev.src
+        self.previous_edge = None
+        self._start_round(msg, state, schema, ev.transit_s, now)
+
+    def _start_round(self, msg: TrainRound, state: dict[str, np.ndarray], schema: ModelSchema, t_download: float,
+                     now: float) -> None:
+        plan = msg.plan
+        first = self.first_starts.setdefault(plan.key, now)
+        while len(self.first_starts) > 8:
+            self.first_starts.pop(next(iter(self.first_starts)))
+        self.round = r = DeviceRound(
+            plan=plan, cut=msg.cut, local=msg.cut == schema.n_blocks, base=state, session=self._new_id("r"),
+            started=now, first_start=first, t_download=t_download, total=round_steps(self.n_samples, plan))
+        self._status(NodeState.TRAINING, round=plan.round, run=plan.run)
+        self._do(Log("info", "round start", {"round": plan.round, "cut": msg.cut, "steps": r.total}))
+        self._run(stage.Measure(r.session))
+
+    # ------------------------------------------------------------------ jobs
+    def _on_job(self, ev: JobDone, now: float) -> None:
+        r = self.round
+        if r is None or ev.job is not r.waiting:
+            return  # the result of a job of an aborted round
+        r.waiting = None
+        job = ev.job
+        if ev.error is not None:
+            self._abort(now, f"training failed: {ev.error}")
+            return
+        if isinstance(job, stage.Measure):
+            if r.delta is None:
+                r.meters0 = ev.result
+                self._run(stage.Open(r.session, r.plan, 0, r.cut, r.base, data=True))
+            else:
+                self._deliver(ev.result, now)
+            return
+        if isinstance(job, stage.Forward):
+            self._forwarded(job, ev.result, now)
+        elif isinstance(job, stage.Backward):
+            key = (job.step, job.micro)
+            r.outstanding.pop(key, None)
+            r.grads.pop(key, None)
+            r.pos += 1
+        elif isinstance(job, stage.Step):
+            self._mini_batch_done(now)
+            return
+        elif isinstance(job, stage.LocalBatch):
+            res: stage.BatchStats = ev.result
+            r.loss_sum += res.loss_sum
+            r.correct += res.correct
+            r.seen += res.n
+            self._mini_batch_done(now)
+            return
+        elif isinstance(job, stage.Weights):
+            r.delta = {k: (np.asarray(v, np.float32) - r.base[k]).astype(np.float32) for k, v in ev.result.items()}
+            self._run(stage.Measure(r.session))
+            return
+        self._advance(now)
+
+    def _batch_len(self, r: DeviceRound, step: int) -> int:
+        per_epoch = batches_per_epoch(self.n_samples, r.plan.batch_size)
+        i = step % per_epoch
+        return min(r.plan.batch_size, self.n_samples - i * r.plan.batch_size)
+
+    def _advance(self, now: float) -> None:
+        """Run the next action of the round, unless something must come first (a job, a gradient, a move)."""
+        r = self.round
+        if r is None or r.waiting is not None or r.migration is not None:
+            return
+        if r.step >= r.total:
+            self._run(stage.Weights(r.session))
+            return
+        if not r.actions:
+            r.batch_len = self._batch_len(r, r.step)
+            r.n_micro = min(r.plan.micro_batches, r.batch_len)
+            if r.local:
+                self._run(stage.LocalBatch(r.session, r.step, r.n_micro))
+                return
+            r.actions, r.pos = one_f_one_b(2, r.n_micro, 0), 0
+        if r.pos >= len(r.actions):
+            self._run(stage.Step(r.session))
+            return
+        action = r.actions[r.pos]
+        if action.op == "F":
+            self._run(stage.Forward(r.session, r.step, action.micro, r.n_micro))
+            return
+        key = (r.step, action.micro)
+        grad = r.grads.get(key)
+        if grad is None:
+            if r.blocked_since is None:
+                r.blocked_since = now
+            return  # the gradient arrives as a message
+        r.blocked_since = None
+        self._run(stage.Backward(r.session, r.step, action.micro, grad.g))
+
+    def _forwarded(self, job: stage.Forward, res: stage.Smashed, now: float) -> None:
+        r = self.round
+        assert r is not None
+        act = Activations(run=r.plan.run, round=r.plan.round, step=job.step, micro=job.micro, n_micro=job.n_micro,
+                          batch_size=r.batch_len, attempt=r.plan.attempt, x=res.x, y=res.y)
+        r.outstanding[act.key] = act
+        self._send(self.edge, act)
+        r.last_send = now
+        self._do(SetTimer(ACT_TIMER, now + self.act_timeout_s))
+        r.pos += 1
+
+    def _mini_batch_done(self, now: float) -> None:
+        r = self.round
+        assert r is not None
+        r.step += 1
+        r.actions = []
+        # A move waits for a mini-batch boundary (no gradient in flight); one asked at the last boundary
+        # happens between rounds. Local training keeps no state at the edge: it moves between rounds too.
+        if self.pending_move is not None and not r.local and self.move_at_step <= r.step < r.total:
+            self._start_migration(now)
+            return
+        self._advance(now)
+
+    # ------------------------------------------------------------------ gradients and re-sends
+    def _on_grad(self, ev: Received, msg: Gradients, now: float) -> None:
+        r = self.round
+        if r is None or ev.src != self.edge or msg.run != r.plan.run or msg.round != r.plan.round:
+            self._do(Drop("wrong_round", f"grad from {ev.src} for {msg.run}/{msg.round}", ev.src))
+            return
+        sent = r.outstanding.get(msg.key)
+        if sent is None or msg.key in r.grads:
+            return  # the answer to a re-sent act we already have
+        if msg.g.shape != sent.x.shape or msg.g.dtype != np.float32:
+            self._do(Drop("bad_shape", f"grad {msg.g.shape} for activations {sent.x.shape}", ev.src))
+            return
+        r.grads[msg.key] = msg
+        r.loss_sum += msg.loss_sum
+        r.correct += msg.correct
+        r.seen += int(sent.y.shape[0])
+        self._advance(now)
+
+    def _resend(self, now: float) -> None:
+        r = self.round
+        assert r is not None
+        r.resends += len(r.outstanding)
+        self._do(Log("info", "re-sending outstanding activations", {"n": len(r.outstanding), "edge": self.edge}))
+        for act in r.outstanding.values():
+            self._send(self.edge, act)
+        r.last_send = now
+        self._do(SetTimer(ACT_TIMER, now + self.act_timeout_s))
+
+    def _on_timer(self, ev: TimerFired, now: float) -> None:
+        r = self.round
+        if r is None:
+            return
+        if ev.key == MIGRATE_TIMER and r.migration is not None:
+            if now >= r.migration.started + self.migrate_timeout_s:  # a moved deadline re-arms the timer
+                m = r.migration
+                if m.heard_source:
+                    self._migration_failed(now, "destination did not answer")
+                else:
+                    self._restart_at(now, m.dest, m.id, m.source, "source edge did not answer")
+            return
+        if ev.key != ACT_TIMER or not r.outstanding or r.migration is not None:
+            return
+        if now - r.last_send < self.act_timeout_s:
+            self._do(SetTimer(ACT_TIMER, r.last_send + self.act_timeout_s))
+            return
+        if r.blocked_since is None:
+            self._do(SetTimer(ACT_TIMER, now + self.act_timeout_s))
+            return
+        if self.pending_move is not None:
+            # Stuck mid-batch at a silent source while asked to move: the source is gone.
+            dest, _ = self.pending_move
+            self.pending_move = None
+            self._restart_at(now, dest, self._new_id("m"), self.edge, "source edge did not answer")
+            return
+        if now - r.blocked_since > max(r.plan.deadline_s, self.act_timeout_s * 3):
+            self._abort(now, f"no gradient from {self.edge} for {r.plan.deadline_s:.0f}s")
+            return
+        self._resend(now)
+
+    # ------------------------------------------------------------------ round end
+    def _deliver(self, meters: stage.Meters, now: float) -> None:
+        r = self.round
+        assert r is not None and r.delta is not None
+        report = Report(
+            samples=self.n_samples, attempt=r.plan.attempt, steps=r.step, loss_sum=r.loss_sum, correct=r.correct,
+            seen=r.seen, cut=r.cut, t_local=now - r.started, t_download=r.t_download,
+            t_total=now - r.first_start, bytes_up=meters.tx_bytes - r.meters0.tx_bytes,
+            # Since the end of the previous round, so the model message that opened this one counts.
+            bytes_down=meters.rx_bytes - self.rx_mark, peak_rss_mb=round(meters.peak_rss_mb, 1),
+            resends=r.resends)
+        self._send(self.edge, DeviceUpdate(run=r.plan.run, round=r.plan.round, report=report, delta=r.delta),
+                   reliable=True)
+        self.rx_mark = meters.rx_bytes
+        self.done_keys = (self.done_keys + [r.plan.key])[-8:]
+        self.rounds_done += 1
+        self._do(Log("info", "round done", {"round": r.plan.round, "steps": r.step,
+                                            "t_local": round(now - r.started, 2),
+                                            "loss": round(r.loss_sum / max(r.seen, 1), 4)}))
+        self._end_round(now)
+
+    def _abort(self, now: float, reason: str) -> None:
+        self._do(Emit("round_aborted", "warning", {"reason": reason}),
+                 Log("warning", "round aborted", {"reason": reason}))
+        self._end_round(now)
+
+    def _end_round(self, now: float) -> None:
+        r = self.round
+        assert r is not None
+        self._do(Run(stage.Close(r.session)))
+        self.round = None
+        if self.pending_move is not None:
+            self.edge, _ = self.pending_move
+            self.pending_move = None
+            self._do(Emit("moved", fields={"device": self.node, "destination": self.edge, "during_round": False}))
+        self._status(NodeState.IDLE, round=None)
+        if self.pending is not None:
+            ev, self.pending = self.pending, None
+            self._on_train_round(ev, now)
+
+    # ------------------------------------------------------------------ migration (FedFly)
+    def _start_migration(self, now: float) -> None:
+        r = self.round
+        assert r is not None and self.pending_move is not None
+        dest, path = self.pending_move
+        self.pending_move = None
+        source, mid = self.edge, self._new_id("m")
+        if path == MovePath.RESTART:
+            self._restart_at(now, dest, mid, source, "restart requested")
+            return
+        r.migration = Migration(mid, source, dest, path, now, now)
+        self._do(SetStatus(NodeState.MIGRATING, {"edge": source, "destination": dest}))
+        # First tell the destination whose checkpoint to accept (it trusts no self-declared edge).
+        self._send(dest, Expect(migration=mid, source=source))
+        self._send(source, Freeze(run=r.plan.run, round=r.plan.round, migration=mid, to=dest, path=path,
+                                  step=r.step))
+        self._do(SetTimer(MIGRATE_TIMER, now + self.migrate_timeout_s))
+
+    def _on_ckpt(self, ev: Received, msg: Ckpt, now: float) -> None:
+        r = self.round
+        m = r.migration if r is not None else None
+        if r is None or m is None or msg.migration != m.id:
+            return  # late answers of a move that is over
+        if ev.src == m.source and isinstance(msg, Nothing):
+            # Mid-round the source should hold our edge-side state; if it has none (it restarted, or its
+            # round timed out), the round can only start over at the destination.
+            self._restart_at(now, m.dest, m.id, m.source, "source edge held no state for us")
+        elif ev.src == m.source and isinstance(msg, Refused):
+            self._migration_failed(now, f"source refused: {msg.reason}")
+        elif ev.src == m.source and isinstance(msg, (Frozen, Transfer)):
+            m.heard_source = True
+            m.nbytes = msg.checkpoint_bytes
+            m.started = now  # now waiting for the destination
+            self._do(SetTimer(MIGRATE_TIMER, now + self.migrate_timeout_s))
+            if isinstance(msg, Transfer):  # relay: the edges may not talk to each other; we carry it
+                self._send(m.dest, msg)
+        elif ev.src == m.dest and isinstance(msg, Ready):
+            self._migrated(now, m)
+        elif ev.src == m.dest and isinstance(msg, Refused):
+            self._migration_failed(now, f"destination refused: {msg.reason}")
+
+    def _migrated(self, now: float, m: Migration) -> None:
+        r = self.round
+        assert r is not None
+        self._send(m.source, Release(migration=m.id))
+        self.edge = m.dest
+        r.migration = None
+        record = {"device": self.node, "source": m.source, "destination": m.dest, "path": str(m.path),
+                  "migration": m.id, "pause_ms": round((now - m.t0) * 1000.0, 2), "checkpoint_bytes": m.nbytes,
+                  "step": r.step, "round": r.plan.round}
+        self.migrations = (self.migrations + [record])[-50:]
+        self._status(NodeState.TRAINING)
+        self._do(Emit("migration_done", fields=record), Log("info", "migrated", record))
+        self._advance(now)
+
+    def _migration_failed(self, now: float, reason: str) -> None:
+        """Resume at the source: it unfreezes the session, nothing was lost. The destination drops whatever
+        it may still install for this move."""
+        r = self.round
+        assert r is not None and r.migration is not None
+        m, r.migration = r.migration, None
+        self._send(m.source, Abort(migration=m.id))
+        self._send(m.dest, Abort(migration=m.id))
+        self._status(NodeState.TRAINING)
+        self._do(Emit("migration_failed", "warning", {
+            "device": self.node, "source": m.source, "destination": m.dest, "migration": m.id, "reason": reason,
+            "action": "continue at source"}), Log("warning", "migration failed, continuing at the source",
+                                                  {"reason": reason}))
+        self._advance(now)
+
+    def _restart_at(self, now: float, dest: str, mid: str, source: str, reason: str) -> None:
+        """The source edge is gone with our edge-side state: ask the cloud to restart our round at dest."""
+        r = self.round
+        assert r is not None
+        self.edge = dest
+        # Best effort: a live source forgets us instead of reporting us missing at its deadline.
+        self._send(source, Leave(migration=mid))
+        self._send(dest, Abort(migration=mid))  # drop a late install
+        self._send(self.cloud, Restart(run=r.plan.run, round=r.plan.round, migration=mid, edge=dest, source=source))
+        self._do(Emit("migration_fallback", "warning", {
+            "device": self.node, "source": source, "destination": dest, "migration": mid, "reason": reason,
+            "action": "restart the round at the destination from the global model"}))
+        self._abort(now, "source edge gone; restarting the round at the destination")
+
+    # ------------------------------------------------------------------ commands
+    def _on_command(self, ev: Command, now: float) -> None:
+        try:
+            if ev.cmd == "train_stats":
+                r = self.round
+                result: Any = {"rounds_done": self.rounds_done, "step": r.step if r else 0,
+                               "resends": r.resends if r else 0, "edge": self.edge, "migrations": self.migrations[-10:]}
+            elif ev.cmd == "move":
+                result = self._cmd_move(ev.args, now)
+            elif ev.cmd == "set_edge":
+                edge = check_id(arg(ev.args, "edge", str), "edge")
+                if self.round is not None:
+                    raise CommandError("cannot change edge during a round; use 'move'", "busy")
+                self.edge = edge
+                self._status(NodeState.IDLE)
+                result = {"edge": edge}
+            else:
+                raise CommandError(f"unknown command {ev.cmd!r}; known: {sorted(COMMANDS)}", "unknown_command")
+        except CommandError as e:
+            self._do(Reply(ev, False, error=str(e), code=e.code))
+            return
+        self._do(Reply(ev, True, result))
+
+    def _cmd_move(self, args: dict[str, Any], now: float) -> dict[str, Any]:
+        """Move to another edge (FedFly). Idle: switch at once. Training: at the next mini-batch boundary,
+        the edge-side state follows the device (``path`` direct = edge to edge, relay = through us)."""
+        edge = check_id(arg(args, "edge", str), "edge")
+        path = MovePath(arg(args, "path", str, default="direct", check=lambda v: v in set(MovePath),
+                            why="direct, relay, or restart (drop the edge-side state and start the round "
+                                "over there)"))
+        at_step = arg(args, "at_step", int, default=0, check=lambda v: v >= 0)
+        if edge == self.edge:
+            cancelled = self.pending_move is not None
+            self.pending_move = None  # moving back before the move happened: nothing to do
+            return {"edge": edge, "moved": False, "reason": "already there", "cancelled": cancelled}
+        if self.round is None:
+            self.previous_edge = self.edge
+            self.idle_move = (path, at_step)
+            self.edge = edge
+            self._status(NodeState.IDLE)
+            self._do(Emit("moved", fields={"device": self.node, "destination": edge, "during_round": False}))
+            return {"edge": edge, "moved": True, "when": "now (idle)"}
+        self.pending_move = (edge, path)
+        self.move_at_step = at_step
+        when = f"mini-batch boundary {at_step}" if at_step > self.round.step else "next mini-batch boundary"
+        return {"edge": edge, "moved": False, "when": when, "path": str(path)}
+
+
+COMMANDS = ("move", "set_edge", "train_stats")

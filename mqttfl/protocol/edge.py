@@ -1,0 +1,547 @@
+"""The edge's protocol machine: the last stage for each attached device (SplitFed V1), pre-aggregation,
+and both ends of a migration.
+
+Theory of operation (docs/design.md, "Round"). A cloud ``OpenRound`` opens one *session* per device: that
+device's copy of the edge-side blocks and optimizer (a stage job session), its data position ``expected``
+(the next (step, micro)), and a small cache of the gradients it returned. Activations must arrive in
+(step, micro) order; a re-sent micro-batch that was already processed is answered from the cache and trains
+nothing (exactly-once effect). The optimizer steps once per device mini-batch. When every device of the
+round has sent its delta (or the deadline, ``deadline_fraction`` of the cloud's, passes) the edge sends one
+delta to the cloud: the sample-weighted mean of its devices' full-model deltas, so the cloud's weighted
+mean over edges is flat FedAvg over devices. Several rounds may be open at once (asynchronous groups); a
+device is in at most one.
+
+Migration, at this edge as source: ``freeze`` snapshots the session at a mini-batch boundary and sends the
+checkpoint to the destination (``direct``) or the device (``relay``); ``release`` forgets it, ``abort``
+unfreezes it. As destination: ``expect`` names the only source whose checkpoint is accepted for that move
+(the device's word: the broker authenticates it); ``transfer`` is validated against the model, installed as
+a new session and answered with ``ready``; ``abort`` forgets a session installed for that move.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from mqttfl.fl.aggregate import weighted_average
+from mqttfl.protocol import stage
+from mqttfl.protocol.checkpoint import CheckpointError, EdgeCheckpoint, from_message
+from mqttfl.protocol.errors import ProtocolError
+from mqttfl.protocol.events import (
+    Ack,
+    Command,
+    Count,
+    Drop,
+    Effect,
+    Emit,
+    Event,
+    JobDone,
+    Log,
+    Received,
+    Reply,
+    Run,
+    Send,
+    SetStatus,
+    SetTimer,
+    Started,
+    TimerFired,
+)
+from mqttfl.protocol.messages import (
+    Abort,
+    Activations,
+    DeviceUpdate,
+    EdgeUpdate,
+    Expect,
+    Freeze,
+    Frozen,
+    Gradients,
+    Leave,
+    MovePath,
+    Nothing,
+    OpenRound,
+    Ready,
+    Refused,
+    Release,
+    Report,
+    RoundTag,
+    TrainRound,
+    Transfer,
+)
+from mqttfl.protocol.plan import Plan
+from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
+from mqttfl.protocol.status import NodeState
+
+SchemaSource = Callable[[ModelRef], ModelSchema]
+Key = tuple[int, int]
+RoundKey = tuple[str, int, int]
+GRAD_CACHE = 16  # >= the most micro-batches of one mini-batch that can be re-sent at once
+EXPECTED_TRANSFERS = 256
+
+
+@dataclass
+class Session:
+    device: str
+    plan: Plan
+    cut: int
+    sid: str | None  # the stage job session; None: the device trains the whole model locally
+    base: dict[str, np.ndarray]  # global state of the edge-side keys, for the delta
+    activation: tuple[int, ...] = ()
+    expected: Key = (0, 0)  # next (step, micro) to process
+    n_micro: int = 0
+    grad_cache: OrderedDict[Key, Gradients] = field(default_factory=OrderedDict)
+    steps: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    delta: dict[str, np.ndarray] | None = None
+    report: Report | None = None
+    frozen: str | None = None  # migration id while the device's state is on its way to another edge
+    installed_by: str | None = None  # migration id that brought this session here (an abort undoes it)
+    closing: tuple[Received, DeviceUpdate] | None = None  # a device delta waiting for the stage's weights
+
+
+@dataclass
+class EdgeRound:
+    plan: Plan
+    devices: dict[str, int]  # device -> cut
+    global_state: dict[str, np.ndarray]
+    deadline: float
+    started: float
+    sessions: dict[str, Session] = field(default_factory=dict)
+    sent: bool = False
+    tag: RoundTag | None = None  # echoed to the cloud (asynchronous groups: group, version)
+
+
+class EdgeMachine:
+    def __init__(self, node: str, *, schemas: SchemaSource, cloud: str = "cloud", deadline_fraction: float = 0.85,
+                 id_prefix: str = "0") -> None:
+        self.node, self.cloud = node, cloud
+        self.schemas = schemas
+        self.deadline_fraction = deadline_fraction
+        self.rounds: dict[RoundKey, EdgeRound] = {}
+        self.device_round: dict[str, RoundKey] = {}
+        self.rounds_done = 0
+        # (device, migration id) -> source edge: announced by the device itself (the broker authenticates
+        # it), so a checkpoint from any other sender is refused. Bounded: oldest forgotten first.
+        self.expected_transfers: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._jobs: dict[stage.Job, tuple[str, Any]] = {}  # job -> (what, context) for results we act on
+        self._ids = 0
+        self._id_prefix = id_prefix
+        self._fx: list[Effect] = []
+
+    # ------------------------------------------------------------------ interface
+    def presence(self) -> dict[str, Any]:
+        return {}
+
+    def metrics(self) -> dict[str, Any]:
+        return {"rounds_done": self.rounds_done, "open_rounds": [k[1] for k in self.rounds],
+                "devices": sorted(self.device_round)}
+
+    def handle(self, ev: Event, now: float) -> list[Effect]:
+        self._fx = []
+        if isinstance(ev, Received):
+            self._on_message(ev, now)
+        elif isinstance(ev, JobDone):
+            self._on_job(ev, now)
+        elif isinstance(ev, TimerFired):
+            r = self.rounds.get(ev.key[1]) if isinstance(ev.key, tuple) and ev.key[0] == "round" else None
+            if r is not None and not r.sent and now >= r.deadline:
+                self._finish_round(r, now, timed_out=True)
+        elif isinstance(ev, Started):
+            self._do(SetStatus(NodeState.IDLE))
+        elif isinstance(ev, Command):
+            self._do(Reply(ev, False, error=f"unknown command {ev.cmd!r}", code="unknown_command"))
+        fx, self._fx = self._fx, []
+        return fx
+
+    def session_of(self, device: str) -> tuple[EdgeRound | None, Session | None]:
+        key = self.device_round.get(device)
+        r = self.rounds.get(key) if key is not None else None
+        return (r, r.sessions.get(device)) if r is not None else (None, None)
+
+    # ------------------------------------------------------------------ helpers
+    def _do(self, *effects: Effect) -> None:
+        self._fx.extend(effects)
+
+    def _run(self, job: stage.Job, what: str = "", context: Any = None) -> None:
+        if what:
+            self._jobs[job] = (what, context)
+        self._do(Run(job))
+
+    def _drop(self, reason: str, detail: str, src: str) -> None:
+        self._do(Drop(reason, detail, src))
+
+    def _set_status(self) -> None:
+        busy = [r for r in self.rounds.values() if not r.sent]
+        if busy:
+            last = busy[-1].plan
+            self._do(SetStatus(NodeState.TRAINING, {"round": last.round, "run": last.run,
+                                                    "devices": sorted(self.device_round)}))
+        else:
+            self._do(SetStatus(NodeState.IDLE, {"devices": []}))
+
+    def _on_message(self, ev: Received, now: float) -> None:
+        msg = ev.msg
+        handlers: dict[type, Callable[[Received, Any, float], None]] = {
+            OpenRound: self._on_open_round, Activations: self._on_act, DeviceUpdate: self._on_device_update,
+            Freeze: self._on_freeze, Transfer: self._on_transfer, Expect: self._on_expect,
+            Release: self._on_release, Leave: self._on_leave, Abort: self._on_abort,
+        }
+        handler = handlers.get(type(msg))
+        if handler is None:
+            self._drop("unexpected", f"{msg.kind}/{msg.op} is not for an edge", ev.src)
+            return
+        handler(ev, msg, now)
+
+    # ------------------------------------------------------------------ round start
+    def _on_open_round(self, ev: Received, msg: OpenRound, now: float) -> None:
+        if ev.src != self.cloud:
+            self._drop("unknown_sender", f"model from {ev.src}", ev.src)
+            return
+        plan = msg.plan
+        try:
+            schema = self.schemas(plan.model_ref)
+            for d, c in msg.cuts.items():
+                if not 1 <= c <= schema.n_blocks:
+                    raise ProtocolError("bad_plan", f"cut {c} for {d} outside 1..{schema.n_blocks}")
+            state = check_state(msg.state, schema.specs(), "global model")
+        except (ProtocolError, ValueError, KeyError) as e:
+            self._drop(getattr(e, "code", "bad_model"), str(e), ev.src)
+            return
+        r = self.rounds.get(plan.key)
+        if r is not None:
+            # Same round announced again: re-delivery, or the cloud adding a device (migration fallback).
+            devices = {d: c for d, c in msg.cuts.items() if d not in r.sessions}
+            if not devices:
+                return
+            r.devices.update(devices)
+            # A round opened by a migration holds only edge-side base weights: take the full state now.
+            r.global_state.update(state)
+        else:
+            devices = dict(msg.cuts)
+            r = EdgeRound(plan, devices, state, deadline=now + plan.deadline_s * self.deadline_fraction,
+                          started=now, tag=msg.tag)
+            self._do(SetTimer(("round", plan.key), r.deadline))
+        for device in devices:
+            self._leave(device, now)  # a newer round supersedes whatever the device was doing
+            self.device_round[device] = plan.key
+        self.rounds[plan.key] = r
+        self._do(Log("info", "round start", {"round": plan.round, "devices": sorted(devices)}))
+        for device, cut in devices.items():
+            r.sessions[device] = self._open_session(plan, device, cut, r.global_state, schema)
+            dev_keys = schema.keys(0, cut)
+            self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
+                                             state={k: r.global_state[k] for k in dev_keys})))
+        self._set_status()
+        if not devices:
+            self._finish_round(r, now)
+
+    def _new_sid(self, device: str) -> str:
+        self._ids += 1
+        return f"{device}/{self._id_prefix}.{self._ids}"
+
+    def _open_session(self, plan: Plan, device: str, cut: int, global_state: dict[str, np.ndarray],
+                      schema: ModelSchema) -> Session:
+        if cut == schema.n_blocks:
+            return Session(device, plan, cut, None, base={})
+        sid = self._new_sid(device)
+        base = {k: global_state[k] for k in schema.keys(cut)}
+        self._run(stage.Open(sid, plan, cut, schema.n_blocks, base))
+        return Session(device, plan, cut, sid, base=base, activation=schema.activation(cut))
+
+    def _leave(self, device: str, now: float) -> None:
+        old_r, old_s = self.session_of(device)
+        self.device_round.pop(device, None)
+        if old_r is not None and not old_r.sent:
+            old_r.sessions.pop(device, None)
+            self._close(old_s)
+            if not old_r.sessions or all(x.delta is not None for x in old_r.sessions.values()):
+                self._finish_round(old_r, now)
+
+    def _close(self, s: Session | None) -> None:
+        if s is not None and s.sid is not None:
+            self._do(Run(stage.Close(s.sid)))
+            s.sid = None
+
+    # ------------------------------------------------------------------ split training
+    def _on_act(self, ev: Received, msg: Activations, now: float) -> None:
+        r, s = self.session_of(ev.src)
+        if r is None or s is None:
+            self._drop("unknown_sender", f"act from {ev.src}, not in a round here", ev.src)
+            return
+        if msg.run != r.plan.run or msg.round != r.plan.round or msg.attempt != r.plan.attempt:
+            self._drop("wrong_round", f"act for {msg.run}/{msg.round}, round is {r.plan.round}", ev.src)
+            return
+        if s.sid is None or s.delta is not None:
+            self._drop("unexpected", f"{ev.src} trains locally or has finished", ev.src)
+            return
+        if s.frozen is not None:
+            self._drop("frozen", f"{ev.src} is migrating ({s.frozen})", ev.src)
+            return
+        cached = s.grad_cache.get(msg.key)
+        if cached is not None:
+            # Exactly-once: the device re-sent an act we processed (its link dropped); answer from cache.
+            self._do(Send(ev.src, cached), Count("grad_resent"))
+            return
+        if msg.key != s.expected:
+            self._drop("out_of_order", f"act {msg.key} from {ev.src}, expected {s.expected}", ev.src)
+            return
+        try:
+            check_activation(msg, s.activation, r.plan)
+            if msg.micro > 0 and msg.n_micro != s.n_micro:
+                raise ProtocolError("bad_field", f"n_micro changed mid-batch ({s.n_micro} -> {msg.n_micro})")
+        except ProtocolError as e:
+            self._drop(e.code, str(e), ev.src)
+            return
+        s.n_micro = msg.n_micro
+        job = stage.Loss(s.sid, msg.step, msg.micro, np.asarray(msg.x), np.asarray(msg.y), msg.batch_size)
+        self._run(job, "grad", (s, ev.src))
+        if msg.micro + 1 == msg.n_micro:
+            self._run(stage.Step(s.sid))  # one optimizer step per device mini-batch, like the device
+            s.steps += 1
+            s.expected = (msg.step + 1, 0)
+        else:
+            s.expected = (msg.step, msg.micro + 1)
+
+    def _grad_ready(self, s: Session, device: str, job: stage.Loss, res: stage.LossResult) -> None:
+        g = Gradients(run=s.plan.run, round=s.plan.round, step=job.step, micro=job.micro, loss_sum=res.loss_sum,
+                      correct=res.correct, g=res.grad)
+        self._do(Send(device, g))
+        s.grad_cache[(job.step, job.micro)] = g
+        while len(s.grad_cache) > GRAD_CACHE:
+            s.grad_cache.popitem(last=False)
+        s.loss_sum += res.loss_sum
+        s.seen += res.n
+
+    # ------------------------------------------------------------------ round end
+    def _on_device_update(self, ev: Received, msg: DeviceUpdate, now: float) -> None:
+        r, s = self.session_of(ev.src)
+        attempt = msg.report.attempt
+        if r is None or s is None or msg.run != r.plan.run or msg.round != r.plan.round or attempt != r.plan.attempt:
+            if r is None or msg.round < r.plan.round or msg.run != r.plan.run or attempt != r.plan.attempt:
+                self._do(Ack(ev))  # a late re-send of a finished round: stop the device re-sending
+            self._drop("wrong_round", f"delta from {ev.src} for round {msg.round}", ev.src)
+            return
+        if s.delta is not None:
+            self._do(Ack(ev))
+            return
+        if s.closing is not None:
+            return  # the same delta again while we fetch the stage's weights; the first one is acked
+        try:
+            schema = self.schemas(r.plan.model_ref)
+            check_state(msg.delta, schema.specs(0, s.cut), f"delta of {ev.src}")
+        except (ProtocolError, ValueError) as e:
+            self._drop(getattr(e, "code", "bad_field"), str(e), ev.src)
+            return
+        if s.sid is None:
+            self._device_done(r, s, ev, msg, {}, now)
+        else:
+            s.closing = (ev, msg)
+            self._run(stage.Weights(s.sid), "weights", s)
+
+    def _device_done(self, r: EdgeRound, s: Session, ev: Received, msg: DeviceUpdate,
+                     edge_weights: dict[str, np.ndarray], now: float) -> None:
+        delta = {k: np.array(v, dtype=np.float32) for k, v in msg.delta.items()}
+        delta.update({k: (np.asarray(edge_weights[k], np.float32) - s.base[k]).astype(np.float32) for k in s.base})
+        s.delta = delta
+        s.report = replace(msg.report, t_upload=ev.transit_s, edge_steps=s.steps)
+        s.closing = None
+        self._do(Ack(ev), Log("info", "device done", {"device": ev.src, "round": r.plan.round,
+                                                       "samples": msg.report.samples}))
+        if all(x.delta is not None for x in r.sessions.values()):
+            self._finish_round(r, now)
+
+    def _finish_round(self, r: EdgeRound, now: float, timed_out: bool = False) -> None:
+        if r.sent:
+            return
+        r.sent = True
+        self.rounds.pop(r.plan.key, None)
+        for d in r.sessions:
+            if self.device_round.get(d) == r.plan.key:
+                self.device_round.pop(d)
+        done = {d: s for d, s in r.sessions.items() if s.delta is not None and s.report is not None
+                and s.report.samples > 0}
+        missing = tuple(sorted(set(r.sessions) - set(done)))
+        delta: dict[str, np.ndarray] = {}
+        if done:
+            delta = weighted_average([(s.delta, float(s.report.samples)) for s in done.values()
+                                      if s.delta is not None and s.report is not None])
+        if missing:
+            self._do(Emit("devices_missing", "warning", {"round": r.plan.round, "devices": list(missing),
+                                                         "timed_out": timed_out}))
+        update = EdgeUpdate(run=r.plan.run, round=r.plan.round, attempt=r.plan.attempt,
+                            reports={d: s.report for d, s in done.items() if s.report is not None},
+                            missing=missing, delta=delta, edge_time_s=now - r.started, tag=r.tag)
+        self._do(Send(self.cloud, update, reliable=True))
+        self.rounds_done += 1
+        self._do(Log("info", "round sent", {"round": r.plan.round, "devices": sorted(done), "missing": list(missing)}))
+        for s in r.sessions.values():
+            self._close(s)  # free the per-device replicas; the delta is sent
+        self._set_status()
+
+    # ------------------------------------------------------------------ jobs
+    def _on_job(self, ev: JobDone, now: float) -> None:
+        what, ctx = self._jobs.pop(ev.job, ("", None))
+        if not what:
+            return
+        if ev.error is not None:
+            self._do(Emit("stage_failed", "error", {"job": type(ev.job).__name__, "error": ev.error[:300]}))
+            return
+        if what == "grad":
+            s, device = ctx
+            if s.sid is not None and s.frozen is None:
+                self._grad_ready(s, device, ev.job, ev.result)
+        elif what == "weights":
+            s = ctx
+            r, current = self.session_of(s.device)
+            if r is not None and current is s and s.closing is not None:
+                self._device_done(r, s, s.closing[0], s.closing[1], ev.result, now)
+        elif what == "snapshot":
+            s, msg, device = ctx
+            self._send_checkpoint(s, msg, device, ev.result)
+
+    # ------------------------------------------------------------------ migration (FedFly)
+    def _reply(self, device: str, msg: Any) -> None:
+        self._do(Send(device, msg))
+
+    def _on_freeze(self, ev: Received, msg: Freeze, now: float) -> None:
+        """Source edge: the device asks to move. Checkpoint its session and send it on."""
+        device = ev.src
+        r, s = self.session_of(device)
+        if r is None or s is None or s.sid is None or s.delta is not None:
+            self._reply(device, Nothing(migration=msg.migration))  # no edge-side state here: it just switches
+            return
+        if s.expected[1] != 0:
+            self._reply(device, Refused(migration=msg.migration,
+                                        reason=f"not at a mini-batch boundary (next {s.expected})"))
+            return
+        s.frozen = msg.migration
+        self._run(stage.Snapshot(s.sid), "snapshot", (s, msg, device))
+
+    def _send_checkpoint(self, s: Session, msg: Freeze, device: str, snap: stage.StageSnapshot) -> None:
+        if s.frozen != msg.migration:
+            return  # aborted while the snapshot was taken
+        ck = EdgeCheckpoint(
+            device=device, migration=msg.migration, plan=s.plan, cut=s.cut, weights=snap.weights,
+            optimizer=snap.optimizer, base=dict(s.base), expected=s.expected, steps=s.steps, loss_sum=s.loss_sum,
+            seen=s.seen, n_micro=s.n_micro, rng=snap.rng)
+        body, tensors = ck.to_message()
+        nbytes = ck.nbytes()
+        if msg.path == MovePath.DIRECT:
+            # Before the multi-MB transfer, so the device learns at once that the source is alive.
+            self._reply(device, Frozen(migration=msg.migration, checkpoint_bytes=nbytes))
+        transfer = Transfer(run=s.plan.run, round=s.plan.round, migration=msg.migration, device=device,
+                            path=msg.path, source=self.node, checkpoint_bytes=nbytes, checkpoint=body,
+                            checkpoint_tensors=tensors)
+        # direct: edge to edge through the broker; relay: through the device (edges that may not talk).
+        self._do(Send(msg.to if msg.path == MovePath.DIRECT else device, transfer),
+                 Emit("migration_started", fields={"device": device, "source": self.node, "destination": msg.to,
+                                                   "path": str(msg.path), "migration": msg.migration,
+                                                   "step": s.expected[0], "checkpoint_bytes": nbytes}))
+
+    def _on_transfer(self, ev: Received, msg: Transfer, now: float) -> None:
+        """Destination edge: install a checkpoint, then tell the device it may resume here."""
+        device, mid = msg.device, msg.migration
+        if ev.src != device and self.expected_transfers.get((device, mid)) != ev.src:
+            # Only the device itself (relay) or the source it named (direct) may hand us its state.
+            self._drop("unauthorised", f"checkpoint for {device} from {ev.src}", ev.src)
+            return
+        try:
+            plan = Plan.from_body(msg.checkpoint.get("plan"))
+            schema = self.schemas(plan.model_ref)
+            cut = msg.checkpoint.get("cut")
+            if not isinstance(cut, int) or not 0 < cut < schema.n_blocks:
+                raise CheckpointError("bad_field", f"cut {cut!r} has no edge-side state")
+            ck = from_message(msg.checkpoint, msg.checkpoint_tensors, mid, schema.specs(cut))
+            if ck.device != device:
+                raise CheckpointError("bad_field", "checkpoint names another device")
+        except (ProtocolError, ValueError) as e:
+            code = getattr(e, "code", "bad_field")
+            self._drop(code, f"checkpoint refused: {e}", ev.src)
+            self._do(Emit("checkpoint_refused", "warning", {"device": device, "migration": mid, "reason": code,
+                                                            "detail": str(e)[:300]}))
+            self._reply(device, Refused(migration=mid, reason=str(e)[:300]))
+            return
+        _, current = self.session_of(device)
+        if current is not None and current.plan.key == plan.key and current.installed_by != mid:
+            # The device already restarted its round here (a late checkpoint of a move it gave up on).
+            self._reply(device, Refused(migration=mid, reason="the device already has a session for this round here"))
+            return
+        self._leave(device, now)
+        sid = self._new_sid(device)
+        self._run(stage.Open(sid, plan, cut, schema.n_blocks, ck.weights, optimizer=ck.optimizer, rng=ck.rng))
+        session = Session(device, plan, cut, sid, base=dict(ck.base), activation=schema.activation(cut),
+                          expected=ck.expected, n_micro=ck.n_micro, steps=ck.steps, loss_sum=ck.loss_sum,
+                          seen=ck.seen, installed_by=mid)
+        r = self.rounds.get(plan.key)
+        if r is None:
+            # This edge was not in the round: the checkpoint carries all it needs (plan and base).
+            r = EdgeRound(plan, {}, dict(ck.base), deadline=now + plan.deadline_s * self.deadline_fraction,
+                          started=now)
+            self.rounds[plan.key] = r
+            self._do(SetTimer(("round", plan.key), r.deadline))
+        r.sessions[device] = session
+        r.devices[device] = cut
+        self.device_round[device] = plan.key
+        self._reply(device, Ready(migration=mid, checkpoint_bytes=msg.checkpoint_bytes, step=ck.expected[0]))
+        self._set_status()
+        self._do(Log("info", "migration installed", {"device": device, "migration": mid, "step": ck.expected[0]}))
+
+    def _on_expect(self, ev: Received, msg: Expect, now: float) -> None:
+        """Destination edge: the device announces its move and the source that will send its state."""
+        self.expected_transfers[(ev.src, msg.migration)] = msg.source
+        while len(self.expected_transfers) > EXPECTED_TRANSFERS:
+            self.expected_transfers.popitem(last=False)
+
+    def _on_release(self, ev: Received, msg: Release, now: float) -> None:
+        """Source edge: the destination has the device; forget the frozen session."""
+        r, s = self.session_of(ev.src)
+        if r is not None and s is not None and s.frozen == msg.migration:
+            self._drop_session(r, ev.src, msg.migration, now)
+
+    def _on_leave(self, ev: Received, msg: Leave, now: float) -> None:
+        """The device restarts its round elsewhere without its state (FedFly's restart baseline)."""
+        r, s = self.session_of(ev.src)
+        if r is not None and s is not None:
+            self._drop_session(r, ev.src, msg.migration, now)
+
+    def _on_abort(self, ev: Received, msg: Abort, now: float) -> None:
+        """The device gave up on a move. Source: resume the frozen session. Destination: forget a session
+        installed for that move, so it neither blocks the round nor clashes with a restart."""
+        r, s = self.session_of(ev.src)
+        if s is not None and s.frozen == msg.migration:
+            s.frozen = None
+            self._do(Log("info", "migration aborted, device resumes here", {"device": ev.src,
+                                                                            "migration": msg.migration}))
+        elif r is not None and s is not None and s.installed_by == msg.migration:
+            self._drop_session(r, ev.src, msg.migration, now)
+
+    def _drop_session(self, r: EdgeRound, device: str, mid: str, now: float) -> None:
+        self._close(r.sessions.pop(device, None))
+        r.devices.pop(device, None)
+        self.device_round.pop(device, None)
+        self._do(Log("info", "device left", {"device": device, "migration": mid}))
+        if not r.sessions:
+            self.rounds.pop(r.plan.key, None)  # nothing left to report for this round here
+            self._set_status()
+        elif all(x.delta is not None for x in r.sessions.values()):
+            self._finish_round(r, now)
+
+
+def check_activation(msg: Activations, shape: tuple[int, ...], plan: Plan) -> None:
+    x, y = msg.x, msg.y
+    if x.dtype != np.float32:
+        raise ProtocolError("bad_dtype", f"activations must be float32, got {x.dtype}")
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise ProtocolError("bad_shape", f"activations {tuple(x.shape)}, expected (n, *{shape})")
+    if y.dtype != np.int64 or y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ProtocolError("bad_shape", f"labels {y.dtype}{y.shape} do not match {x.shape[0]} rows")
+    if not np.isfinite(x).all():
+        raise ProtocolError("non_finite", "activations have NaN/Inf")
+    if not 0 < x.shape[0] <= msg.batch_size <= plan.batch_size:
+        raise ProtocolError("bad_shape", f"{x.shape[0]} rows outside 1..{msg.batch_size} (plan {plan.batch_size})")
+    if y.size and (y.min() < 0 or y.max() >= plan.num_classes):
+        raise ProtocolError("bad_labels", f"labels outside 0..{plan.num_classes - 1}")
