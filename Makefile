@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench install clean broker
+.PHONY: setup demo test test-fast lint bench install clean broker
 
 $(STAMP): pyproject.toml
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
@@ -26,6 +26,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+# The broker-free tier: the protocol machines wired together in memory on virtual time (tests/pair) and the
+# unit tests that need neither a broker nor agent processes. Under a minute on two cores.
+FAST_TESTS := tests/pair tests/test_aggregate.py tests/test_backend.py tests/test_checkpoint.py \
+	tests/test_chunking.py tests/test_encoding.py tests/test_grouping.py tests/test_layers.py tests/test_links.py \
+	tests/test_models.py tests/test_sim.py \
+	tests/test_schedule.py tests/test_split.py tests/test_staleness.py tests/test_strategies.py tests/test_topics.py
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra $(FAST_TESTS)
 
 lint: setup
 	$(BIN)/ruff check mqttfl device_agent edge_agent cloud_agent tests

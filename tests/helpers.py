@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -34,3 +35,18 @@ def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0
 def spawn(module: str, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     f = open(log, "ab")
     return subprocess.Popen([sys.executable, "-m", module, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def schema(model: str, input_shape: tuple[int, ...] | None = None, num_classes: int = 10) -> Any:
+    """The model's schema (blocks, default cut) for a registered model at its paper's input shape by default."""
+    from mqttfl.ml.models import MODELS, schema_of
+    from mqttfl.protocol.schema import ModelRef
+
+    shape = tuple(input_shape) if input_shape is not None else MODELS[model].input_shape
+    return schema_of(ModelRef(model, shape, num_classes))
+
+
+def ignore_sigint() -> None:
+    """``preexec_fn`` for a child that starts with SIGINT ignored, as every process of a background job does
+    (``make test &``): a console tool must still stop on Ctrl-C then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

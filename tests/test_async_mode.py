@@ -111,8 +111,8 @@ def test_cloud_killed_with_sigkill_resumes_from_its_persisted_version(ecofl: Tes
     tb.wait(_is_version(), 60)
     tb.kill("cloud", signal.SIGKILL)
     saved = load_state(tb.root / "state" / "cloud" / "cloud.state")
-    assert saved is not None and saved["async"] is not None
-    persisted = int(saved["async"]["version"])
+    assert saved is not None and saved["policy"] is not None
+    persisted = int(saved["policy"]["version"])
     assert persisted >= max(v["version"] for v in _versions(tb))  # every published version was on disk first
     tb.start_node("cloud")
     tb.wait_event("resumed", 60, run="eco")

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 import tracemalloc
-import warnings
 from typing import Any
 
 import msgpack
@@ -22,7 +21,6 @@ from mqttfl.wire.codec import (
     CodecError,
     Envelope,
     Limits,
-    as_torch,
     decode,
     decode_json,
     encode,
@@ -180,18 +178,6 @@ def test_torch_bfloat16_is_refused_as_bad_dtype() -> None:
     with pytest.raises(CodecError) as info:
         encode(_valid_env(tensors={"w": torch.zeros(2, dtype=torch.bfloat16)}))
     assert info.value.code == "bad_dtype"
-
-
-def test_as_torch_gives_a_writable_tensor_without_warning() -> None:
-    torch = pytest.importorskip("torch")
-    arr = decode(encode(_valid_env())).tensors["x"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        t = as_torch(arr)
-    t[0, 0] = 42.0
-    assert arr[0, 0] == 0.0 and t.dtype == torch.float32
-    writable = np.ones(3, np.float32)
-    assert as_torch(writable).data_ptr() == writable.ctypes.data  # no copy when not needed
 
 
 def test_importing_the_codec_does_not_import_torch() -> None:

@@ -25,7 +25,7 @@ from mqttfl.tools.cli import main as cli_main
 from mqttfl.tools.ctl import parse_params
 from mqttfl.tools.testbed import FleetSpec, write_toml
 from mqttfl.tools.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
-from tests.helpers import agent_config
+from tests.helpers import agent_config, ignore_sigint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -303,7 +303,7 @@ def test_ctl_cli_stops_on_ctrl_c_while_waiting(tb: LocalFleet) -> None:
     ghost = Transport(agent_config(tb.broker, tb.spec.fleet, "ghost")).start()
     p = subprocess.Popen([sys.executable, "-m", "mqttfl.tools.cli", "ctl", "ghost", "ping", "--timeout", "60",
                           "--fleet", tb.spec.fleet, "--port", str(tb.broker.port)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint)
     try:
         msg = ghost.get(timeout=20.0)
         while msg is not None and msg.kind != "ctl":

@@ -1,4 +1,4 @@
-"""Data sets, partitioners, shards, batch order and the CIFAR-10 readers (DESIGN §10)."""
+"""Data sets, partitioners, shards, batch order and the CIFAR-10 readers (docs/design.md, "Data")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Failures with the real broker and real agent processes (DESIGN §6): nothing learned is lost or applied twice.
+"""Failures with the real broker and real agent processes (docs/design.md, "Trust"): nothing learned is lost or
+applied twice.
 
 - the cloud is killed with SIGKILL mid-run and restarted: it resumes the same round from the same model;
 - a device's TCP link is cut mid-transfer (through tests/tcp_proxy.py) and restored: exactly-once effect;
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,10 @@ import numpy as np
 import torch
 
 from mqttfl.ml.data import BatchOrder, load_shard
-from mqttfl.ml.models import build_model, model_info, split_model
-from mqttfl.ml.stage import DeviceStage, make_optimizer
-from mqttfl.protocol.messages import Plan, data_seed
+from mqttfl.ml.models import Part, build_model
+from mqttfl.ml.stage import Stage, make_optimizer
+from mqttfl.protocol.messages import Activations, DeviceUpdate, Message, Report, TrainRound, parse
+from mqttfl.protocol.plan import Plan, data_seed
 from mqttfl.runtime.config import load_config
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.transport import Inbound, Transport
@@ -26,9 +29,10 @@ from mqttfl.tools import testbed
 from mqttfl.tools.broker import Broker
 from mqttfl.tools.testbed import FleetSpec
 from mqttfl.wire.topics import filter_for
-from tests.helpers import wait_for
+from tests.helpers import schema, wait_for
+from tests.reference import TOL, max_abs_diff, reference_global
 from tests.tcp_proxy import TcpProxy
-from tests.test_split_e2e import TOL, cloud_state, digits, max_abs_diff, reference_global
+from tests.test_split_e2e import cloud_state, digits
 
 
 def _client(broker: Broker, fleet: str, node: str, role: str, root: Path | None = None, **kw: Any) -> Transport:
@@ -39,7 +43,7 @@ def _client(broker: Broker, fleet: str, node: str, role: str, root: Path | None 
 
 def test_cloud_killed_mid_run_resumes_the_same_round_from_the_same_model(tmp_path: Path, broker: Broker,
                                                                          fleet: str) -> None:
-    n_blocks = model_info("mlp", (64,)).n_blocks
+    n_blocks = schema("mlp", (64,)).n_blocks
     # Slowed local training keeps the devices busy in round 1 when the cloud dies.
     spec = FleetSpec(devices={"dev1": "edge1", "dev2": "edge1"}, model="mlp", input_shape=(64,), fleet=fleet,
                      device_extra={d: {"cut": n_blocks, "slowdown": 30.0} for d in ("dev1", "dev2")},
@@ -128,55 +132,56 @@ class FakeDevice:
                 return msg
         raise AssertionError(f"dev2 got no {kind} {match}")
 
+    def send(self, msg: Message, via: Transport | None = None, reliable: bool = False) -> None:
+        body, tensors = msg.to_wire()
+        (via or self.t).send(msg.kind, "edge1", body=body, tensors=tensors, run=msg.run, round=msg.round,
+                             reliable=reliable)
+
     def run_round(self) -> None:
-        model_msg = self.recv("model")
-        env = model_msg.env
+        env = self.recv("model").env
         assert env is not None
-        plan = Plan.from_body(env.body["plan"])
-        cut = int(env.body["cut"])
+        msg = parse(env.kind, env.run, env.round, env.body, env.tensors)
+        assert isinstance(msg, TrainRound)
+        plan, cut = msg.plan, msg.cut
         model = build_model(plan.model, input_shape=plan.input_shape)
-        dev, _ = split_model(model, cut)
-        dev.load_state(env.tensors)
+        dev = Part(model, 0, cut)
+        dev.load_state(msg.state)
         base = dev.state()
-        stage = DeviceStage(dev, make_optimizer(dev.module.parameters(), lr=plan.lr, momentum=plan.momentum))
+        stage = Stage(dev, make_optimizer(dev.module.parameters(), lr=plan.lr, momentum=plan.momentum))
         order = BatchOrder(len(self.shard), plan.batch_size, seed=data_seed(plan.seed, "dev2"))
         for step, idx in enumerate(order.epoch_batches(plan.round)):
             x, y = torch.from_numpy(self.shard.x[idx]), torch.from_numpy(self.shard.y[idx])
-            smashed = stage.forward((step, 0), x).numpy()
-            labels = y.numpy().astype(np.int64)
-            body = {"step": step, "micro": 0, "n_micro": 1, "batch_size": len(idx)}
+            act = Activations(run=plan.run, round=plan.round, step=step, micro=0, n_micro=1, batch_size=len(idx),
+                              attempt=plan.attempt, x=stage.forward((step, 0), x).numpy(),
+                              y=y.numpy().astype(np.int64))
             if step in (0, 3):
-                self.send_broken_acts(plan, body, smashed, labels)
-            self.t.send("act", "edge1", body=body, tensors={"x": smashed, "y": labels}, run=plan.run,
-                        round=plan.round)
+                self.send_broken_acts(plan, act)
+            self.send(act)
             grad = self.recv("grad", step=step, micro=0)
             assert grad.env is not None
             stage.backward((step, 0), torch.from_numpy(np.array(grad.env.tensors["g"])))
             stage.step()
         d = {k: (v - base[k]).astype(np.float32) for k, v in dev.state().items()}
-        report = {"samples": len(self.shard), "steps": step + 1, "cut": cut}
+        report = Report(samples=len(self.shard), steps=step + 1, cut=cut, attempt=plan.attempt)
+        upd = DeviceUpdate(run=plan.run, round=plan.round, report=report, delta=d)
         poisoned = {k: np.full_like(v, np.nan) for k, v in d.items()}
-        self.t.send("delta", "edge1", body=report, tensors=poisoned, run=plan.run, round=plan.round)
-        wrong = {k: np.zeros((*v.shape, 2), np.float32) for k, v in d.items()}
-        self.t.send("delta", "edge1", body=report, tensors=wrong, run=plan.run, round=plan.round)
-        self.t.send("delta", "edge1", body=report, tensors=d, run=plan.run, round=plan.round, reliable=True)
+        self.send(replace(upd, delta=poisoned))
+        self.send(replace(upd, delta={k: np.zeros((*v.shape, 2), np.float32) for k, v in d.items()}))
+        self.send(upd, reliable=True)
         wait_for(lambda: self.t.get(0.05) is None and self.t.stats_snapshot().get("acked", 0) >= 1, timeout=60,
                  what="the edge to acknowledge dev2's delta")
 
-    def send_broken_acts(self, plan: Plan, body: dict[str, Any], x: np.ndarray, y: np.ndarray) -> None:
-        def act(tensors: dict[str, np.ndarray], b: dict[str, Any] | None = None, rnd: int = plan.round,
-                via: Transport | None = None) -> None:
-            (via or self.t).send("act", "edge1", body=b or body, tensors=tensors, run=plan.run, round=rnd)
-
+    def send_broken_acts(self, plan: Plan, act: Activations) -> None:
+        x, y = act.x, act.y
         nan = x.copy()
         nan[0, 0] = np.nan
-        act({"x": x[:, : x.shape[1] // 2].copy(), "y": y})                # bad_shape
-        act({"x": nan, "y": y})                                            # non_finite
-        act({"x": x.astype(np.float64), "y": y})                           # bad_dtype
-        act({"x": x, "y": np.full_like(y, 99)})                            # bad_labels
-        act({"x": x, "y": y}, rnd=plan.round + 1)                          # wrong_round
-        act({"x": x, "y": y}, b={**body, "step": body["step"] + 5})        # out_of_order
-        act({"x": x, "y": y}, via=self.intruder)                           # unknown_sender
+        self.send(replace(act, x=x[:, : x.shape[1] // 2].copy()))        # bad_shape
+        self.send(replace(act, x=nan))                                     # non_finite
+        self.send(replace(act, x=x.astype(np.float64)))                    # bad_dtype
+        self.send(replace(act, y=np.full_like(y, 99)))                     # bad_labels
+        self.send(replace(act, round=plan.round + 1))                      # wrong_round
+        self.send(replace(act, step=act.step + 5))                         # out_of_order
+        self.send(act, via=self.intruder)                                  # unknown_sender
 
 
 def test_malformed_and_foreign_messages_are_dropped_without_touching_state(tmp_path: Path, broker: Broker,

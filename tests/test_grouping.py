@@ -1,4 +1,4 @@
-"""Eco-FL grouping and regrouping (ALGORITHMS §4): objective, local search, Algorithm 1."""
+"""Eco-FL grouping and regrouping (docs/algorithms.md, "Eco-FL"): objective, local search, Algorithm 1."""
 
 from __future__ import annotations
 

@@ -7,24 +7,28 @@ import pytest
 import torch
 from torch import nn
 
-from mqttfl.ml.models import (
-    MODELS,
-    Part,
-    build_model,
-    load_model_state,
-    model_info,
-    model_state,
-    split_model,
-)
+from mqttfl.ml.models import MODELS, Part, build_model, initial_state, load_model_state, model_state, schema_of
+from mqttfl.protocol.schema import ModelRef
+from tests.helpers import schema
+
+
+def split_model(model: nn.Sequential, cut: int) -> tuple[Part, Part]:
+    return Part(model, 0, cut), Part(model, cut, len(model))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model_maps_its_default_input_to_class_logits(name: str) -> None:
-    info = model_info(name)
+    info = schema(name)
     model = build_model(name, seed=0)
     assert len(model) == info.n_blocks
-    assert 0 <= info.default_cut <= info.n_blocks
-    assert model(torch.randn(3, *info.input_shape)).shape == (3, 10)
+    assert 1 <= info.default_cut < info.n_blocks
+    assert model(torch.randn(3, *MODELS[name].input_shape)).shape == (3, 10)
+    # The schema describes the real model: its keys, shapes and the activation shape at every cut.
+    assert {s.key: s.shape for s in info.specs().values()} == {k: v.shape for k, v in model_state(model).items()}
+    x = torch.randn(2, *MODELS[name].input_shape)
+    model.eval()
+    for cut in range(info.n_blocks + 1):
+        assert tuple(model[:cut](x).shape[1:]) == info.activation(cut)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +42,26 @@ def test_models_size_their_layers_from_the_input_shape(name: str, shape: tuple[i
 def test_unknown_model_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="vgg5"):
         build_model("resnet-9000")
+    with pytest.raises(ValueError, match="cannot load"):
+        build_model("tests.user_model:missing", input_shape=(4,))
+
+
+def test_a_users_model_by_module_function_reference_is_built_and_described() -> None:
+    ref = ModelRef("tests.user_model:tiny_mlp", (6,), 3)
+    model = build_model(ref.model, input_shape=ref.input_shape, num_classes=ref.num_classes, seed=0)
+    assert model(torch.randn(5, 6)).shape == (5, 3)
+    s = schema_of(ref)
+    assert s.n_blocks == 3 and s.default_cut == 2 and s.activation(1) == (8,)
+    assert set(initial_state(ref, seed=0)) == set(s.specs())
+
+
+def test_the_fingerprint_tells_architectures_apart_and_names_the_first_difference() -> None:
+    a = schema_of(ModelRef("mlp", (64,), 10))
+    b = schema_of(ModelRef("mlp", (64,), 7))
+    assert a.fingerprint == schema_of(ModelRef("mlp", (64,), 10)).fingerprint
+    assert a.fingerprint != b.fingerprint
+    assert a.difference(a.describe()) is None
+    assert "4.0.weight" in str(a.difference(b.describe()))
 
 
 def test_vgg5_has_fedflys_blocks_and_sends_64x8x8_at_the_default_cut() -> None:
@@ -58,14 +82,14 @@ def test_vgg5_has_fedflys_blocks_and_sends_64x8x8_at_the_default_cut() -> None:
     ]
     assert (model[3][1].in_features, model[3][1].out_features) == (4096, 128)
     assert (model[4][0].in_features, model[4][0].out_features) == (128, 10)
-    device, _ = split_model(model, model_info("vgg5").default_cut)
+    device, _ = split_model(model, schema("vgg5").default_cut)
     assert device.module(torch.randn(100, 3, 32, 32)).shape == (100, 64, 8, 8)
 
 
 def test_vgg5_edge_side_matches_the_measured_parameter_count() -> None:
     _, edge = split_model(build_model("vgg5", seed=0), 2)
     weighted = (m for m in edge.module.modules() if isinstance(m, nn.Conv2d | nn.Linear))
-    # DESIGN §9's 562,634 counts the conv and linear layers; BN's 64 scales and 64 shifts come on top.
+    # FedFly's 562,634 counts the conv and linear layers; BN's 64 scales and 64 shifts come on top.
     assert sum(p.numel() for m in weighted for p in m.parameters()) == 562_634
     assert sum(p.numel() for p in edge.module.parameters()) == 562_634 + 128
 
@@ -152,16 +176,14 @@ def test_load_state_rejects_a_shape_mismatch_without_loading_anything() -> None:
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("cut", [0, 5])
-def test_cuts_at_either_end_give_an_empty_side(cut: int) -> None:
+def test_the_whole_model_as_one_part_leaves_the_other_side_empty() -> None:
     model = build_model("mlp", seed=0)
-    device, edge = split_model(model, cut)
-    assert len(device.module) + len(edge.module) == 5
-    assert (device.keys() == []) == (cut == 0) and (edge.keys() == []) == (cut == 5)
+    device, edge = split_model(model, 5)
+    assert len(device.module) == 5 and edge.keys() == []
 
 
-def test_cut_out_of_range_is_refused() -> None:
+def test_a_block_range_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError):
-        split_model(build_model("mlp", seed=0), 6)
+        Part(build_model("mlp", seed=0), 0, 6)
     with pytest.raises(ValueError):
         Part(build_model("mlp", seed=0), 3, 2)

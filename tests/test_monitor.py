@@ -21,6 +21,7 @@ from mqttfl.tools.monitor import FleetView
 from mqttfl.tools.testbed import FleetSpec
 from mqttfl.tools.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
 from mqttfl.wire.topics import Topic
+from tests.helpers import ignore_sigint
 
 NOW = 1_800_000_000.0
 
@@ -201,7 +202,7 @@ def test_monitor_once_json_lists_every_node_with_role_and_state(fleet_up: LocalF
 @pytest.mark.timeout(150)
 def test_monitor_live_mode_redraws_the_table_and_exits_0_on_ctrl_c(fleet_up: LocalFleet) -> None:
     p = subprocess.Popen(monitor_cmd(fleet_up, "--interval", "0.3"), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint)
     lines: queue.Queue[str] = queue.Queue()
     assert p.stdout is not None
     stdout = p.stdout

@@ -7,24 +7,17 @@ import signal
 from pathlib import Path
 
 from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
-from mqttfl.ml.models import model_info
 from mqttfl.tools import testbed
 from mqttfl.tools.broker import Broker
 from mqttfl.tools.testbed import FleetSpec, make_shards
-from tests.test_split_e2e import (
-    TOL,
-    cloud_state,
-    digits,
-    initial_global,
-    max_abs_diff,
-    reference_global,
-    train_like_device,
-)
+from tests.helpers import schema
+from tests.reference import TOL, initial_global, max_abs_diff, reference_global, train_like_device
+from tests.test_split_e2e import cloud_state, digits
 
 
 def test_edge_preaggregation_then_cloud_aggregation_equals_flat_fedavg(tmp_path: Path, broker: Broker,
                                                                        fleet: str) -> None:
-    n_blocks = model_info("mlp", (64,)).n_blocks
+    n_blocks = schema("mlp", (64,)).n_blocks
     # Unequal edges (3 devices and 1) and unequal shards (dev1 holds 40%); split and local devices mixed.
     spec = FleetSpec(devices={"dev1": "edge1", "dev2": "edge1", "dev3": "edge1", "dev4": "edge2"},
                      model="mlp", input_shape=(64,), partition="imbalanced:0.4", fleet=fleet,
@@ -55,7 +48,7 @@ def test_edge_preaggregation_then_cloud_aggregation_equals_flat_fedavg(tmp_path:
 
 
 def _silent_device_fleet(fleet: str, cloud: dict[str, object]) -> FleetSpec:
-    n_blocks = model_info("mlp", (64,)).n_blocks
+    n_blocks = schema("mlp", (64,)).n_blocks
     # Local training (cut = end) keeps the answering devices deterministic and fast.
     return FleetSpec(devices={"dev1": "edge1", "dev2": "edge1", "dev3": "edge2"}, model="mlp", input_shape=(64,),
                      fleet=fleet, device_extra={d: {"cut": n_blocks} for d in ("dev1", "dev2", "dev3")},

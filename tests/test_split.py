@@ -1,4 +1,4 @@
-"""Split step = local step: device and edge stages driven in process reproduce unsplit training."""
+"""Split step = local step: stages driven in process reproduce unsplit training (2 and 3 stages)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mqttfl.ml.models import build_model, model_info, model_state, split_model
-from mqttfl.ml.stage import (
-    DeviceStage,
-    EdgeStage,
-    LocalTrainer,
-    evaluate,
-    make_optimizer,
-    micro_batches,
-)
+from mqttfl.ml.models import MODELS, Part, build_model, model_state
+from mqttfl.ml.stage import LocalTrainer, Stage, evaluate, make_optimizer, micro_batches
+from tests.helpers import schema
 
 BATCH = {"vgg5": 12, "cnn": 16, "mlp": 32}
 
 
 def _batches(name: str, n_batches: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    shape = model_info(name).input_shape
+    shape = MODELS[name].input_shape
     b = BATCH[name]
     return [
         (torch.randn(b, *shape, generator=g), torch.randint(0, 10, (b,), generator=g))
@@ -32,28 +26,38 @@ def _batches(name: str, n_batches: int, seed: int = 0) -> list[tuple[torch.Tenso
     ]
 
 
-def _optimizer(part, lr: float):
-    params = list(part.module.parameters())
-    return make_optimizer(params, lr=lr) if params else None  # an empty side (cut 0 or end) has no optimizer
+def _stage(model, start: int, stop: int, lr: float = 0.05) -> Stage:
+    part = Part(model, start, stop)
+    return Stage(part, make_optimizer(part.module.parameters(), lr=lr))
 
 
 def _train_split(model, cut: int, batches, m: int, lr: float = 0.05) -> list[float]:
-    device_part, edge_part = split_model(model, cut)
-    device = DeviceStage(device_part, _optimizer(device_part, lr))
-    edge = EdgeStage(edge_part, _optimizer(edge_part, lr))
+    device, edge = _stage(model, 0, cut, lr), _stage(model, cut, len(model), lr)
     losses = []
     for x, y in batches:
         loss = 0.0
         # All forwards first, then the gradients: the device holds M graphs at once as in a pipeline.
         sent = [(i, device.forward(i, xm), ym) for i, (xm, ym) in enumerate(micro_batches(x, y, m))]
         for i, smashed, ym in sent:
-            result = edge.forward_backward(smashed, ym, batch_size=len(x))
-            device.backward(i, result.grad)
+            grad, result = edge.loss(smashed, ym, batch_size=len(x))
+            assert device.backward(i, grad) is None  # the first stage sends no gradient on
             loss += result.loss_sum
         device.step()
         edge.step()
         losses.append(loss)
     return losses
+
+
+def _train_three_stages(model, cuts: tuple[int, int], batches, m: int, lr: float = 0.05) -> None:
+    first, middle, last = (_stage(model, 0, cuts[0], lr), _stage(model, cuts[0], cuts[1], lr),
+                           _stage(model, cuts[1], len(model), lr))
+    for x, y in batches:
+        for i, (xm, ym) in enumerate(micro_batches(x, y, m)):
+            a = middle.forward(i, first.forward(i, xm))
+            g_mid, _ = last.loss(a, ym, batch_size=len(x))
+            first.backward(i, middle.backward(i, g_mid))
+        for s in (first, middle, last):
+            s.step()
 
 
 def _train_local(model, batches, m: int, lr: float = 0.05) -> list[float]:
@@ -74,7 +78,7 @@ def test_split_training_ends_with_the_weights_of_local_training(name: str, m: in
     batches = _batches(name, n_batches=3)
     split = build_model(name, seed=1)
     local = copy.deepcopy(split)
-    split_losses = _train_split(split, model_info(name).default_cut, batches, m)
+    split_losses = _train_split(split, schema(name).default_cut, batches, m)
     local_losses = _train_local(local, batches, m)
     assert _max_diff(split, local) <= 1e-5
     assert split_losses == pytest.approx(local_losses, rel=1e-5)
@@ -83,7 +87,7 @@ def test_split_training_ends_with_the_weights_of_local_training(name: str, m: in
 
 def test_split_training_at_every_cut_of_the_mlp_equals_local_training() -> None:
     batches = _batches("mlp", n_batches=2)
-    for cut in range(6):
+    for cut in range(1, 5):
         split = build_model("mlp", seed=3)
         local = copy.deepcopy(split)
         _train_split(split, cut, batches, m=2)
@@ -101,10 +105,20 @@ def test_micro_batching_a_model_without_bn_does_not_change_the_result() -> None:
 
 
 @pytest.mark.parametrize("name", ["vgg5", "mlp"])
+def test_three_stages_with_a_middle_stage_equal_local_training(name: str) -> None:
+    batches = _batches(name, n_batches=2)
+    piped = build_model(name, seed=5)
+    local = copy.deepcopy(piped)
+    _train_three_stages(piped, (1, 3), batches, m=2)
+    _train_local(local, batches, m=2)
+    assert _max_diff(piped, local) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["vgg5", "mlp"])
 def test_gradient_at_the_cut_is_autograds_gradient_of_the_monolithic_loss(name: str) -> None:
     model = build_model(name, seed=4)
     reference = copy.deepcopy(model)
-    cut = model_info(name).default_cut
+    cut = schema(name).default_cut
     x, y = _batches(name, 1)[0]
     xm, ym = micro_batches(x, y, 2)[0]
 
@@ -112,27 +126,23 @@ def test_gradient_at_the_cut_is_autograds_gradient_of_the_monolithic_loss(name: 
     loss = F.cross_entropy(reference[cut:](act), ym, reduction="sum") / len(x)
     (expected,) = torch.autograd.grad(loss, act)
 
-    device_part, edge_part = split_model(model, cut)
-    device = DeviceStage(device_part, make_optimizer(device_part.module.parameters()))
-    edge = EdgeStage(edge_part, make_optimizer(edge_part.module.parameters()))
-    result = edge.forward_backward(device.forward("m0", xm), ym, batch_size=len(x))
-    assert result.grad.shape == act.shape
-    torch.testing.assert_close(result.grad, expected, rtol=1e-5, atol=1e-7)
+    device, edge = _stage(model, 0, cut), _stage(model, cut, len(model))
+    grad, result = edge.loss(device.forward("m0", xm), ym, batch_size=len(x))
+    assert grad.shape == act.shape
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
     assert result.loss_sum == pytest.approx(float(loss.detach()) * len(x), rel=1e-5)
 
 
 def test_smashed_activations_are_a_detached_contiguous_float32_copy() -> None:
-    device_part, _ = split_model(build_model("vgg5", seed=0), 2)
-    device = DeviceStage(device_part, make_optimizer(device_part.module.parameters()))
+    device = _stage(build_model("vgg5", seed=0), 0, 2)
     smashed = device.forward(0, torch.randn(4, 3, 32, 32))
     assert smashed.shape == (4, 64, 8, 8)
     assert smashed.dtype == torch.float32 and smashed.is_contiguous() and not smashed.requires_grad
     assert device.in_flight == 1
 
 
-def test_device_stage_refuses_misuse_that_would_train_on_stale_graphs() -> None:
-    device_part, _ = split_model(build_model("mlp", seed=0), 2)
-    device = DeviceStage(device_part, make_optimizer(device_part.module.parameters()))
+def test_a_stage_refuses_misuse_that_would_train_on_stale_graphs() -> None:
+    device = _stage(build_model("mlp", seed=0), 0, 2)
     device.forward("a", torch.randn(4, 64))
     with pytest.raises(ValueError, match="already in flight"):
         device.forward("a", torch.randn(4, 64))
@@ -142,22 +152,23 @@ def test_device_stage_refuses_misuse_that_would_train_on_stale_graphs() -> None:
         device.backward("a", torch.zeros(4, 63))
     with pytest.raises(RuntimeError, match="in flight"):
         device.step()
-    device.discard()
-    assert device.in_flight == 0
-    assert all(p.grad is None for p in device_part.module.parameters())
+    device.backward("a", torch.zeros(4, 64))
     device.step()
+    assert device.in_flight == 0 and device.peak_stash == 1
 
 
-def test_device_at_cut_zero_forwards_raw_inputs_and_needs_no_optimizer() -> None:
+def test_optimizer_state_round_trips_through_a_snapshot() -> None:
     model = build_model("mlp", seed=0)
-    device_part, edge_part = split_model(model, 0)
-    device = DeviceStage(device_part, None)
-    edge = EdgeStage(edge_part, make_optimizer(edge_part.module.parameters()))
-    x, y = _batches("mlp", 1)[0]
-    assert torch.equal(device.forward(0, x), x)
-    device.backward(0, edge.forward_backward(x, y, len(x)).grad)
-    device.step()
-    edge.step()
+    stage = _stage(model, 1, len(model))
+    x, y = torch.randn(8, 128), torch.randint(0, 10, (8,))
+    stage.loss(x, y, 8)
+    stage.step()
+    saved = stage.optimizer_state()
+    assert saved and all("|momentum_buffer" in k for k in saved)
+    other = _stage(copy.deepcopy(model), 1, len(model))
+    other.load_optimizer_state(saved)
+    assert other.optimizer_state().keys() == saved.keys()
+    assert all(np.array_equal(other.optimizer_state()[k], v) for k, v in saved.items())
 
 
 def test_train_batch_reports_summed_loss_correct_count_and_samples() -> None:
@@ -169,7 +180,7 @@ def test_train_batch_reports_summed_loss_correct_count_and_samples() -> None:
     result = LocalTrainer(model, make_optimizer(model.parameters())).train_batch(x, y, micro_batches=3)
     assert result.n == len(x)
     assert result.correct == expected_correct
-    assert result.mean_loss == pytest.approx(expected_loss, rel=1e-5)
+    assert result.loss_sum / result.n == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_micro_batches_follow_tensor_split_and_keep_labels_aligned() -> None:
@@ -187,6 +198,7 @@ def test_micro_batches_follow_tensor_split_and_keep_labels_aligned() -> None:
 def test_make_optimizer_uses_fedflys_defaults() -> None:
     opt = make_optimizer(build_model("mlp", seed=0).parameters())
     assert isinstance(opt, torch.optim.SGD)
+    assert make_optimizer([]) is None
     assert (opt.defaults["lr"], opt.defaults["momentum"], opt.defaults["weight_decay"]) == (0.01, 0.9, 0.0)
 
 

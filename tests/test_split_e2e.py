@@ -2,7 +2,7 @@
 
 The reference below replays what each device does (its shard, its batch order, its micro-batch cut) with
 :class:`LocalTrainer` on the whole model, then takes flat FedAvg over the devices; the cloud's persisted
-global model after the run must match it to 1e-5 (DESIGN §5: split step = local step).
+global model after the run must match it to 1e-5 (docs/design.md, "Round": split step = local step).
 """
 
 from __future__ import annotations
@@ -10,72 +10,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import torch
 
-from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
-from mqttfl.ml.data import BatchOrder, Dataset, load_digits
-from mqttfl.ml.models import build_model, load_model_state, model_info, model_state
-from mqttfl.ml.stage import LocalTrainer, make_optimizer
-from mqttfl.protocol.messages import data_seed
+from mqttfl.ml.data import Dataset, load_digits
 from mqttfl.runtime.persist import load_state
 from mqttfl.tools import testbed
 from mqttfl.tools.broker import Broker
-from mqttfl.tools.testbed import FleetSpec, make_shards
-
-TOL = 1e-5
-PLAN_DEFAULTS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "epochs": 1, "batch_size": 100,
-                 "micro_batches": 1, "seed": 0}
+from mqttfl.tools.testbed import FleetSpec
+from tests.helpers import schema
+from tests.reference import TOL, initial_global, max_abs_diff, reference_global
 
 
 def digits(input_shape: tuple[int, ...]) -> tuple[Dataset, Dataset]:
     return load_digits(input_shape)
-
-
-def train_like_device(global_state: Mapping[str, np.ndarray], spec: FleetSpec, shard: Dataset, node: str,
-                      rnd: int) -> dict[str, np.ndarray]:
-    """What device ``node`` ends round ``rnd`` with, trained unsplit in this process."""
-    p = {**PLAN_DEFAULTS, **spec.cloud}
-    model = build_model(spec.model, input_shape=spec.input_shape)
-    load_model_state(model, global_state)
-    trainer = LocalTrainer(model, make_optimizer(model.parameters(), lr=p["lr"], momentum=p["momentum"],
-                                                 weight_decay=p["weight_decay"]))
-    order = BatchOrder(len(shard), p["batch_size"], seed=data_seed(p["seed"], node))
-    for e in range(p["epochs"]):
-        for idx in order.epoch_batches(rnd * p["epochs"] + e):
-            trainer.train_batch(torch.from_numpy(shard.x[idx]), torch.from_numpy(shard.y[idx]),
-                                micro_batches=min(p["micro_batches"], len(idx)))
-    return model_state(model)
-
-
-def initial_global(spec: FleetSpec) -> dict[str, np.ndarray]:
-    seed = int(spec.cloud.get("seed", PLAN_DEFAULTS["seed"]))
-    return model_state(build_model(spec.model, input_shape=spec.input_shape, seed=seed))
-
-
-def reference_global(spec: FleetSpec, train: Dataset, rounds: int, *,
-                     participants: Iterable[str] | None = None,
-                     start: Mapping[str, np.ndarray] | None = None, first_round: int = 0) -> dict[str, np.ndarray]:
-    """Flat FedAvg (weights = samples) over ``participants`` for ``rounds`` rounds, from the cloud's seed."""
-    shards = make_shards(spec, train)
-    g = dict(start) if start is not None else initial_global(spec)
-    for rnd in range(first_round, first_round + rounds):
-        items = []
-        for node in sorted(participants if participants is not None else spec.devices):
-            trained = train_like_device(g, spec, shards[node], node, rnd)
-            items.append((delta(trained, g), float(len(shards[node]))))
-        g = apply_delta(g, weighted_average(items))
-    return g
-
-
-def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:5]
-    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a)
 
 
 def cloud_state(root: Path) -> dict[str, Any]:
@@ -110,7 +60,7 @@ def test_split_training_over_broker_equals_unsplit_training(tmp_path: Path, brok
     state, metrics = run_fleet(tmp_path, broker, spec, data)
     assert state["round"] == 2
     dev = metrics[-1]["devices"]["dev1"]
-    assert dev["cut"] == model_info(model, input_shape).default_cut  # really split, not local
+    assert dev["cut"] == schema(model, input_shape).default_cut  # really split, not local
     expected = reference_global(spec, data[0], rounds=2)
     diff = max_abs_diff(state["global"], expected)
     assert diff <= TOL, f"split over MQTT differs from unsplit training by {diff:.3g}"
@@ -121,7 +71,7 @@ def test_split_training_over_broker_equals_unsplit_training(tmp_path: Path, brok
 def test_device_with_cut_at_the_end_trains_locally_like_local_trainer(tmp_path: Path, broker: Broker,
                                                                      fleet: str) -> None:
     data = digits((64,))
-    n_blocks = model_info("mlp", (64,)).n_blocks
+    n_blocks = schema("mlp", (64,)).n_blocks
     spec = FleetSpec(devices={"dev1": "edge1"}, model="mlp", input_shape=(64,), fleet=fleet,
                      device_extra={"dev1": {"cut": n_blocks}},
                      cloud={"rounds": 2, "batch_size": 50, "micro_batches": 2, "lr": 0.05, "seed": 3})
@@ -135,7 +85,7 @@ def test_split_bench_reports_every_figure(tmp_path: Path) -> None:
     """``mqttfl bench split --json`` at a tiny size: one JSON object with every figure the bench promises."""
     out = subprocess.run(
         [sys.executable, "-m", "mqttfl.tools.cli", "bench", "split", "--json", "--batches", "2", "--batch-size", "8",
-         "--micro", "1,2", "--workdir", str(tmp_path)],
+         "--micro", "1,2", "--workdir", str(tmp_path), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=240,
     )
     assert out.returncode == 0, out.stderr[-3000:]

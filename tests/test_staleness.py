@@ -1,4 +1,4 @@
-"""FedAsync staleness functions (arXiv 1903.03934), properties from ALGORITHMS §5."""
+"""FedAsync staleness functions (arXiv 1903.03934), properties from docs/algorithms.md, "Asynchronous aggregation"."""
 
 from __future__ import annotations
 

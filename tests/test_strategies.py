@@ -1,4 +1,4 @@
-"""Asynchronous aggregation strategies as pure state machines (ALGORITHMS §4 grouping, §5)."""
+"""Aggregation strategies as pure state machines behind one interface and one registry (docs/async.md)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,21 @@ import pytest
 
 from mqttfl.fl.staleness import constant, polynomial
 from mqttfl.fl.strategies import (
+    REGISTRY,
     EcoFLHybrid,
     FedAsync,
     FedAT,
+    FedAvg,
     FedBuff,
-    GroupRound,
+    Grouping,
+    OneGroup,
     Strategy,
-    SyncFedAvg,
+    StrategyParams,
     Update,
     UpdateRejected,
+    make_strategy,
+    mean_delta,
+    names,
 )
 
 SHAPES = {"w": (3, 2), "b": (2,)}
@@ -43,28 +49,51 @@ def roundtrip(strategy, fresh):
     return fresh
 
 
-# ---------------------------------------------------------------------------------------------- protocol
+# ---------------------------------------------------------------------------------------------- interface
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [FedAsync(), FedBuff(), FedAT({"a": 0}), EcoFLHybrid({"a": 0}), SyncFedAvg(["a"])],
-    ids=lambda s: s.name,
-)
-def test_every_strategy_satisfies_the_protocol_and_refuses_future_versions(strategy) -> None:
-    assert isinstance(strategy, Strategy)
+ASYNC = [FedAsync(), FedBuff(), FedAT(), EcoFLHybrid({"a": 0}), OneGroup({"a": 0})]
+
+
+@pytest.mark.parametrize("strategy", ASYNC, ids=lambda s: s.name)
+def test_every_asynchronous_strategy_refuses_future_versions(strategy) -> None:
+    assert isinstance(strategy, Strategy) and not strategy.synchronous
     with pytest.raises(UpdateRejected, match="ahead"):
         strategy.submit(state(0), Update("a", state(1), 1, base_version=5, group=0))
 
 
-@pytest.mark.parametrize("strategy", [FedAsync(), FedBuff(k=1), SyncFedAvg(["a"])], ids=lambda s: s.name)
+@pytest.mark.parametrize("strategy", [FedAsync(), FedBuff(k=1), FedAvg()], ids=lambda s: s.name)
 def test_a_delta_with_other_keys_or_shapes_is_rejected_without_changing_the_version(strategy) -> None:
     bad_keys = {"w": state(1)["w"]}
     bad_shape = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
     for delta in (bad_keys, bad_shape):
         with pytest.raises(UpdateRejected):
-            strategy.submit(state(0), Update("a", delta, 1, base_version=0))
+            if strategy.synchronous:
+                strategy.aggregate(state(0), [Update("a", delta, 1)])
+            else:
+                strategy.submit(state(0), Update("a", delta, 1, base_version=0))
     assert strategy.version == 0
+
+
+def test_the_registry_builds_every_strategy_by_name_and_sorts_them_by_family() -> None:
+    for name in REGISTRY:
+        assert make_strategy(name, StrategyParams()).name == name
+    assert names(synchronous=True) == ["fedavg"]
+    assert names(synchronous=False) == ["ecofl", "fedasync", "fedat", "fedbuff", "sync"]
+    with pytest.raises(ValueError, match="known"):
+        make_strategy("fedmagic")
+    assert {make_strategy(n).grouping for n in names(synchronous=False)} == set(Grouping)
+
+
+def test_fedavg_is_the_sample_weighted_mean_of_the_deltas_added_to_the_model() -> None:
+    s = FedAvg()
+    x = state(0)
+    items = [(state(1), 10), (state(2), 30)]
+    new = s.aggregate(x, [Update(f"e{i}", d, n) for i, (d, n) in enumerate(items)])
+    assert_state_close(new, fedavg(x, items))
+    assert s.version == 1 and roundtrip(s, FedAvg()).version == 1
+    with pytest.raises(TypeError):
+        s.submit(x, Update("a", state(1), 1))
 
 
 # ---------------------------------------------------------------------------------------------- FedAsync
@@ -163,52 +192,39 @@ def test_fedbuff_buffer_survives_a_restart_mid_buffer() -> None:
 
 
 def test_fedat_with_one_tier_equals_fedavg() -> None:
-    s = FedAT({"a": 0, "b": 0, "c": 0})
+    s = FedAT()
     x = state(0)
     items = [(state(1), 10), (state(2), 30), (state(3), 60)]
-    for client, (d, n) in zip("ab", items[:2], strict=True):
-        same, advanced = s.submit(x, Update(client, d, n, base_version=0))
-        assert not advanced and same is x
-    new, advanced = s.submit(x, Update("c", *items[2], base_version=0))
+    tier = mean_delta([Update(c, d, n) for c, (d, n) in zip("abc", items, strict=True)])
+    new, advanced = s.submit(x, Update("tier-0", tier, 100, base_version=0, group=0))
     assert advanced and s.version == 1
     assert_state_close(new, fedavg(x, items))
 
 
 def test_fedat_tier_weights_sum_to_one_and_favour_the_rarely_updated_tier() -> None:
-    s = FedAT({"fast": 0, "mid": 1, "slow": 2})
+    s = FedAT()
     x = state(0)
-    for client, times in (("fast", 6), ("mid", 3), ("slow", 1)):
+    for tier, times in ((0, 6), (1, 3), (2, 1)):
         for _ in range(times):
-            x, _ = s.submit(x, Update(client, state(s.version, 0.1), 1, base_version=s.version))
+            x, _ = s.submit(x, Update(f"tier-{tier}", state(s.version, 0.1), 1, base_version=s.version, group=tier))
     weights = s.tier_weights()
     assert sum(weights.values()) == pytest.approx(1.0)
     assert weights == pytest.approx({0: 1 / 10, 1: 3 / 10, 2: 6 / 10})
 
 
-def test_fedat_global_is_the_weighted_average_of_tier_models() -> None:
-    s = FedAT({"fast": 0, "slow": 1})
+def test_fedat_global_is_the_weighted_average_of_tier_models_and_survives_a_restart() -> None:
+    s = FedAT()
     x0 = state(0)
-    x1, _ = s.submit(x0, Update("fast", state(1), 1, base_version=0))
-    x2, _ = s.submit(x1, Update("fast", state(2), 1, base_version=1))
-    x3, _ = s.submit(x2, Update("slow", state(3), 1, base_version=0))
+    x1, _ = s.submit(x0, Update("fast", state(1), 1, base_version=0, group=0))
+    s = roundtrip(s, FedAT())
+    x2, _ = s.submit(x1, Update("fast", state(2), 1, base_version=1, group=0))
+    x3, _ = s.submit(x2, Update("slow", state(3), 1, base_version=0, group=1))
     fast_model = {k: x1[k] + state(2)[k] for k in x1}
     slow_model = {k: x2[k] + state(3)[k] for k in x2}
     # T_fast = 2, T_slow = 1: the fast tier gets 1/3, the slow one 2/3.
     assert_state_close(x3, {k: fast_model[k] / 3 + 2 * slow_model[k] / 3 for k in x3}, atol=1e-5)
-
-
-def test_fedat_accepts_a_group_round_as_the_tier_update_and_restores_pending_members() -> None:
-    s = FedAT({"a": 0, "b": 0, "z": 1})
-    x = state(0)
-    s.submit(x, Update("a", state(1), 5, base_version=0))
-    s = roundtrip(s, FedAT({"placeholder": 7}))
-    new, advanced = s.submit(x, Update("b", state(2), 15, base_version=0))
-    assert advanced
-    assert_state_close(new, fedavg(x, [(state(1), 5), (state(2), 15)]))
-    newer, advanced = s.submit(new, Update("group-1", state(3), 4, base_version=1, group=1))
-    assert advanced and s.counts == {0: 1, 1: 1}
     with pytest.raises(UpdateRejected):
-        s.submit(newer, Update("stranger", state(3), 4, base_version=0))
+        s.submit(x3, Update("stranger", state(3), 4, base_version=0))
 
 
 # ---------------------------------------------------------------------------------------------- Eco-FL
@@ -216,20 +232,19 @@ def test_fedat_accepts_a_group_round_as_the_tier_update_and_restores_pending_mem
 
 def test_ecofl_with_one_group_and_alpha_one_is_synchronous_fedavg() -> None:
     members = {"a": 0, "b": 0, "c": 0}
-    eco = EcoFLHybrid(members, alpha=1.0, staleness=constant())
-    sync = SyncFedAvg(members)
-    x_eco = x_sync = state(0)
+    eco, sync, fed = EcoFLHybrid(members, alpha=1.0, staleness=constant()), OneGroup(members), FedAvg()
+    x_eco = x_sync = x_fed = state(0)
     for r in range(3):
-        rnd = GroupRound(0, members, base_version=eco.version, opened_at=0.0, deadline_s=10.0)
-        for i, c in enumerate(members):
-            d, n = state(10 * r + i, 0.1), 10 + i
-            rnd.add(c, d, n)
-            x_sync, _ = sync.submit(x_sync, Update(c, d, n, base_version=sync.version))
-        assert rnd.ready(now=1.0)
-        x_eco, advanced = eco.submit(x_eco, rnd.close())
+        updates = [Update(c, state(10 * r + i, 0.1), 10 + i) for i, c in enumerate(members)]
+        group = Update("group-0", mean_delta(updates), sum(u.num_samples for u in updates),
+                       base_version=eco.version, group=0)
+        x_eco, advanced = eco.submit(x_eco, group)
+        x_sync, _ = sync.submit(x_sync, group)
+        x_fed = fed.aggregate(x_fed, updates)
         assert advanced
-    assert eco.version == sync.version == 3
-    assert_state_close(x_eco, x_sync)
+    assert eco.version == sync.version == fed.version == 3
+    assert_state_close(x_eco, x_fed)
+    assert_state_close(x_sync, x_fed)
 
 
 def test_ecofl_damps_a_stale_group_update() -> None:
@@ -251,78 +266,6 @@ def test_ecofl_refuses_per_client_and_unknown_group_updates() -> None:
     assert advanced and roundtrip(eco, EcoFLHybrid({})).groups == {"a": 0, "b": 1}
 
 
-# ---------------------------------------------------------------------------------------------- SyncFedAvg
-
-
-def test_sync_fedavg_waits_for_everyone_and_ignores_duplicates_and_late_answers() -> None:
-    s = SyncFedAvg(["a", "b"])
-    x = state(0)
-    assert s.submit(x, Update("a", state(1), 1, 0)) == (x, False)
-    assert s.submit(x, Update("a", state(5), 1, 0)) == (x, False)
-    assert s.missing() == {"b"}
-    new, advanced = s.submit(x, Update("b", state(2), 3, 0))
-    assert advanced and s.version == 1
-    assert_state_close(new, fedavg(x, [(state(1), 1), (state(2), 3)]))
-    assert s.submit(new, Update("a", state(3), 1, 0)) == (new, False)
-
-
-def test_sync_fedavg_flush_closes_a_round_with_whoever_answered() -> None:
-    s = SyncFedAvg(["a", "b"])
-    x = state(0)
-    assert s.flush(x) == (x, False)
-    s.submit(x, Update("a", state(1), 4, 0))
-    s = roundtrip(s, SyncFedAvg(["other"]))
-    new, advanced = s.flush(x)
-    assert advanced and s.version == 1
-    assert_state_close(new, {k: x[k] + state(1)[k] for k in x})
-
-
-# ---------------------------------------------------------------------------------------------- GroupRound
-
-
-def test_group_round_is_the_sample_weighted_mean_of_its_members() -> None:
-    rnd = GroupRound(2, ["a", "b", "c"], base_version=7, opened_at=100.0, deadline_s=5.0)
-    assert rnd.add("a", state(1), 1)
-    assert not rnd.add("a", state(9), 1)
-    assert not rnd.add("outsider", state(9), 1)
-    assert rnd.add("b", state(2), 3)
-    assert rnd.missing() == {"c"}
-    assert not rnd.ready(now=104.9)
-    assert rnd.ready(now=105.0)
-    upd = rnd.close()
-    assert upd is not None
-    assert (upd.client, upd.group, upd.base_version, upd.num_samples) == ("group-2", 2, 7, 4)
-    zero = {k: np.zeros_like(v) for k, v in state(0).items()}
-    assert_state_close(upd.delta, fedavg(zero, [(state(1), 1), (state(2), 3)]))
-    assert not rnd.add("c", state(3), 1)
-
-
-def test_group_round_with_everyone_in_is_ready_before_the_deadline() -> None:
-    rnd = GroupRound(0, ["a", "b"], base_version=0, opened_at=0.0, deadline_s=60.0)
-    rnd.add("a", state(1), 1)
-    assert not rnd.ready(now=1.0)
-    rnd.add("b", state(2), 1)
-    assert rnd.ready(now=1.0)
-
-
-def test_group_round_quorum_allows_closing_early() -> None:
-    members = [f"c{i}" for i in range(10)]
-    rnd = GroupRound(0, members, base_version=0, opened_at=0.0, deadline_s=60.0, quorum=0.7)
-    for i in range(6):
-        rnd.add(f"c{i}", state(i), 1)
-    assert not rnd.ready(now=1.0)
-    rnd.add("c6", state(6), 1)
-    assert rnd.ready(now=1.0)
-
-
-def test_group_round_nobody_answered_is_never_ready_and_closes_to_none() -> None:
-    rnd = GroupRound(0, ["a"], base_version=0, opened_at=0.0, deadline_s=1.0)
-    assert not rnd.ready(now=1e9)
-    assert rnd.close() is None
-    with pytest.raises(RuntimeError):
-        rnd.close()
-
-
 def _persistable(value) -> bool:
     """str/int/float/bool/None, lists, str-keyed dicts and numpy arrays: what the cloud's codec persists."""
     if isinstance(value, dict):
@@ -334,13 +277,6 @@ def _persistable(value) -> bool:
 
 def test_state_dicts_hold_only_persistable_values_mid_round() -> None:
     x = state(0)
-    strategies = [
-        FedAsync(),
-        FedBuff(k=3),
-        FedAT({"a": 0, "b": 0, "c": 1}),
-        EcoFLHybrid({"a": 0}),
-        SyncFedAvg("ab"),
-    ]
-    for s in strategies:
-        s.submit(x, Update("a", state(1), 2, base_version=0, group=0 if s.name == "ecofl" else None))
+    for s in [FedAsync(), FedBuff(k=3), FedAT(), EcoFLHybrid({"a": 0}), OneGroup({"a": 0})]:
+        s.submit(x, Update("a", state(1), 2, base_version=0, group=0))
         assert _persistable(s.state_dict()), s.name

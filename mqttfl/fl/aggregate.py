@@ -1,7 +1,7 @@
 """Aggregation maths over model states (``name -> array``), with no I/O, clock or threads.
 
 Edges and the cloud run the same functions: an edge averages its devices weighted by samples and the cloud
-averages the edges weighted by their total samples, which equals flat FedAvg over all devices (DESIGN §5).
+averages the edges weighted by their total samples, which equals flat FedAvg over all devices (docs/design.md, "Round").
 Sums are accumulated in float64 so that this two-level equality holds to float32 rounding, whatever the order
 in which updates arrive. Floating entries keep their dtype; integer entries (BatchNorm's
 ``num_batches_tracked``) are averaged and rounded back to their integer dtype.
@@ -17,10 +17,9 @@ __all__ = [
     "AggregationError",
     "State",
     "apply_delta",
+    "cast_like",
     "check_compatible",
     "delta",
-    "is_finite",
-    "masked_average",
     "weighted_average",
 ]
 
@@ -31,7 +30,8 @@ class AggregationError(ValueError):
     """Updates that cannot be combined: mismatched states, bad weights, nothing to aggregate."""
 
 
-def _check_pair(ref: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], where: str) -> None:
+def _check_pair(ref: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], where: str,
+                dtypes: bool = True) -> None:
     if ref.keys() != other.keys():
         missing = sorted(ref.keys() - other.keys())
         extra = sorted(other.keys() - ref.keys())
@@ -41,7 +41,7 @@ def _check_pair(ref: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], 
         b = other[key]
         if a.shape != b.shape:
             raise AggregationError(f"{where}: key {key!r} has shape {b.shape}, expected {a.shape}")
-        if a.dtype != b.dtype:
+        if dtypes and a.dtype != b.dtype:
             raise AggregationError(f"{where}: key {key!r} has dtype {b.dtype}, expected {a.dtype}")
 
 
@@ -58,7 +58,7 @@ def _check_weight(w: float, i: int) -> float:
     return w
 
 
-def _cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
+def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
     if np.issubdtype(like.dtype, np.integer):
         return np.rint(value).astype(like.dtype)
     return value.astype(like.dtype)
@@ -80,82 +80,22 @@ def weighted_average(items: Sequence[tuple[Mapping[str, np.ndarray], float]]) ->
         for state, w in zip(states, weights, strict=True):
             if w:
                 acc += w * state[key].astype(np.float64)
-        out[key] = _cast_like(acc / total, ref)
+        out[key] = cast_like(acc / total, ref)
     return out
 
 
 def delta(new: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> State:
     """new - base, key by key."""
     _check_pair(base, new, "delta")
-    return {k: _cast_like(new[k].astype(np.float64) - base[k].astype(np.float64), base[k]) for k in base}
+    return {k: cast_like(new[k].astype(np.float64) - base[k].astype(np.float64), base[k]) for k in base}
 
 
 def apply_delta(base: Mapping[str, np.ndarray], d: Mapping[str, np.ndarray], scale: float = 1.0) -> State:
-    """base + scale * d, key by key (scale is the server learning rate, 1.0 for plain FedAvg)."""
-    _check_pair(base, d, "apply_delta")
+    """base + scale * d, key by key (scale is the server learning rate, 1.0 for plain FedAvg).
+
+    Computed in float64 and rounded once to the base's dtype, so base + 1 * d is bit-identical to the float32
+    sum; ``d`` may be held in float64 (a running sum)."""
+    _check_pair(base, d, "apply_delta", dtypes=False)
     return {
-        k: _cast_like(base[k].astype(np.float64) + scale * d[k].astype(np.float64), base[k]) for k in base
+        k: cast_like(base[k].astype(np.float64) + scale * d[k].astype(np.float64), base[k]) for k in base
     }
-
-
-def masked_average(
-    items: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None, float]],
-    base: Mapping[str, np.ndarray],
-) -> State:
-    """Per-parameter average over the clients that trained it (ALGORITHMS §7).
-
-    w_j <- sum_i n_i m_ij w_ij / sum_i n_i m_ij, and w_j = base_j where no client covered j. Each item is
-    (state, mask, n). A client's state may omit keys it did not train (EmbracingFL's frozen input-side layers,
-    a width-reduced model's missing layers): those count as mask 0. ``mask`` None means the full model; a mask
-    mapping without a key the state has means that key is full; a mask array must broadcast to its parameter
-    (so a per-output-channel mask serves width reduction).
-    """
-    if not items:
-        raise AggregationError("nothing to aggregate")
-    weights = [_check_weight(n, i) for i, (_, _, n) in enumerate(items)]
-    if sum(weights) <= 0:
-        raise AggregationError("total weight is zero")
-    for i, (state, mask, _) in enumerate(items):
-        for key, value in state.items():
-            if key not in base:
-                raise AggregationError(f"client {i}: key {key!r} is not in the base model")
-            if value.shape != base[key].shape or value.dtype != base[key].dtype:
-                raise AggregationError(
-                    f"client {i}: key {key!r} is {value.dtype}{value.shape}, "
-                    f"expected {base[key].dtype}{base[key].shape}"
-                )
-        for key in mask or {}:
-            if key not in base:
-                raise AggregationError(f"client {i}: mask key {key!r} is not in the base model")
-
-    out: State = {}
-    for key, ref in base.items():
-        num = np.zeros(ref.shape, dtype=np.float64)
-        den = np.zeros(ref.shape, dtype=np.float64)
-        for i, ((state, mask, _), n) in enumerate(zip(items, weights, strict=True)):
-            if key not in state or n == 0:
-                continue
-            if mask is None or key not in mask:
-                m = np.ones(ref.shape, dtype=np.float64)
-            else:
-                try:
-                    m = np.broadcast_to(np.asarray(mask[key], dtype=np.float64), ref.shape)
-                except ValueError as exc:
-                    raise AggregationError(
-                        f"client {i}: mask for {key!r} of shape {np.shape(mask[key])} "
-                        f"does not fit {ref.shape}"
-                    ) from exc
-                if not np.all(np.isfinite(m)) or np.any(m < 0):
-                    raise AggregationError(f"client {i}: mask for {key!r} must be finite and >= 0")
-            # np.where, not a product: a pruned position may hold anything (even NaN) and must add nothing.
-            num += np.where(m > 0, n * m * state[key].astype(np.float64), 0.0)
-            den += n * m
-        covered = den > 0
-        avg = np.divide(num, den, out=np.zeros_like(num), where=covered)
-        out[key] = np.where(covered, _cast_like(avg, ref), ref)
-    return out
-
-
-def is_finite(state: Mapping[str, np.ndarray]) -> bool:
-    """True when no floating entry holds NaN or infinity (integer entries always pass)."""
-    return all(not np.issubdtype(v.dtype, np.inexact) or bool(np.isfinite(v).all()) for v in state.values())

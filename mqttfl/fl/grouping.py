@@ -13,7 +13,7 @@ RT_n is client n's response latency, RT̄_g its group's mean; the squared *relat
 term scale-free, so a 1 s spread in a 2 s group costs as much as a 10 s spread in a 20 s group. p_g is the
 group's pooled label histogram, normalised; p the fleet's (every profile given, dropped clients included: the
 target is the population the model serves). D is the L1 distance (default) or a smoothed KL divergence.
-Defaults G = 3, λ = 1 (ALGORITHMS §4).
+Defaults G = 3, λ = 1 (docs/algorithms.md, "Eco-FL").
 
 Privacy. A label histogram reveals a client's class mix to the cloud. Clients may opt out
 (``histogram=None``): they then count only in the latency term, and a group whose members all opted out has no

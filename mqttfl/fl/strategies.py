@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mqttfl.fl.aggregate import AggregationError, _cast_like, apply_delta, weighted_average
+from mqttfl.fl.aggregate import AggregationError, apply_delta, cast_like, weighted_average
 from mqttfl.fl.staleness import StalenessFn, polynomial
 from mqttfl.fl.staleness import by_name as staleness_by_name
 
@@ -278,7 +278,7 @@ class FedAT(Strategy):
         new = {}
         for k, m in model.items():
             acc = sum(w * np.asarray(self._models[t][k], np.float64) for t, w in weights.items())
-            new[k] = _cast_like(np.asarray(acc), m)
+            new[k] = cast_like(np.asarray(acc), m)
         self.version += 1
         return new, True
 

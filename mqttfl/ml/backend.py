@@ -24,6 +24,12 @@ from mqttfl.protocol import stage as jobs
 from mqttfl.protocol.plan import Plan, data_seed
 
 
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over a decoded array, copying only when the array is read-only (decoded tensors are views into
+    the message, and torch.from_numpy on read-only memory warns and would write through)."""
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
 @dataclass
 class _Session:
     plan: Plan
@@ -95,21 +101,21 @@ class TorchBackend:
 
     def _forward(self, job: jobs.Forward) -> jobs.Smashed:
         s = self._session(job)
-        if job.x is None:
+        if job.x is None or job.y is None:
             x, y = micro_batches(*self._batch(s, job.step), job.n_micro)[job.micro]
         else:
-            x, y = torch.from_numpy(np.array(job.x)), torch.from_numpy(np.array(job.y))
+            x, y = _tensor(job.x), _tensor(job.y)
         out = self._timed(s.stage.forward, (job.step, job.micro), x)
         return jobs.Smashed(out.numpy(), y.numpy().astype(np.int64))
 
     def _backward(self, job: jobs.Backward) -> np.ndarray | None:
         s = self._session(job)
-        g = self._timed(s.stage.backward, (job.step, job.micro), torch.from_numpy(np.array(job.grad)))
+        g = self._timed(s.stage.backward, (job.step, job.micro), _tensor(job.grad))
         return None if g is None else g.detach().contiguous().numpy()
 
     def _loss(self, job: jobs.Loss) -> jobs.LossResult:
         s = self._session(job)
-        grad, res = s.stage.loss(torch.from_numpy(job.x), torch.from_numpy(job.y), job.batch_size)
+        grad, res = s.stage.loss(_tensor(job.x), _tensor(job.y), job.batch_size)
         return jobs.LossResult(grad.detach().contiguous().numpy(), res.loss_sum, res.correct, res.n)
 
     def _step(self, job: jobs.Step) -> None:

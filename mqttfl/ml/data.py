@@ -1,8 +1,9 @@
-"""Data sets, partitioners, shards and a resumable batch order (DESIGN §10).
+"""Data sets, partitioners, shards and a resumable batch order (docs/design.md, "Data").
 
 Only numpy is imported here: devices on small boards load their shard with ``load_shard`` and never pay for
 scikit-learn, which ``load_digits`` imports lazily. Everything is deterministic given its seed, because a run
-that migrates mid-training must replay exactly the batches a run that does not migrate would see (DESIGN §5).
+that migrates mid-training must replay exactly the batches a run that does not migrate would see
+(docs/design.md, "Round").
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ class BatchOrder:
     """Deterministic mini-batch order that can resume at any (epoch, batch) without replaying earlier ones.
 
     Each epoch's permutation comes from ``default_rng([seed, epoch])`` alone, so a migration checkpoint only
-    needs (epoch, batch index) as its data position (FedFly, DESIGN §5).
+    needs (epoch, batch index) as its data position (FedFly; docs/design.md, "Migration").
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Models as lists of blocks that can be cut at any block boundary (DESIGN §5).
+"""Models as lists of blocks that can be cut at any block boundary (docs/design.md, "Round").
 
 A model is an ``nn.Sequential`` whose children are *blocks*, the units a split point may fall between. With
 ``n`` blocks a cut ``c`` in ``[0, n]`` gives the device ``blocks[:c]`` and the edge ``blocks[c:]``; ``c = n``
@@ -255,13 +255,6 @@ class Part:
 
     def __repr__(self) -> str:
         return f"Part(blocks=[{self.start}, {self.stop}), keys={len(self.keys())})"
-
-
-def split_model(model: nn.Sequential, cut: int) -> tuple[Part, Part]:
-    """(device part, edge part) of ``model`` at split point ``cut``."""
-    if not 0 <= cut <= len(model):
-        raise ValueError(f"cut {cut} out of range [0, {len(model)}]")
-    return Part(model, 0, cut), Part(model, cut, len(model))
 
 
 def model_state(model: nn.Module) -> dict[str, np.ndarray]:

@@ -112,14 +112,14 @@ def from_message(body: Mapping[str, Any], tensors: Mapping[str, np.ndarray], mig
     per_param: dict[str, int] = {}
     for name, arr in groups["o"].items():
         key, _, state_name = name.partition("|")
-        spec = reference.get(key)
-        if spec is None or not spec.trainable or not state_name:
+        param = reference.get(key)
+        if param is None or not param.trainable or not state_name:
             raise CheckpointError("bad_shape", f"optimizer state {name!r} does not match the model")
         per_param[key] = per_param.get(key, 0) + 1
         if per_param[key] > MAX_OPTIMIZER_STATES:
             raise CheckpointError("bad_shape", f"too many optimizer states for {key!r}")
         # Per-parameter state has the parameter's shape (momentum, moments) or is a scalar (Adam's step).
-        _check_float(f"optimizer {name}", arr, spec.shape if arr.ndim else ())
+        _check_float(f"optimizer {name}", arr, param.shape if arr.ndim else ())
     rng = tensors.get("rng")
     if rng is None or rng.dtype != np.uint8 or rng.ndim != 1:
         raise CheckpointError("bad_field", "checkpoint lacks a uint8 RNG state")

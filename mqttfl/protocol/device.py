@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from mqttfl.fl.aggregate import delta
 from mqttfl.protocol import stage
 from mqttfl.protocol.control import arg, check_id
 from mqttfl.protocol.errors import ProtocolError
@@ -52,6 +53,7 @@ from mqttfl.protocol.events import (
     Started,
     TimerFired,
 )
+from mqttfl.protocol.links import Downstream
 from mqttfl.protocol.messages import (
     Abort,
     Activations,
@@ -115,11 +117,7 @@ class DeviceRound:
     n_micro: int = 1
     batch_len: int = 0
     waiting: stage.Job | None = None  # the job whose result we need before going on
-    outstanding: dict[Key, Activations] = field(default_factory=dict)
-    grads: dict[Key, Gradients] = field(default_factory=dict)
-    blocked_since: float | None = None  # waiting for a gradient since
-    last_send: float = 0.0
-    resends: int = 0
+    down: Downstream = field(default_factory=lambda: Downstream(10.0))  # activations out, gradients back
     migration: Migration | None = None
     meters0: stage.Meters = field(default_factory=stage.Meters)
     delta: dict[str, np.ndarray] | None = None
@@ -166,6 +164,10 @@ class DeviceMachine:
     def metrics(self) -> dict[str, Any]:
         return {"rounds_done": self.rounds_done}
 
+    @property
+    def commands(self) -> tuple[str, ...]:
+        return COMMANDS
+
     def handle(self, ev: Event, now: float) -> list[Effect]:
         self._fx = []
         if isinstance(ev, Received):
@@ -175,7 +177,7 @@ class DeviceMachine:
         elif isinstance(ev, TimerFired):
             self._on_timer(ev, now)
         elif isinstance(ev, LinkChanged):
-            if ev.up and self.round is not None and self.round.outstanding:
+            if ev.up and self.round is not None and self.round.down.outstanding:
                 self._resend(now)
         elif isinstance(ev, Command):
             self._on_command(ev, now)
@@ -256,7 +258,8 @@ class DeviceMachine:
             self.first_starts.pop(next(iter(self.first_starts)))
         self.round = r = DeviceRound(
             plan=plan, cut=msg.cut, local=msg.cut == schema.n_blocks, base=state, session=self._new_id("r"),
-            started=now, first_start=first, t_download=t_download, total=round_steps(self.n_samples, plan))
+            started=now, first_start=first, t_download=t_download, total=round_steps(self.n_samples, plan),
+            down=Downstream(self.act_timeout_s))
         self._status(NodeState.TRAINING, round=plan.round, run=plan.run)
         self._do(Log("info", "round start", {"round": plan.round, "cut": msg.cut, "steps": r.total}))
         self._run(stage.Measure(r.session))
@@ -281,9 +284,7 @@ class DeviceMachine:
         if isinstance(job, stage.Forward):
             self._forwarded(job, ev.result, now)
         elif isinstance(job, stage.Backward):
-            key = (job.step, job.micro)
-            r.outstanding.pop(key, None)
-            r.grads.pop(key, None)
+            r.down.settled((job.step, job.micro))
             r.pos += 1
         elif isinstance(job, stage.Step):
             self._mini_batch_done(now)
@@ -296,7 +297,7 @@ class DeviceMachine:
             self._mini_batch_done(now)
             return
         elif isinstance(job, stage.Weights):
-            r.delta = {k: (np.asarray(v, np.float32) - r.base[k]).astype(np.float32) for k, v in ev.result.items()}
+            r.delta = delta(ev.result, r.base)
             self._run(stage.Measure(r.session))
             return
         self._advance(now)
@@ -328,13 +329,12 @@ class DeviceMachine:
         if action.op == "F":
             self._run(stage.Forward(r.session, r.step, action.micro, r.n_micro))
             return
-        key = (r.step, action.micro)
-        grad = r.grads.get(key)
+        grad = r.down.grads.get((r.step, action.micro))
         if grad is None:
-            if r.blocked_since is None:
-                r.blocked_since = now
+            if r.down.blocked_since is None:
+                r.down.blocked_since = now
             return  # the gradient arrives as a message
-        r.blocked_since = None
+        r.down.blocked_since = None
         self._run(stage.Backward(r.session, r.step, action.micro, grad.g))
 
     def _forwarded(self, job: stage.Forward, res: stage.Smashed, now: float) -> None:
@@ -342,10 +342,9 @@ class DeviceMachine:
         assert r is not None
         act = Activations(run=r.plan.run, round=r.plan.round, step=job.step, micro=job.micro, n_micro=job.n_micro,
                           batch_size=r.batch_len, attempt=r.plan.attempt, x=res.x, y=res.y)
-        r.outstanding[act.key] = act
+        r.down.sent(act, now)
         self._send(self.edge, act)
-        r.last_send = now
-        self._do(SetTimer(ACT_TIMER, now + self.act_timeout_s))
+        self._do(SetTimer(ACT_TIMER, r.down.due))
         r.pos += 1
 
     def _mini_batch_done(self, now: float) -> None:
@@ -366,27 +365,25 @@ class DeviceMachine:
         if r is None or ev.src != self.edge or msg.run != r.plan.run or msg.round != r.plan.round:
             self._do(Drop("wrong_round", f"grad from {ev.src} for {msg.run}/{msg.round}", ev.src))
             return
-        sent = r.outstanding.get(msg.key)
-        if sent is None or msg.key in r.grads:
-            return  # the answer to a re-sent act we already have
-        if msg.g.shape != sent.x.shape or msg.g.dtype != np.float32:
-            self._do(Drop("bad_shape", f"grad {msg.g.shape} for activations {sent.x.shape}", ev.src))
+        try:
+            if not r.down.accept(msg):
+                return  # the answer to a re-sent act we already have
+        except ProtocolError as e:
+            self._do(Drop(e.code, str(e), ev.src))
             return
-        r.grads[msg.key] = msg
         r.loss_sum += msg.loss_sum
         r.correct += msg.correct
-        r.seen += int(sent.y.shape[0])
+        r.seen += int(r.down.outstanding[msg.key].y.shape[0])
         self._advance(now)
 
     def _resend(self, now: float) -> None:
         r = self.round
         assert r is not None
-        r.resends += len(r.outstanding)
-        self._do(Log("info", "re-sending outstanding activations", {"n": len(r.outstanding), "edge": self.edge}))
-        for act in r.outstanding.values():
+        acts = r.down.resend(now)
+        self._do(Log("info", "re-sending outstanding activations", {"n": len(acts), "edge": self.edge}))
+        for act in acts:
             self._send(self.edge, act)
-        r.last_send = now
-        self._do(SetTimer(ACT_TIMER, now + self.act_timeout_s))
+        self._do(SetTimer(ACT_TIMER, r.down.due))
 
     def _on_timer(self, ev: TimerFired, now: float) -> None:
         r = self.round
@@ -400,12 +397,13 @@ class DeviceMachine:
                 else:
                     self._restart_at(now, m.dest, m.id, m.source, "source edge did not answer")
             return
-        if ev.key != ACT_TIMER or not r.outstanding or r.migration is not None:
+        down = r.down
+        if ev.key != ACT_TIMER or not down.outstanding or r.migration is not None:
             return
-        if now - r.last_send < self.act_timeout_s:
-            self._do(SetTimer(ACT_TIMER, r.last_send + self.act_timeout_s))
+        if now < down.due:  # the timer's own sum: never early by a rounding error
+            self._do(SetTimer(ACT_TIMER, down.due))
             return
-        if r.blocked_since is None:
+        if down.blocked_since is None:
             self._do(SetTimer(ACT_TIMER, now + self.act_timeout_s))
             return
         if self.pending_move is not None:
@@ -414,7 +412,7 @@ class DeviceMachine:
             self.pending_move = None
             self._restart_at(now, dest, self._new_id("m"), self.edge, "source edge did not answer")
             return
-        if now - r.blocked_since > max(r.plan.deadline_s, self.act_timeout_s * 3):
+        if now - down.blocked_since > max(r.plan.deadline_s, self.act_timeout_s * 3):
             self._abort(now, f"no gradient from {self.edge} for {r.plan.deadline_s:.0f}s")
             return
         self._resend(now)
@@ -429,7 +427,7 @@ class DeviceMachine:
             t_total=now - r.first_start, bytes_up=meters.tx_bytes - r.meters0.tx_bytes,
             # Since the end of the previous round, so the model message that opened this one counts.
             bytes_down=meters.rx_bytes - self.rx_mark, peak_rss_mb=round(meters.peak_rss_mb, 1),
-            resends=r.resends)
+            resends=r.down.resends)
         self._send(self.edge, DeviceUpdate(run=r.plan.run, round=r.plan.round, report=report, delta=r.delta),
                    reliable=True)
         self.rx_mark = meters.rx_bytes
@@ -549,7 +547,8 @@ class DeviceMachine:
             if ev.cmd == "train_stats":
                 r = self.round
                 result: Any = {"rounds_done": self.rounds_done, "step": r.step if r else 0,
-                               "resends": r.resends if r else 0, "edge": self.edge, "migrations": self.migrations[-10:]}
+                               "resends": r.down.resends if r else 0, "edge": self.edge,
+                               "migrations": self.migrations[-10:]}
             elif ev.cmd == "move":
                 result = self._cmd_move(ev.args, now)
             elif ev.cmd == "set_edge":

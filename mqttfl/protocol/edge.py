@@ -2,14 +2,14 @@
 and both ends of a migration.
 
 Theory of operation (docs/design.md, "Round"). A cloud ``OpenRound`` opens one *session* per device: that
-device's copy of the edge-side blocks and optimizer (a stage job session), its data position ``expected``
-(the next (step, micro)), and a small cache of the gradients it returned. Activations must arrive in
-(step, micro) order; a re-sent micro-batch that was already processed is answered from the cache and trains
-nothing (exactly-once effect). The optimizer steps once per device mini-batch. When every device of the
-round has sent its delta (or the deadline, ``deadline_fraction`` of the cloud's, passes) the edge sends one
-delta to the cloud: the sample-weighted mean of its devices' full-model deltas, so the cloud's weighted
-mean over edges is flat FedAvg over devices. Several rounds may be open at once (asynchronous groups); a
-device is in at most one.
+device's copy of the edge-side blocks and optimizer (a stage job session) and its upstream link
+(``mqttfl.protocol.links.Upstream``): the data position ``expected`` (the next (step, micro)) and a small
+cache of the gradients it returned. Activations must arrive in (step, micro) order; a re-sent micro-batch that
+was already processed is answered from the cache and trains nothing (exactly-once effect). The optimizer steps
+once per device mini-batch. When every device of the round has sent its delta (or the deadline,
+``deadline_fraction`` of the cloud's, passes) the edge sends one delta to the cloud: the sample-weighted mean
+of its devices' full-model deltas, so the cloud's weighted mean over edges is flat FedAvg over devices.
+Several rounds may be open at once (asynchronous groups); a device is in at most one.
 
 Migration, at this edge as source: ``freeze`` snapshots the session at a mini-batch boundary and sends the
 checkpoint to the destination (``direct``) or the device (``relay``); ``release`` forgets it, ``abort``
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mqttfl.fl.aggregate import weighted_average
+from mqttfl.fl.aggregate import delta, weighted_average
 from mqttfl.protocol import stage
 from mqttfl.protocol.checkpoint import CheckpointError, EdgeCheckpoint, from_message
 from mqttfl.protocol.errors import ProtocolError
@@ -50,6 +50,7 @@ from mqttfl.protocol.events import (
     Started,
     TimerFired,
 )
+from mqttfl.protocol.links import Upstream
 from mqttfl.protocol.messages import (
     Abort,
     Activations,
@@ -78,7 +79,6 @@ from mqttfl.protocol.status import NodeState
 SchemaSource = Callable[[ModelRef], ModelSchema]
 Key = tuple[int, int]
 RoundKey = tuple[str, int, int]
-GRAD_CACHE = 16  # >= the most micro-batches of one mini-batch that can be re-sent at once
 EXPECTED_TRANSFERS = 256
 
 
@@ -90,9 +90,7 @@ class Session:
     sid: str | None  # the stage job session; None: the device trains the whole model locally
     base: dict[str, np.ndarray]  # global state of the edge-side keys, for the delta
     activation: tuple[int, ...] = ()
-    expected: Key = (0, 0)  # next (step, micro) to process
-    n_micro: int = 0
-    grad_cache: OrderedDict[Key, Gradients] = field(default_factory=OrderedDict)
+    up: Upstream = field(default_factory=Upstream)  # activations in order, gradients answered once
     steps: int = 0
     loss_sum: float = 0.0
     seen: int = 0
@@ -139,6 +137,10 @@ class EdgeMachine:
     def metrics(self) -> dict[str, Any]:
         return {"rounds_done": self.rounds_done, "open_rounds": [k[1] for k in self.rounds],
                 "devices": sorted(self.device_round)}
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        return ()
 
     def handle(self, ev: Event, now: float) -> list[Effect]:
         self._fx = []
@@ -281,38 +283,29 @@ class EdgeMachine:
         if s.frozen is not None:
             self._drop("frozen", f"{ev.src} is migrating ({s.frozen})", ev.src)
             return
-        cached = s.grad_cache.get(msg.key)
+        cached = s.up.answered(msg)
         if cached is not None:
             # Exactly-once: the device re-sent an act we processed (its link dropped); answer from cache.
             self._do(Send(ev.src, cached), Count("grad_resent"))
             return
-        if msg.key != s.expected:
-            self._drop("out_of_order", f"act {msg.key} from {ev.src}, expected {s.expected}", ev.src)
-            return
         try:
-            check_activation(msg, s.activation, r.plan)
-            if msg.micro > 0 and msg.n_micro != s.n_micro:
-                raise ProtocolError("bad_field", f"n_micro changed mid-batch ({s.n_micro} -> {msg.n_micro})")
+            if msg.key == s.up.expected:
+                check_activation(msg, s.activation, r.plan)
+            flush = s.up.take(msg)
         except ProtocolError as e:
-            self._drop(e.code, str(e), ev.src)
+            self._drop(e.code, f"{e} (from {ev.src})", ev.src)
             return
-        s.n_micro = msg.n_micro
-        job = stage.Loss(s.sid, msg.step, msg.micro, np.asarray(msg.x), np.asarray(msg.y), msg.batch_size)
+        job = stage.Loss(s.sid, msg.step, msg.micro, msg.x, msg.y, msg.batch_size)
         self._run(job, "grad", (s, ev.src))
-        if msg.micro + 1 == msg.n_micro:
+        if flush:
             self._run(stage.Step(s.sid))  # one optimizer step per device mini-batch, like the device
             s.steps += 1
-            s.expected = (msg.step + 1, 0)
-        else:
-            s.expected = (msg.step, msg.micro + 1)
 
     def _grad_ready(self, s: Session, device: str, job: stage.Loss, res: stage.LossResult) -> None:
         g = Gradients(run=s.plan.run, round=s.plan.round, step=job.step, micro=job.micro, loss_sum=res.loss_sum,
                       correct=res.correct, g=res.grad)
         self._do(Send(device, g))
-        s.grad_cache[(job.step, job.micro)] = g
-        while len(s.grad_cache) > GRAD_CACHE:
-            s.grad_cache.popitem(last=False)
+        s.up.remember(g)
         s.loss_sum += res.loss_sum
         s.seen += res.n
 
@@ -344,9 +337,9 @@ class EdgeMachine:
 
     def _device_done(self, r: EdgeRound, s: Session, ev: Received, msg: DeviceUpdate,
                      edge_weights: dict[str, np.ndarray], now: float) -> None:
-        delta = {k: np.array(v, dtype=np.float32) for k, v in msg.delta.items()}
-        delta.update({k: (np.asarray(edge_weights[k], np.float32) - s.base[k]).astype(np.float32) for k in s.base})
-        s.delta = delta
+        full = {k: np.array(v, dtype=np.float32) for k, v in msg.delta.items()}
+        full.update(delta({k: edge_weights[k] for k in s.base}, s.base))
+        s.delta = full
         s.report = replace(msg.report, t_upload=ev.transit_s, edge_steps=s.steps)
         s.closing = None
         self._do(Ack(ev), Log("info", "device done", {"device": ev.src, "round": r.plan.round,
@@ -392,13 +385,13 @@ class EdgeMachine:
             return
         if what == "grad":
             s, device = ctx
-            if s.sid is not None and s.frozen is None:
+            if s.sid is not None and s.frozen is None and isinstance(ev.job, stage.Loss):
                 self._grad_ready(s, device, ev.job, ev.result)
         elif what == "weights":
-            s = ctx
-            r, current = self.session_of(s.device)
-            if r is not None and current is s and s.closing is not None:
-                self._device_done(r, s, s.closing[0], s.closing[1], ev.result, now)
+            session: Session = ctx
+            r, current = self.session_of(session.device)
+            if r is not None and current is session and session.closing is not None:
+                self._device_done(r, session, session.closing[0], session.closing[1], ev.result, now)
         elif what == "snapshot":
             s, msg, device = ctx
             self._send_checkpoint(s, msg, device, ev.result)
@@ -414,9 +407,9 @@ class EdgeMachine:
         if r is None or s is None or s.sid is None or s.delta is not None:
             self._reply(device, Nothing(migration=msg.migration))  # no edge-side state here: it just switches
             return
-        if s.expected[1] != 0:
+        if not s.up.at_boundary:
             self._reply(device, Refused(migration=msg.migration,
-                                        reason=f"not at a mini-batch boundary (next {s.expected})"))
+                                        reason=f"not at a mini-batch boundary (next {s.up.expected})"))
             return
         s.frozen = msg.migration
         self._run(stage.Snapshot(s.sid), "snapshot", (s, msg, device))
@@ -426,8 +419,8 @@ class EdgeMachine:
             return  # aborted while the snapshot was taken
         ck = EdgeCheckpoint(
             device=device, migration=msg.migration, plan=s.plan, cut=s.cut, weights=snap.weights,
-            optimizer=snap.optimizer, base=dict(s.base), expected=s.expected, steps=s.steps, loss_sum=s.loss_sum,
-            seen=s.seen, n_micro=s.n_micro, rng=snap.rng)
+            optimizer=snap.optimizer, base=dict(s.base), expected=s.up.expected, steps=s.steps,
+            loss_sum=s.loss_sum, seen=s.seen, n_micro=s.up.n_micro, rng=snap.rng)
         body, tensors = ck.to_message()
         nbytes = ck.nbytes()
         if msg.path == MovePath.DIRECT:
@@ -440,7 +433,7 @@ class EdgeMachine:
         self._do(Send(msg.to if msg.path == MovePath.DIRECT else device, transfer),
                  Emit("migration_started", fields={"device": device, "source": self.node, "destination": msg.to,
                                                    "path": str(msg.path), "migration": msg.migration,
-                                                   "step": s.expected[0], "checkpoint_bytes": nbytes}))
+                                                   "step": s.up.expected[0], "checkpoint_bytes": nbytes}))
 
     def _on_transfer(self, ev: Received, msg: Transfer, now: float) -> None:
         """Destination edge: install a checkpoint, then tell the device it may resume here."""
@@ -474,8 +467,8 @@ class EdgeMachine:
         sid = self._new_sid(device)
         self._run(stage.Open(sid, plan, cut, schema.n_blocks, ck.weights, optimizer=ck.optimizer, rng=ck.rng))
         session = Session(device, plan, cut, sid, base=dict(ck.base), activation=schema.activation(cut),
-                          expected=ck.expected, n_micro=ck.n_micro, steps=ck.steps, loss_sum=ck.loss_sum,
-                          seen=ck.seen, installed_by=mid)
+                          up=Upstream(expected=ck.expected, n_micro=ck.n_micro), steps=ck.steps,
+                          loss_sum=ck.loss_sum, seen=ck.seen, installed_by=mid)
         r = self.rounds.get(plan.key)
         if r is None:
             # This edge was not in the round: the checkpoint carries all it needs (plan and base).

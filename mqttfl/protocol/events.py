@@ -85,6 +85,7 @@ class Send:
     dst: str
     msg: Message
     reliable: bool = False  # through the on-disk outbox, re-sent until the receiver acknowledges
+    encoding: str = "none"  # how the message's tensors travel (mqttfl.wire.encoding)
 
 
 @dataclass(frozen=True, eq=False)

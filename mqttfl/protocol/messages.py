@@ -55,6 +55,14 @@ class MovePath(StrEnum):
     RESTART = "restart"  # no state moves: the round starts over at the destination (FedFly's baseline)
 
 
+class RoundKind(StrEnum):
+    """What an asynchronous group round is for (docs/async.md)."""
+
+    PROFILE = "profile"  # everyone, synchronously: measures latencies before groups exist
+    GROUP = "group"  # one group's round, mixed into the global model
+    PROBE = "probe"  # a dropped device alone: refreshes its latency, its update is not mixed
+
+
 # ------------------------------------------------------------------------------------------------ field checks
 
 
@@ -143,10 +151,10 @@ class RoundTag:
     group: int
     version: int
     base: int
-    kind: str  # profile | group | probe
+    kind: RoundKind
 
     def to_body(self) -> dict[str, Any]:
-        return {"group": self.group, "version": self.version, "base": self.base, "kind": self.kind}
+        return {"group": self.group, "version": self.version, "base": self.base, "kind": str(self.kind)}
 
     @classmethod
     def from_body(cls, body: Any) -> RoundTag | None:
@@ -155,7 +163,7 @@ class RoundTag:
         if not isinstance(body, Mapping):
             raise ProtocolError("bad_field", "round tag must be a map")
         return cls(int_field(body, "group", low=-1), int_field(body, "version"), int_field(body, "base"),
-                   str_field(body, "kind", max_len=16))
+                   enum_field(body, "kind", RoundKind))
 
 
 @dataclass(frozen=True, kw_only=True)

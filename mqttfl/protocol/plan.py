@@ -90,7 +90,7 @@ class Plan(Training):
             if f.name not in body:
                 continue
             v = body[f.name]
-            want = {"str": str, "int": int, "float": (int, float)}.get(str(f.type))
+            want: Any = {"str": str, "int": int, "float": (int, float)}.get(str(f.type))
             if f.name == "input_shape":
                 if not isinstance(v, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool)
                                                                for d in v):

@@ -100,7 +100,7 @@ class ModelSchema:
         """The first difference between this schema and another node's :meth:`describe`, or None."""
         mine = {row[1]: row for row in self.describe()}
         theirs = {str(row[1]): row for row in other}
-        for key in sorted(set(mine) | set(theirs)):
+        for key in [*mine, *(k for k in theirs if k not in mine)]:  # in the model's order
             if key not in theirs:
                 return f"tensor {key!r} {mine[key][2]} is missing on the other side"
             if key not in mine:

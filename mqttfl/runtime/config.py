@@ -23,6 +23,8 @@ from mqttfl.wire.topics import validate_id
 LIMIT_KEYS = ("max_message_bytes", "max_tensor_elements", "max_total_elements", "max_tensors", "max_json_bytes")
 
 ENV_PREFIX = "MQTTFL_"
+# MQTTFL_* variables that are not config keys: MQTTFL_CONFIG names the file itself (the agents' --config default).
+ENV_NOT_KEYS = frozenset({"MQTTFL_CONFIG"})
 
 
 class ConfigError(ValueError):
@@ -169,7 +171,7 @@ def _parse_env_value(raw: str) -> Any:
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key in ENV_NOT_KEYS:
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if "__" in name:
@@ -211,7 +213,7 @@ def _mqtt_from(data: Mapping[str, Any], node: str, environ: Mapping[str, str]) -
     username = cfg.username or (node if password else "")
     cfg = replace(cfg, password=password, username=username, password_file=pw_file)
     if password and not cfg.tls and not _is_loopback(cfg.host):
-        # DESIGN §6: credentials never cross a network in clear.
+        # docs/design.md, "Trust": credentials never cross a network in clear.
         raise ConfigError(
             f"refusing to send credentials in clear to {cfg.host}: enable [mqtt] tls or use a loopback broker"
         )

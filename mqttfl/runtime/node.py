@@ -14,7 +14,6 @@ commander (an operator, the cloud, the node itself) goes to the machine.
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import json
 import resource
@@ -23,33 +22,23 @@ import time
 import uuid
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from mqttfl.protocol import events as E
 from mqttfl.protocol import stage
-from mqttfl.protocol.control import may_command
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.messages import parse
 from mqttfl.protocol.status import parse_status
 from mqttfl.runtime import sdnotify
 from mqttfl.runtime.config import AgentConfig
 from mqttfl.runtime.log import get_logger
+from mqttfl.runtime.loop import Backend, Machine, MachineRunner
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.persist import save_state
 from mqttfl.runtime.transport import Inbound, Transport
+from mqttfl.wire.codec import CodecError
+from mqttfl.wire.encoding import decode_tensors, encode_tensors
 from mqttfl.wire.topics import filter_for
-
-
-class Machine(Protocol):
-    def handle(self, ev: E.Event, now: float) -> list[E.Effect]: ...
-
-    def presence(self) -> dict[str, Any]: ...
-
-    def metrics(self) -> dict[str, Any]: ...
-
-
-class Backend(Protocol):
-    def run(self, job: stage.Job) -> Any: ...
 
 
 class Shutdown(Exception):
@@ -73,21 +62,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-RUNTIME_COMMANDS = ("ping", "status", "shutdown")
-
-
-class Node:
+class Node(MachineRunner):
     metrics_interval_s = 10.0
     resend_after_s = 5.0
 
     def __init__(self, cfg: AgentConfig, machine: Machine, backend: Backend | None = None, *,
                  cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
-        self.node = cfg.node
+        self.name = cfg.node
         self.machine = machine
-        self.backend = backend
-        self.cloud = cloud
-        self.log = get_logger(node=cfg.node, role=cfg.role, fleet=cfg.fleet)
+        self._backend = backend
+        self.commanders = set(cfg.operators) | {cloud}
+        self.logger = get_logger(node=cfg.node, role=cfg.role, fleet=cfg.fleet)
         self.state_dir = Path(cfg.state_dir) if cfg.state_dir else None
         self._lock = lock_state_dir(self.state_dir, cfg.node) if self.state_dir else None
         self.state_path = self.state_dir / state_file if self.state_dir and state_file else None
@@ -96,7 +82,7 @@ class Node:
         # Every node hears what is addressed to it; broadcasts only of the kinds its role needs (the cloud:
         # status), so fleet-wide status traffic does not reach every board.
         subs = [filter_for(cfg.fleet, dst=cfg.node), *(filter_for(cfg.fleet, kind=k, dst="all") for k in broadcasts)]
-        self.transport = Transport(cfg, log=self.log, outbox=self.outbox, subscriptions=subs, inbox=False,
+        self.transport = Transport(cfg, log=self.logger, outbox=self.outbox, subscriptions=subs, inbox=False,
                                    status_fields=machine.presence())
         self.running = True
         self.timers: dict[Hashable, float] = {}
@@ -108,11 +94,12 @@ class Node:
     def run(self, *, connect_timeout: float | None = 60.0) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.log.info("starting", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", boot=self.transport.boot)
+        self.logger.info("starting", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", boot=self.transport.boot,
+                       mqtt=self.cfg.mqtt.redacted())
         self.transport.start(timeout=connect_timeout)
         self.feed(E.Started())
         sdnotify.ready()
-        self.log.info("ready")
+        self.logger.info("ready")
         try:
             while self.running:
                 self.step(timeout=0.05)
@@ -121,6 +108,12 @@ class Node:
         finally:
             self.stop()
         return 0
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall_clock(self) -> float:
+        return time.time()
 
     def step(self, timeout: float) -> None:
         now = time.monotonic()
@@ -139,7 +132,7 @@ class Node:
             raise Shutdown()
         self.transport.housekeeping(now, resend_after=self.resend_after_s)
         for change in self.transport.link_changes():
-            self.log.info("link", up=change.up)
+            self.logger.info("link", up=change.up)
             self.feed(E.LinkChanged(change.up))
         for key, at in sorted(self.timers.items(), key=lambda kv: kv[1]):
             if at <= now and self.timers.get(key) == at:
@@ -155,13 +148,13 @@ class Node:
 
     def stop(self) -> None:
         sdnotify.stopping()
-        self.log.info("stopping")
+        self.logger.info("stopping")
         self.transport.stop()
 
     # ------------------------------------------------------------------ events in
     def dispatch(self, msg: Inbound) -> None:
         if msg.kind == "ctl":
-            self.on_ctl(msg)
+            self.on_ctl(msg.src, msg.data or {})
         elif msg.kind == "status" and msg.data is not None:
             try:
                 presence = parse_status(msg.src, msg.data)
@@ -172,125 +165,85 @@ class Node:
         elif msg.env is not None:
             env = msg.env
             try:
-                typed = parse(env.kind, env.run, env.round, env.body, env.tensors)
-            except ProtocolError as e:
+                tensors = decode_tensors(env.body, env.tensors)
+                typed = parse(env.kind, env.run, env.round, env.body, tensors)
+            except (ProtocolError, CodecError) as e:
                 self.transport.drop(e.code, str(e), str(msg.topic))
                 return
             self.feed(E.Received(msg.src, typed, env.id, sent_at=env.ts, received_at=time.time(),
                                  reliable=bool(env.body.get("reliable"))))
 
-    def feed(self, event: E.Event) -> None:
-        """Hand one event to the machine and carry out its effects; job results are fed back first."""
-        queue: collections.deque[E.Event] = collections.deque([event])
-        while queue:
-            ev = queue.popleft()
-            try:
-                effects = self.machine.handle(ev, time.monotonic())
-            except Exception as e:
-                # A message that trips a bug must not take the node down with it: report it and go on.
-                self.log.exception("machine failed", event=type(ev).__name__)
-                self.transport.drop("handler_error", f"{type(ev).__name__}: {type(e).__name__}: {e}", "")
-                continue
-            for fx in effects:
-                try:
-                    self.execute(fx, queue)
-                except Shutdown:
-                    raise
-                except Exception as e:
-                    self.log.exception("effect failed", effect=type(fx).__name__)
-                    self.transport.drop("effect_error", f"{type(fx).__name__}: {type(e).__name__}: {e}", "")
-
     # ------------------------------------------------------------------ effects out
-    def execute(self, fx: E.Effect, queue: collections.deque[E.Event]) -> None:
-        t = self.transport
-        if isinstance(fx, E.Send):
-            body, tensors = fx.msg.to_wire()
-            t.send(fx.msg.kind, fx.dst, body=body, tensors=tensors, run=fx.msg.run, round=fx.msg.round,
-                   reliable=fx.reliable)
-        elif isinstance(fx, E.Run):
-            queue.append(self.run_job(fx.job))
-        elif isinstance(fx, E.SetTimer):
-            self.timers[fx.key] = fx.at
-        elif isinstance(fx, E.CancelTimer):
-            self.timers.pop(fx.key, None)
-        elif isinstance(fx, E.Ack):
-            r = fx.received
-            t.ack_id(r.src, r.id, r.msg.kind, r.msg.run, r.msg.round)
-        elif isinstance(fx, E.SetStatus):
-            t.set_status(str(fx.state), **fx.fields)
-        elif isinstance(fx, E.Emit):
-            t.event(fx.event, level=fx.level, **fx.fields)
-        elif isinstance(fx, E.Metrics):
-            t.metrics(**fx.fields)
-        elif isinstance(fx, E.Drop):
-            t.drop(fx.reason, fx.detail, fx.src)
-        elif isinstance(fx, E.Count):
-            t.count(fx.name, fx.n)
-        elif isinstance(fx, E.Reply):
-            self.reply(fx.to.src, fx.to.id, fx.to.cmd, fx.ok, fx.result, fx.error, fx.code)
-        elif isinstance(fx, E.Persist):
-            if self.state_path is not None:
-                save_state(self.state_path, fx.state)
-        elif isinstance(fx, E.RunLog):
-            if self.runlog is not None:
-                with open(self.runlog, "a") as f:
-                    f.write(json.dumps(fx.entry) + "\n")
-        elif isinstance(fx, E.Log):
-            getattr(self.log, fx.level if fx.level in ("debug", "info", "warning", "error") else "info")(
-                fx.message, **fx.fields)
-        elif isinstance(fx, E.SendCommand):
-            t.send_json("ctl", fx.dst, {"id": f"{fx.cmd}-{uuid.uuid4().hex[:8]}", "cmd": fx.cmd, "args": fx.args})
-        else:
-            raise TypeError(f"unknown effect {fx!r}")
+    def send(self, dst: str, fx: E.Send) -> None:
+        body, tensors = fx.msg.to_wire()
+        tensors = encode_tensors(fx.encoding, body, tensors)
+        self.transport.send(fx.msg.kind, dst, body=body, tensors=tensors, run=fx.msg.run, round=fx.msg.round,
+                            reliable=fx.reliable)
 
-    def run_job(self, job: stage.Job) -> E.JobDone:
-        if isinstance(job, stage.Measure):
-            s = self.transport.stats_snapshot()
-            return E.JobDone(job, stage.Meters(s.get("tx_bytes", 0), s.get("rx_bytes", 0), peak_rss_mb()))
-        if self.backend is None:
-            return E.JobDone(job, error=f"{self.cfg.role} runs no training")
-        try:
-            return E.JobDone(job, self.backend.run(job))
-        except Exception as e:  # a failed job is the machine's business, not the loop's
-            self.log.exception("job failed", job=type(job).__name__)
-            return E.JobDone(job, error=f"{type(e).__name__}: {e}")
+    def ack(self, received: E.Received) -> None:
+        self.transport.ack_id(received.src, received.id, received.msg.kind, received.msg.run, received.msg.round)
 
-    # ------------------------------------------------------------------ control
+    def set_timer(self, key: Hashable, at: float) -> None:
+        self.timers[key] = at
+
+    def cancel_timer(self, key: Hashable) -> None:
+        self.timers.pop(key, None)
+
+    def set_status(self, state: str, fields: dict[str, Any]) -> None:
+        self.transport.set_status(state, **fields)
+
+    def emit(self, event: str, level: str, fields: dict[str, Any]) -> None:
+        self.transport.event(event, level=level, **fields)
+
+    def publish_metrics(self, fields: dict[str, Any]) -> None:
+        self.transport.metrics(**fields)
+
+    def drop(self, reason: str, detail: str, src: str) -> None:
+        self.transport.drop(reason, detail, src)
+
+    def count(self, name: str, n: int) -> None:
+        self.transport.count(name, n)
+
     def reply(self, dst: str, cmd_id: str, cmd: str, ok: bool, result: Any = None, error: str = "",
               code: str = "") -> None:
-        body: dict[str, Any] = {"id": cmd_id, "cmd": cmd, "node": self.node, "ok": ok}
-        if ok:
-            body["result"] = result
-        else:
-            body.update(error=error, code=code)
-        if dst != self.node:
+        body: dict[str, Any] = {"id": cmd_id, "cmd": cmd, "node": self.name, "ok": ok}
+        body.update({"result": result} if ok else {"error": error, "code": code})
+        if dst != self.name:
             self.transport.send_json("reply", dst, body)
-        self.log.info("ctl", cmd=cmd, src=dst, ok=ok)
+        self.logger.info("ctl", cmd=cmd, src=dst, ok=ok)
 
-    def on_ctl(self, msg: Inbound) -> None:
-        data = msg.data or {}
-        cmd_id, cmd, args = str(data.get("id", ""))[:64], data.get("cmd"), data.get("args", {})
-        commanders = set(self.cfg.operators) | {self.cloud}
-        if not may_command(msg.src, self.node, commanders):
-            self.transport.drop("unauthorised", f"{msg.src} may not command {self.node}", str(msg.topic))
-            self.reply(msg.src, cmd_id, str(cmd), False, error=f"unauthorised: {msg.src} may not command {self.node}",
-                       code="unauthorised")
-            return
-        if not isinstance(cmd, str):
-            self.reply(msg.src, cmd_id, str(cmd), False, error="'cmd' must be a string", code="bad_request")
-            return
-        if not isinstance(args, dict):
-            self.reply(msg.src, cmd_id, cmd, False, error="'args' must be an object", code="bad_request")
-            return
-        if cmd == "ping":
-            self.reply(msg.src, cmd_id, cmd, True, {"pong": True, "ts": time.time()})
-        elif cmd == "shutdown":
-            self.running = False
-            self.reply(msg.src, cmd_id, cmd, True, {"stopping": True})
-        elif cmd == "status":
-            extra = getattr(self.machine, "status_fields", dict)()
-            self.reply(msg.src, cmd_id, cmd, True, {
-                **self.transport.status, "uptime_s": round(time.time() - self.started, 1),
-                "transport": self.transport.stats_snapshot(), **self.machine.metrics(), **extra})
-        else:
-            self.feed(E.Command(msg.src, cmd_id, cmd, args))
+    def persist(self, state: dict[str, Any]) -> None:
+        if self.state_path is not None:
+            save_state(self.state_path, state)
+
+    def run_log(self, entry: dict[str, Any]) -> None:
+        if self.runlog is not None:
+            with open(self.runlog, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def log(self, level: str, message: str, fields: dict[str, Any]) -> None:
+        getattr(self.logger, level if level in ("debug", "info", "warning", "error") else "info")(message, **fields)
+
+    def send_command(self, dst: str, cmd: str, args: dict[str, Any]) -> None:
+        self.transport.send_json("ctl", dst, {"id": f"{cmd}-{uuid.uuid4().hex[:8]}", "cmd": cmd, "args": args})
+
+    def meters(self) -> stage.Meters:
+        s = self.transport.stats_snapshot()
+        return stage.Meters(s.get("tx_bytes", 0), s.get("rx_bytes", 0), peak_rss_mb())
+
+    def backend(self) -> Backend | None:
+        return self._backend
+
+    def status_report(self) -> dict[str, Any]:
+        return {**self.transport.status, "uptime_s": round(time.time() - self.started, 1),
+                "transport": self.transport.stats_snapshot()}
+
+    def shutdown(self) -> None:
+        self.running = False
+
+    def machine_failed(self, ev: E.Event, e: Exception) -> None:
+        self.logger.exception("machine failed", event=type(ev).__name__)
+        super().machine_failed(ev, e)
+
+    def job_failed(self, job: stage.Job, e: Exception) -> None:
+        self.logger.exception("job failed", job=type(job).__name__)

@@ -1,8 +1,8 @@
 """On-disk outbox for must-deliver messages (model deltas, checkpoints).
 
 paho keeps its session in RAM only, so a QoS 1 publish that was not yet acknowledged is lost when the agent
-dies (DESIGN §4). Messages put here are written atomically to disk first, re-sent after a restart and on a
-timer until the receiver acknowledges them at the application level (an ``ack`` message naming the id);
+dies (docs/design.md, "Transport"). Messages put here are written atomically to disk first, re-sent after a
+restart and on a timer until the receiver acknowledges them at the application level (an ``ack`` message naming the id);
 receivers dedupe by id, so a re-send is harmless. Pure storage: the agent loop decides when to re-send.
 """
 

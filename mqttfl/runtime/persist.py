@@ -1,6 +1,6 @@
 """Atomic state files: write a temp file, fsync it, rename over the target, fsync the directory.
 
-A crash at any point leaves either the old or the new file, never a torn one (DESIGN §6).
+A crash at any point leaves either the old or the new file, never a torn one (docs/design.md, "Trust").
 """
 
 from __future__ import annotations

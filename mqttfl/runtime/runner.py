@@ -28,17 +28,18 @@ def agent_main(role: str, factory: Callable[[AgentConfig], Any], argv: list[str]
         print(f"mqttfl-{role}: config error: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    import torch  # after config checks, so a bad config fails fast
-
-    torch.set_num_threads(a.threads or int(cfg.section.get("threads", 1)))
     try:
-        agent = factory(cfg)
+        agent = factory(cfg)  # checks the role's section before torch is imported: a bad config fails fast
     except ConfigError as e:
         print(f"mqttfl-{role}: config error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError) as e:
         print(f"mqttfl-{role}: cannot start: {e}", file=sys.stderr)
         return 2
+    import torch
+
+    threads = cfg.section.get("threads", 1)  # checked by the section's schema in factory()
+    torch.set_num_threads(a.threads or int(threads))
     try:
         rc = int(agent.run())
     except TransportError as e:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 paho runs its own network thread. Its callbacks only enqueue (raw topic + payload, or a link change) on
-a bounded queue; blocking there would starve keepalive (DESIGN §4). The agent's single thread calls
+a bounded queue; blocking there would starve keepalive (docs/design.md, "Transport"). The agent's single thread calls
 :meth:`Transport.get`, which parses the topic, reassembles chunks, decodes and validates the envelope,
 drops duplicates and spoofed senders, and returns one :class:`Inbound`. Everything that can be wrong with a
 message becomes a counted drop reported on the ``event`` topic — never an exception in the agent loop.
@@ -256,7 +256,7 @@ class Transport:
         result, mid = client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._subs])
         self._pending_sub_mid = mid
         if self.presence:
-            # online after CONNACK (DESIGN §4); retained so late subscribers see presence.
+            # online after CONNACK (docs/design.md, "Transport"); retained so late subscribers see presence.
             client.publish(self.topic("status", BROADCAST), self._status_payload(), qos=1, retain=True)
         self._links.append(LinkChange(True, bool(flags.session_present)))
 

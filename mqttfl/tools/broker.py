@@ -1,7 +1,7 @@
 """A managed Mosquitto: generated config, free loopback port, readiness wait, clean stop.
 
 The demo, the benchmarks and the test-suite all start brokers through this module, so what the tests
-exercise is what users run. Config choices come from measurements (DESIGN §4):
+exercise is what users run. Config choices come from measurements (docs/design.md, "Transport"):
 
 - ``set_tcp_nodelay true``: without it a small QoS 1 round trip costs ~44-88 ms instead of < 1 ms.
 - no ``message_size_limit``: with MQTT v5 clients it makes paho loop on reconnect (PUBACK 0x95); chunking

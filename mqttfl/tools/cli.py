@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import time
 
 # subcommand -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
@@ -14,6 +16,7 @@ SUBCOMMANDS = {
     "demo": ("mqttfl.tools.demo", "train on this machine: broker, cloud, 2 edges, 4 devices as processes"),
     "ctl": ("mqttfl.tools.ctl", "send a control command to a node and print its reply"),
     "monitor": ("mqttfl.tools.monitor", "live view of every node of a fleet"),
+    "sim": ("mqttfl.tools.sim", "a whole fleet in one process on virtual time, no broker (the real protocol)"),
 }
 BENCHES = {
     "transport": ("mqttfl.tools.bench.transport", "MQTT round trips, codec and chunked throughput"),
@@ -44,7 +47,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def restore_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt again. A shell starts a background job's processes (``make test &``)
+    with SIGINT ignored, and Python keeps an inherited SIG_IGN, so the tools would never stop on Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():  # signal.signal works in the main thread only
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    restore_ctrl_c()
     parser = argparse.ArgumentParser(prog="mqttfl", description="Federated split learning over MQTT")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}

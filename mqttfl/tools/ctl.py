@@ -157,8 +157,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Send a control command to a node and print its reply. Exit status: 0 ok, 1 error reply, "
                      "2 usage error, 3 no connection or no reply.")
     p.add_argument("node", help="the node to command (cloud, edge1, dev1, ...)")
-    p.add_argument("cmd", help="command: ping, status, shutdown; cloud: start, stop, pause, resume, set, fleet, "
-                   "history; device: train_stats, set_edge")
+    p.add_argument("cmd", help="command: ping, status, shutdown; cloud: start, stop, pause, resume, set, new-run, "
+                   "fleet, history, move; device: move, train_stats, set_edge")
     p.add_argument("params", nargs="*", metavar="key=value",
                    help="command arguments; values are JSON when they parse (rounds=5 lr=0.05), else strings")
     add_connection_arguments(p, default_as="operator")

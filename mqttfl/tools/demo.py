@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mqttfl.runtime.transport import Inbound
-from mqttfl.tools.testbed import FleetSpec, Testbed
+from mqttfl.tools.testbed import FleetSpec, RunFailed, Testbed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def _input_shape(model: str) -> tuple[int, ...]:
     return {"vgg5": (3, 32, 32), "cnn": (1, 28, 28), "mlp": (64,)}[model]
 
 
-def _load_data(spec: str, shape: tuple[int, ...]) -> Any:
+def load_data(spec: str, shape: tuple[int, ...]) -> Any:
     from mqttfl.ml.data import load_digits, synthetic_images
 
     if spec == "digits":
@@ -89,51 +89,22 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mqttfl-demo-"))
     progress = Progress(quiet=args.json)
     cloud: dict[str, Any] = {"rounds": args.rounds, "micro_batches": args.micro_batches, "epochs": args.epochs,
-                             "deadline_s": 300.0, "quorum": 0.75, "run": "demo"}
+                             "deadline_s": 300.0, "quorum": 0.75,
+                             # A fresh run id each time: a reused --workdir starts a new run, not the finished one.
+                             "run": f"demo-{int(time.time())}"}
     if args.mode == "async":
         cloud.update(mode="async", strategy="ecofl", max_versions=args.rounds * 3)
     spec = FleetSpec(model=args.model, input_shape=shape, cloud=cloud)
     progress.say(f"preparing data and configs in {workdir}")
-    tb = Testbed(workdir, spec, data=_load_data(args.data, shape))
-    t0 = time.monotonic()
+    tb = Testbed(workdir, spec, data=load_data(args.data, shape))
     summary: dict[str, Any] = {}
+    t0 = time.monotonic()  # wall time counts the fleet's start-up too
     try:
         tb.prepare()
         progress.say(f"broker on 127.0.0.1:{tb.broker.port}; starting cloud, edges {spec.edges}, "
                      f"devices {sorted(spec.devices)}")
         tb.start()
-        moved = args.no_migration or args.mode == "async"
-        state = {"moved": moved}
-
-        def on_message(m: Inbound) -> None:
-            progress(m)
-            d = m.data or {}
-            # Move dev1 to edge2 while it trains round 2 (FedFly: a device changes edge mid-training); the
-            # move happens at its next mini-batch boundary.
-            if not state["moved"] and m.kind == "status" and m.src == "dev1" and d.get("state") == "training" \
-                    and d.get("round") == 2:
-                state["moved"] = True
-                progress.say("moving dev1 from edge1 to edge2 (direct edge-to-edge transfer)")
-                tb.send_ctl("dev1", "move", edge="edge2")
-
-        done = tb.wait(lambda m: m.kind == "event" and (m.data or {}).get("event") in ("run_complete", "run_failed"),
-                       args.timeout, on_message=on_message)
-        wall = time.monotonic() - t0
-        rounds = tb.round_metrics()
-        versions = [m.data for m in tb.inbox if m.kind == "metrics" and m.data and m.data.get("kind") == "version"]
-        steps = rounds if args.mode == "sync" else versions
-        final = steps[-1] if steps else {}
-        final_acc = (done.data or {}).get("accuracy", final.get("accuracy"))
-        per_device = [dv for r in steps for dv in (r.get("devices") or {}).values() if isinstance(dv, dict)]
-        summary = {
-            "mode": args.mode, "model": args.model, "data": args.data, "rounds": len(steps),
-            "final_accuracy": final_acc, "wall_s": round(wall, 2),
-            "bytes_total": sum(int(dv.get("bytes_up", 0)) + int(dv.get("bytes_down", 0)) for dv in per_device),
-            "device_peak_rss_mb": max((dv.get("peak_rss_mb") or 0 for dv in per_device), default=0),
-            "migrations": progress.migrations,
-            "history": [{"step": r.get("round" if args.mode == "sync" else "version"), "accuracy": r.get("accuracy"),
-                         "seconds": r.get("round_s")} for r in steps],
-        }
+        summary = follow(tb, args, progress, started=t0)
     finally:
         tb.stop()
         if not args.workdir:
@@ -142,8 +113,55 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print_summary(summary)
-    ok = summary.get("final_accuracy") is not None
-    return 0 if ok else 1
+    return exit_status(summary)
+
+
+def follow(tb: Testbed, args: argparse.Namespace, progress: Progress, *, started: float | None = None
+           ) -> dict[str, Any]:
+    """Watch the fleet's run to its end, moving dev1 to edge2 mid-training, and summarise it. A failed run ends
+    the watch as soon as the cloud reports it (``run_failed`` in the summary), not at ``args.timeout``."""
+    t0 = time.monotonic() if started is None else started
+    state = {"moved": args.no_migration or args.mode == "async"}
+
+    def on_message(m: Inbound) -> None:
+        progress(m)
+        d = m.data or {}
+        # Move dev1 to edge2 while it trains round 2 (FedFly: a device changes edge mid-training); the
+        # move happens at its next mini-batch boundary.
+        if not state["moved"] and m.kind == "status" and m.src == "dev1" and d.get("state") == "training" \
+                and d.get("round") == 2:
+            state["moved"] = True
+            progress.say("moving dev1 from edge1 to edge2 (direct edge-to-edge transfer)")
+            tb.send_ctl("dev1", "move", edge="edge2")
+
+    failed: dict[str, Any] | None = None
+    try:
+        done = tb.wait_event("run_complete", args.timeout, on_message=on_message)
+    except RunFailed as e:
+        done, failed = {}, e.event
+        progress.say(f"run failed: {failed.get('reason')}")
+    wall = time.monotonic() - t0
+    rounds = tb.round_metrics()
+    versions = [m.data for m in tb.inbox if m.kind == "metrics" and m.data and m.data.get("kind") == "version"]
+    steps = rounds if args.mode == "sync" else versions
+    final = steps[-1] if steps else {}
+    final_acc = done.get("accuracy", final.get("accuracy"))
+    per_device = [dv for r in steps for dv in (r.get("devices") or {}).values() if isinstance(dv, dict)]
+    return {
+        "mode": args.mode, "model": args.model, "data": args.data, "rounds": len(steps),
+        "final_accuracy": final_acc, "wall_s": round(wall, 2),
+        "run_failed": None if failed is None else str(failed.get("reason")),
+        "bytes_total": sum(int(dv.get("bytes_up", 0)) + int(dv.get("bytes_down", 0)) for dv in per_device),
+        "device_peak_rss_mb": max((dv.get("peak_rss_mb") or 0 for dv in per_device), default=0),
+        "migrations": progress.migrations,
+        "history": [{"step": r.get("round" if args.mode == "sync" else "version"), "accuracy": r.get("accuracy"),
+                     "seconds": r.get("round_s")} for r in steps],
+    }
+
+
+def exit_status(summary: dict[str, Any]) -> int:
+    """0 for a run that completed with an accuracy; 1 for a failed run, even one with rounds done before."""
+    return 0 if summary.get("final_accuracy") is not None and not summary.get("run_failed") else 1
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -155,6 +173,8 @@ def print_summary(s: dict[str, Any]) -> None:
             ("final accuracy", s["final_accuracy"]), ("wall time (s)", s["wall_s"]),
             ("bytes on the wire", f"{s['bytes_total']:,}"), ("device peak RSS (MB)", s["device_peak_rss_mb"]),
             ("migrations", len(s["migrations"]))]
+    if s.get("run_failed"):
+        rows.append(("run failed", s["run_failed"]))
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:

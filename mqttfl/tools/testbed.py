@@ -89,6 +89,19 @@ def make_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
     return {n: train.subset(p) for n, p in zip(names, parts, strict=True)}
 
 
+class RunFailed(RuntimeError):
+    """The cloud gave the run up (its ``run_failed`` event): what a waiter waits for will not come, so it stops
+    at once instead of running into its timeout."""
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+        super().__init__(f"run {event.get('run')} failed at round {event.get('round')}: {event.get('reason')}")
+
+
+def is_run_failed(m: Inbound) -> bool:
+    return m.kind == "event" and m.data is not None and m.data.get("event") == "run_failed"
+
+
 class Testbed:
     __test__ = False  # not a pytest test class, despite the name
     def __init__(self, root: Path, spec: FleetSpec, *, broker: Broker | None = None,
@@ -99,7 +112,8 @@ class Testbed:
         self._own_broker = broker is None
         self.broker = broker or Broker(BrokerOptions(persistence=True), workdir=self.root / "broker")
         self.data = data
-        # Scale-out (DESIGN §8): edges and devices on a site broker, the cloud on its own broker, bridged.
+        # Scale-out (docs/operations.md, "Bridges"): edges and devices on a site broker, the cloud on its own
+        # broker, bridged.
         self.cloud_broker = cloud_broker
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
@@ -202,7 +216,9 @@ class Testbed:
         return msg
 
     def wait(self, pred: Callable[[Inbound], bool], timeout: float, *, check_procs: bool = True,
-             on_message: Callable[[Inbound], None] | None = None) -> Inbound:
+             on_message: Callable[[Inbound], None] | None = None, stop_on_run_failed: bool = False) -> Inbound:
+        """The first message ``pred`` accepts. With ``stop_on_run_failed``, a ``run_failed`` event it does not
+        accept raises :class:`RunFailed`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = self.poll(0.1)
@@ -211,6 +227,9 @@ class Testbed:
                     on_message(msg)
                 if pred(msg):
                     return msg
+                if stop_on_run_failed and is_run_failed(msg):
+                    assert msg.data is not None
+                    raise RunFailed(msg.data)
             if check_procs:
                 for n, p in self.procs.items():
                     if p.poll() not in (None, 0, -signal.SIGKILL, -signal.SIGTERM):
@@ -235,9 +254,12 @@ class Testbed:
             self.wait(note, timeout)
         return status
 
-    def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
+    def wait_event(self, name: str, timeout: float, *, on_message: Callable[[Inbound], None] | None = None,
+                   **match: Any) -> dict[str, Any]:
+        """The first event ``name`` whose fields equal ``match``; :class:`RunFailed` if the run fails first."""
         msg = self.wait(lambda m: m.kind == "event" and m.data is not None and m.data.get("event") == name
-                        and all(m.data.get(k) == v for k, v in match.items()), timeout)
+                        and all(m.data.get(k) == v for k, v in match.items()), timeout, on_message=on_message,
+                        stop_on_run_failed=name != "run_failed")
         assert msg.data is not None
         return msg.data
 

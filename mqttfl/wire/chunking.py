@@ -1,8 +1,9 @@
 """Splitting large payloads into chunk frames and putting them back together.
 
-Why chunk at all (DESIGN §3-§4): paho ignores the broker's Maximum Packet Size, managed brokers cap messages
-at 128 KiB, and on loopback ~1 MiB messages were 3-4x faster than 50-100 MiB ones, which also hog broker
-memory. A payload larger than ``chunk_bytes`` is sent as frames on the same topic::
+Why chunk at all (docs/design.md, "Wire format" and "Transport"): paho ignores the broker's Maximum Packet
+Size, managed brokers cap messages at 128 KiB, and on loopback ~1 MiB messages were 3-4x faster than 50-100
+MiB ones, which also hog broker memory. A payload larger than ``chunk_bytes`` is sent as frames on the same
+topic::
 
     {"v": 1, "chunk": {"tid": bin16, "i": int, "n": int, "total": int[, "sha256": bin32]}, "data": bin}
 

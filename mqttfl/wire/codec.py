@@ -1,6 +1,6 @@
 """Wire formats: msgpack envelopes carrying raw tensors, and compact JSON for human-facing kinds.
 
-A binary message is one msgpack map (DESIGN §3)::
+A binary message is one msgpack map (docs/design.md, "Wire format")::
 
     {"v": 1, "kind": str, "id": bin16, "src": str, "dst": str, "run": str, "round": int, "seq": int,
      "ts": float, "body": {str: msgpack-native},
@@ -13,7 +13,7 @@ integers (no overflow, nothing allocated from a declared size) and raises only :
 ``code`` lets an agent count and report drops by reason.
 
 Decoded tensors are zero-copy, read-only views into the message buffer. Callers that need to write copy them;
-:func:`as_torch` does so only when required.
+the torch backend copies only when required.
 """
 
 from __future__ import annotations
@@ -24,15 +24,12 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import numpy as np
 
 from mqttfl.wire.topics import BINARY_KINDS, TopicError, validate_id
-
-if TYPE_CHECKING:
-    import torch
 
 PROTOCOL_VERSION = 1
 DTYPES: frozenset[str] = frozenset(
@@ -356,16 +353,6 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         raise
     except Exception as exc:  # a validation gap must drop the message, never crash the agent loop
         raise CodecError("malformed", f"undecodable message: {type(exc).__name__}: {exc}") from None
-
-
-def as_torch(arr: np.ndarray) -> torch.Tensor:
-    """A torch tensor over a decoded array, copying only if the array is read-only (torch requires writable
-    memory: ``torch.from_numpy`` on a read-only view warns and writes through it would be undefined)."""
-    import torch
-
-    if not arr.flags.writeable:
-        arr = arr.copy()
-    return torch.from_numpy(arr)
 
 
 # ---------------------------------------------------------------------------------------------------- JSON

@@ -2,7 +2,8 @@
 
 The sender's id is a topic level so that the broker, with one MQTT username per node and the ACL patterns
 ``write mqttfl/v1/+/+/%u/+`` / ``read mqttfl/v1/+/+/+/%u`` / ``read mqttfl/v1/+/+/+/all``, is what proves who
-sent a message (DESIGN §2). The kind precedes the node ids so that ``mqttfl/v1/+/status/#`` selects one kind.
+sent a message (docs/design.md, "Topics"). The kind precedes the node ids so that ``mqttfl/v1/+/status/#``
+selects one kind.
 
 Ids are restricted to ``[a-z0-9][a-z0-9_.-]{0,63}``: no ``/``, ``+`` or ``#`` (which would change the level
 structure or act as wildcards) and no uppercase, so that an id is also safe as an MQTT username, a client id,

@@ -38,11 +38,11 @@ import numpy as np
 from mqttfl.fl.aggregate import apply_delta
 from mqttfl.fl.grouping import DROPPED, ClientProfile, form_groups, initial_groups, regroup
 from mqttfl.fl.strategies import Grouping, Update, UpdateRejected, make_strategy, mean_delta
-from mqttfl.protocol.cloud.machine import CloudMachine
+from mqttfl.protocol.cloud.context import Cloud
 from mqttfl.protocol.cloud.rounds import CloudRound, device_costs
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.events import Ack, Emit, Log, Metrics, Received, SetTimer
-from mqttfl.protocol.messages import EdgeUpdate, Restart, RoundTag
+from mqttfl.protocol.messages import EdgeUpdate, Restart, RoundKind, RoundTag
 from mqttfl.protocol.status import Presence
 
 PROFILE = -1  # the group id of profiling and probe rounds in metrics
@@ -50,7 +50,7 @@ APPLIED_MEMORY = 512  # (round, edge) pairs remembered so that a re-sent late de
 
 
 class AsyncGroups:
-    def __init__(self, cloud: CloudMachine, saved: dict[str, Any] | None) -> None:
+    def __init__(self, cloud: Cloud, saved: dict[str, Any] | None) -> None:
         self.cloud = cloud
         s = cloud.settings
         self.strategy = make_strategy(s.strategy_name, s.params)
@@ -162,7 +162,7 @@ class AsyncGroups:
         for r in sorted(self.open.values(), key=lambda r: r.plan.round):
             if r.done(now) and self.open.get(r.plan.round) is r:
                 self.close(r, now)
-                if c._committing is not None:
+                if c.committing:
                     return  # the rest waits until the new version is committed
         if c.running and self.completed >= c.settings.max_versions:
             self.open.clear()  # rounds still running are abandoned; their deltas are acknowledged and dropped
@@ -181,20 +181,21 @@ class AsyncGroups:
         ready = self.cloud.eligible()
         if self.phase == "profile":
             if not self.open and len(ready) >= s.min_devices:
-                self.start(ready, "profile", PROFILE, float(s.training.deadline_s), now)
+                self.start(ready, RoundKind.PROFILE, PROFILE, float(s.training.deadline_s), now)
             return
         busy = self.busy_devices()
         self._admit_newcomers(ready)
         for g, members in self.groups().items():
-            if any(r.tag is not None and r.tag.kind == "group" and r.tag.group == g for r in self.open.values()):
+            if any(r.tag is not None and r.tag.kind == RoundKind.GROUP and r.tag.group == g
+                   for r in self.open.values()):
                 continue
             free = {d: ready[d] for d in members if d in ready and d not in busy}
             if free:
-                self.start(free, "group", g, float(s.group_deadline_s), now)
+                self.start(free, RoundKind.GROUP, g, float(s.group_deadline_s), now)
         for d in sorted(self.probe_due):
             if d in ready and d not in busy:
                 self.probe_due.discard(d)
-                self.start({d: ready[d]}, "probe", PROFILE, float(s.group_deadline_s), now)
+                self.start({d: ready[d]}, RoundKind.PROBE, PROFILE, float(s.group_deadline_s), now)
 
     def _admit_newcomers(self, ready: dict[str, Presence]) -> None:
         """A device first seen after profiling: its own group (per client), the one group, or a probe round
@@ -222,7 +223,7 @@ class AsyncGroups:
         self.assign.setdefault(device, DROPPED)
         self.regroup(reason="probe")
 
-    def start(self, devices: dict[str, Presence], kind: str, group: int, deadline_s: float, now: float) -> None:
+    def start(self, devices: dict[str, Presence], kind: RoundKind, group: int, deadline_s: float, now: float) -> None:
         c = self.cloud
         rid = self.next_round
         self.next_round += 1
@@ -268,7 +269,7 @@ class AsyncGroups:
         c = self.cloud
         tag = msg.tag
         c.do(Ack(ev))
-        if self.phase != "groups" or tag is None or tag.kind != "group" or not c.running \
+        if self.phase != "groups" or tag is None or tag.kind != RoundKind.GROUP or not c.running \
                 or self.completed >= c.settings.max_versions:
             c.drop("wrong_round", f"late delta from {ev.src} for round {msg.round}", ev.src)
             return
@@ -305,7 +306,7 @@ class AsyncGroups:
                 continue  # offline: no measurement
             old = self.latency.get(d)
             # Profiling rounds overwrite: the first includes every process's warm-up, not the device's speed.
-            profile = r.tag is not None and r.tag.kind == "profile"
+            profile = r.tag is not None and r.tag.kind == RoundKind.PROFILE
             self.latency[d] = obs if old is None or profile else (1 - beta) * old + beta * obs
 
     def close(self, r: CloudRound, now: float) -> None:
@@ -315,14 +316,14 @@ class AsyncGroups:
         for e, _ in r.reports:
             self._remember(r.plan.round, e)
         self._observe(r, now)
-        kind = r.tag.kind if r.tag else "group"
-        if kind == "probe":
+        kind = r.tag.kind if r.tag else RoundKind.GROUP
+        if kind == RoundKind.PROBE:
             c.do(Log("info", "probe done", {"round": r.plan.round, "devices": r.devices,
                                             "latency": {d: self.latency.get(d) for d in r.devices}}))
             self._place_after_probe(r)
             return
         updates = r.updates()
-        if kind == "profile":
+        if kind == RoundKind.PROFILE:
             if not updates:
                 c.do(Emit("quorum_not_met", "warning", {"run": c.settings.run, "round": r.plan.round,
                                                         "reported": 0, "needed": 1, "attempt": 0,

@@ -15,15 +15,17 @@ leave done, failed and stopped.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import asdict
-from typing import Any, Protocol
+from dataclasses import asdict, replace
+from typing import Any
 
 import numpy as np
 
 from mqttfl.protocol import stage
+from mqttfl.protocol.cloud.context import Policy
+from mqttfl.protocol.cloud.groups import AsyncGroups
 from mqttfl.protocol.cloud.settings import CloudSettings
+from mqttfl.protocol.cloud.sync import SyncRounds
 from mqttfl.protocol.control import arg, check_id
 from mqttfl.protocol.events import (
     Command,
@@ -75,32 +77,6 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
 SchemaSource = Callable[[ModelRef], ModelSchema]
 
 
-class Policy(Protocol):
-    """How rounds happen. Methods take the machine as context and return nothing: effects go through it."""
-
-    completed: int  # rounds (sync) or global versions (async) completed
-
-    def progress(self, now: float) -> None: ...
-
-    def on_update(self, ev: Received, msg: EdgeUpdate, now: float) -> None: ...
-
-    def on_restart(self, ev: Received, msg: Restart, now: float) -> None: ...
-
-    def on_status(self, p: Presence, was: Presence | None) -> None: ...
-
-    def on_start(self) -> None: ...
-
-    def on_stop(self) -> None: ...
-
-    def busy(self) -> bool: ...
-
-    def state_dict(self, now: float) -> dict[str, Any]: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-    def status_fields(self) -> dict[str, Any]: ...
-
-
 class CloudMachine:
     def __init__(self, node: str, *, settings: CloudSettings, initial_state: dict[str, np.ndarray],
                  schemas: SchemaSource, run_ids: Callable[[], str], restored: dict[str, Any] | None = None) -> None:
@@ -119,7 +95,7 @@ class CloudMachine:
         self.run_started = 0.0
         self.resumed = False
         self.notes: list[tuple[str, dict[str, Any]]] = []  # what the restore decided, said at start
-        self._committing: tuple[dict[str, Any], Callable[[], None] | None] | None = None
+        self._committing: tuple[dict[str, Any], Callable[[], None] | None] | None = None  # awaiting evaluation
         self._fx: list[Effect] = []
         saved_policy: dict[str, Any] | None = None
         if restored:
@@ -129,10 +105,7 @@ class CloudMachine:
 
     # ------------------------------------------------------------------ construction and persistence
     def _make_policy(self, saved: dict[str, Any] | None) -> Policy:
-        from mqttfl.protocol.cloud.groups import AsyncGroups
-        from mqttfl.protocol.cloud.sync import SyncRounds
-
-        cls = SyncRounds if self.settings.mode == "sync" else AsyncGroups
+        cls: Any = SyncRounds if self.settings.mode == "sync" else AsyncGroups
         return cls(self, saved)
 
     def _restore(self, saved: dict[str, Any]) -> dict[str, Any] | None:
@@ -159,7 +132,8 @@ class CloudMachine:
 
     def persist(self, now: float) -> None:
         self._do(Persist({
-            "format": STATE_FORMAT, "settings": self.settings.flat(), "global": self.global_state,
+            "format": STATE_FORMAT, "run": self.settings.run, "round": self.policy.completed,
+            "settings": self.settings.flat(), "global": self.global_state,
             "state": str(self.state), "history": self.history, "elapsed": self.elapsed(now),
             "policy": self.policy.state_dict(now),
         }))
@@ -173,6 +147,10 @@ class CloudMachine:
 
     def metrics(self) -> dict[str, Any]:
         return {}
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        return tuple(COMMANDS)
 
     def status_fields(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -223,6 +201,10 @@ class CloudMachine:
     @property
     def running(self) -> bool:
         return self.state == NodeState.RUNNING
+
+    @property
+    def committing(self) -> bool:
+        return self._committing is not None
 
     def online(self, role: str) -> dict[str, Presence]:
         return {n: p for n, p in self.fleet.items() if p.role == role and p.online}
@@ -429,12 +411,4 @@ COMMANDS: dict[str, Callable[[CloudMachine, dict[str, Any], float], Any]] = {
 
 
 def _with_run(s: CloudSettings, run: str) -> CloudSettings:
-    from dataclasses import replace
-
     return replace(s, run=run)
-
-
-def quorum_needed(quorum: float, expected: int) -> int:
-    # The tolerance keeps 0.7 x 10 = 7.000000000000001 from demanding 8 reports.
-    return max(1, math.ceil(quorum * expected - 1e-9))
-

@@ -90,7 +90,8 @@ class CloudSettings:
         own = {f.name for f in fields(self)} - {"training", "params"}
         unknown = set(values) - own - set(TRAINING_FIELDS) - set(PARAM_FIELDS)
         if unknown:
-            raise ValueError(f"[cloud]: unknown keys {sorted(unknown)}")
+            known = sorted(own | set(TRAINING_FIELDS) | set(PARAM_FIELDS))
+            raise ValueError(f"[cloud]: unknown keys {sorted(unknown)}; known: {known}")
         top = {k: v for k, v in values.items() if k in own}
         train = {k: v for k, v in values.items() if k in TRAINING_FIELDS}
         if "input_shape" in train:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from mqttfl.fl.strategies import UpdateRejected, make_strategy
-from mqttfl.protocol.cloud.machine import CloudMachine, quorum_needed
+from mqttfl.protocol.cloud.context import Cloud, quorum_needed
 from mqttfl.protocol.cloud.rounds import CloudRound, device_costs
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.events import Ack, Emit, Log, Received, Send, SetTimer
@@ -22,7 +22,7 @@ from mqttfl.protocol.status import Presence
 
 
 class SyncRounds:
-    def __init__(self, cloud: CloudMachine, saved: dict[str, Any] | None) -> None:
+    def __init__(self, cloud: Cloud, saved: dict[str, Any] | None) -> None:
         self.cloud = cloud
         self.strategy = make_strategy(cloud.settings.strategy_name, cloud.settings.params)
         self.completed = 0  # rounds completed
@@ -84,6 +84,9 @@ class SyncRounds:
         for d, p in sorted(devices.items()):
             by_edge.setdefault(str(p.edge), []).append(d)
         self.current = CloudRound(plan, by_edge, started=now, deadline=now + plan.deadline_s)
+        # This attempt is on disk before it is announced: a cloud restarted during the round opens the next
+        # attempt, never this one again (devices ignore the announcement of an attempt they finished).
+        c.persist(now)
         c.announce(plan, by_edge)
         c.do(SetTimer(("deadline", plan.key), self.current.deadline))
         c.publish_status()

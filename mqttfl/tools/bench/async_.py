@@ -15,19 +15,21 @@ shared machine, are left out; async mode's second profiling round is counted.
 Reported per strategy: time to the target test accuracy (null when not reached within the budget), the final
 accuracy (the last one measured within the budget), the best accuracy and the number of rounds/versions.
 ``time_ratio`` = ecofl time-to-target / sync time-to-target; ``acc_delta`` = ecofl final − sync final.
-Writes accuracy vs wall time per strategy as PNG (matplotlib) or a hand-written SVG.
+Writes ``results.json`` and accuracy vs wall time per strategy (``async_accuracy.png`` with matplotlib, else a
+hand-written ``async_accuracy.svg``) into ``--out``. A failed run (``run_failed``) stops the bench with exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.bench.common import emit, fmt
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
 
 DEVICES = {f"dev{i}": f"edge{(i - 1) // 2 + 1}" for i in range(1, 9)}
 SLOW = ("dev7", "dev8")
@@ -50,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "would set everyone's pace; 0 = real compute only")
     p.add_argument("--epochs", type=int, default=1,
                    help="local epochs per round: more makes device compute, rather than messaging, dominate a round")
-    p.add_argument("--plot", default="async_accuracy.png", help="plot path (.svg is written if no matplotlib)")
+    add_out_argument(p, "async")
     p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
 
 
@@ -64,9 +66,10 @@ def _spec(strategy: str, args: argparse.Namespace, fleet: str) -> Any:
     else:
         cloud.update(mode="async", strategy=strategy, num_groups=3, max_versions=100_000, alpha=args.alpha,
                      group_deadline_s=60.0, fedbuff_k=3, regroup_every=10)
-    from mqttfl.ml.models import model_info
+    from mqttfl.ml.models import schema_of
+    from mqttfl.protocol.schema import ModelRef
 
-    cut = 1 if args.split else model_info("cnn", (1, 8, 8)).n_blocks
+    cut = 1 if args.split else schema_of(ModelRef("cnn", (1, 8, 8), 10)).n_blocks
     extra = {d: {"cut": cut, "step_delay_s": args.step_delay,
                  **({"slowdown": float(args.slowdown)} if d in SLOW else {})} for d in DEVICES}
     return FleetSpec(devices=dict(DEVICES), model="cnn", input_shape=(1, 8, 8), cloud=cloud, fleet=fleet,
@@ -90,9 +93,10 @@ def run_one(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, An
                     t0.append(m.received)
                 curve.append((m.received - t0[0], float(d["accuracy"])))
 
-        tb.wait(lambda m: bool(t0), 600, on_message=on)
+        tb.wait(lambda m: bool(t0), 600, on_message=on, stop_on_run_failed=True)
         try:
-            tb.wait(lambda m: time.monotonic() - t0[0] >= args.budget, args.budget + 5, on_message=on)
+            tb.wait(lambda m: time.monotonic() - t0[0] >= args.budget, args.budget + 5, on_message=on,
+                    stop_on_run_failed=True)
         except TimeoutError:
             pass
     curve = [(t, a) for t, a in curve if t <= args.budget]
@@ -149,16 +153,22 @@ def _svg(results: dict[str, dict[str, Any]], path: Path, target: float) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mqttfl.tools.testbed import RunFailed
+
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    out_path = out_dir(args)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mqttfl-bench-async-"))
     results: dict[str, dict[str, Any]] = {}
     try:
         for s in strategies:
             results[s] = run_one(s, args, root)
+    except RunFailed as e:
+        print(f"mqttfl bench async: {e}", file=sys.stderr)
+        return 1
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    plot_path = plot(results, Path(args.plot), args.target)
+    plot_path = plot(results, out_path / "async_accuracy.png", args.target)
     sync, eco = results.get("sync", {}), results.get("ecofl", {})
     ratio = None
     if sync.get("time_to_target_s") and eco.get("time_to_target_s") is not None:
@@ -179,5 +189,6 @@ def run(args: argparse.Namespace) -> int:
         rows.append((f"{k}: final / best accuracy", f"{v['final_accuracy']} / {v['best_accuracy']}"))
         rows.append((f"{k}: rounds or versions", str(v["updates"])))
     rows.append(("plot", str(plot_path)))
+    rows.append(("results", str(save_results(out_path, out))))
     emit(out, rows, args.json)
     return 0

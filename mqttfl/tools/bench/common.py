@@ -1,12 +1,18 @@
-"""Helpers shared by the benchmarks: percentiles, and one output path (a table, or exactly one JSON object)."""
+"""Helpers shared by the benchmarks: percentiles, one output path (a table, or exactly one JSON object), and the
+output folder every benchmark writes its files into (``--out``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
+
+OUT_ROOT = Path("bench-results")  # default --out is OUT_ROOT/<bench>, never the working directory itself
+RESULTS_FILE = "results.json"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -39,3 +45,22 @@ def emit(results: dict[str, Any], rows: list[tuple[str, str]], as_json: bool, *,
         for key, value in rows:
             out.write(f"{key.ljust(width)}  {value}\n")
     out.flush()
+
+
+def add_out_argument(p: argparse.ArgumentParser, bench: str) -> None:
+    p.add_argument("--out", type=Path, default=OUT_ROOT / bench,
+                   help=f"folder for the bench's files ({RESULTS_FILE}, plots); created if missing "
+                        f"(default: {OUT_ROOT / bench})")
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    """The bench's output folder, created before any measuring: a bad --out fails at once, not after the run."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_results(out: Path, results: dict[str, Any]) -> Path:
+    path = out / RESULTS_FILE
+    path.write_text(json.dumps(results, sort_keys=True, indent=2) + "\n")
+    return path

@@ -14,7 +14,8 @@ first start to its last mini-batch (``T_total``):
 
 saving(p) = 1 - T_migrate / T_restart, next to the ideal p / (1 + p). Restarting redoes a round from the same
 global model with the same data order, so every variant leaves the weights of a run with no move at all;
-``lossless`` checks exactly that against a second, move-free run.
+``lossless`` checks exactly that against a second, move-free run. Writes ``results.json`` into ``--out``; a failed
+run (``run_failed``) stops the bench with exit 1.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,8 @@ import numpy as np
 from mqttfl.ml.data import Dataset, load_digits
 from mqttfl.runtime.persist import load_state
 from mqttfl.runtime.transport import Inbound
-from mqttfl.tools.bench.common import emit, fmt
-from mqttfl.tools.testbed import FleetSpec, Testbed
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
+from mqttfl.tools.testbed import FleetSpec, RunFailed, Testbed
 
 VARIANTS: list[tuple[str, float, str]] = [  # (name, p, path), one per round
     # Two discarded rounds first: torch's first-use costs, and both edges building their first replica
@@ -56,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="vgg5", choices=["vgg5", "mlp"], help="mlp: a quick functional check only")
     p.add_argument("--no-lossless-check", action="store_true", help="skip the move-free reference run")
     p.add_argument("--workdir")
+    add_out_argument(p, "migration")
 
 
 def _shape(model: str) -> tuple[int, ...]:
@@ -97,8 +100,7 @@ def _run(root: Path, spec: FleetSpec, data: tuple[Dataset, Dataset], variants: l
         tb.send_ctl("dev1", "move", edge=dest, path=path, at_step=max(1, int(round(p * steps_per_round))))
 
     try:
-        tb.wait(lambda m: m.kind == "event" and (m.data or {}).get("event") in ("run_complete", "run_failed"),
-                3600, on_message=on)
+        tb.wait_event("run_complete", 3600, on_message=on)  # RunFailed: the variants' figures do not exist
         events = [m.data for m in tb.inbox if m.kind == "event" and m.data]
         saved = load_state(root / "state" / "cloud" / "cloud.state")
         assert saved is not None, "the cloud persisted no state"
@@ -161,8 +163,13 @@ def measure(*, model: str = "vgg5", epochs: int = 6, fractions: tuple[float, ...
 
 def run(args: argparse.Namespace) -> int:
     fractions = tuple(float(f) for f in args.fractions.split(","))
-    r = measure(model=args.model, epochs=args.epochs, fractions=fractions, lossless_check=not args.no_lossless_check,
-                workdir=Path(args.workdir) if args.workdir else None)
+    out = out_dir(args)
+    try:
+        r = measure(model=args.model, epochs=args.epochs, fractions=fractions,
+                    lossless_check=not args.no_lossless_check, workdir=Path(args.workdir) if args.workdir else None)
+    except RunFailed as e:
+        print(f"mqttfl bench migration: {e}", file=sys.stderr)
+        return 1
     rows = [("model / epochs per round", f"{r['model']} / {r['epochs']}"),
             ("pause, direct (median)", fmt(r["pause_ms_direct"], "ms")),
             ("pause, relay (median)", fmt(r["pause_ms_relay"], "ms")),
@@ -175,5 +182,6 @@ def run(args: argparse.Namespace) -> int:
                  ("  saving at p=0.9 (ideal)", f"{res['saving_p90']:.1%} ({res['ideal_p90']:.1%})"),
                  ("  migration overhead", fmt(res["overhead_s"], "s"))]
     rows.append(("lossless (weights equal a move-free run)", str(r["lossless"])))
+    rows.append(("results", str(save_results(out, r))))
     emit(r, rows, args.json)
     return 0

@@ -19,13 +19,15 @@ monolithic epoch is also timed with 2 threads (the whole 2-core machine for one 
 ``monolithic_2threads_s`` / ``ratio_vs_2threads``: the device part is ~85% of VGG-5's compute, so a 1-thread
 device cannot beat a 2-thread monolithic run on the same two cores, however well communication overlaps.
 ``--device-threads``/``--edge-threads``/``--mono-threads`` change the budgets; the machine's load average is
-reported too, because other processes on a 2-core box move every timing here.
+reported too, because other processes on a 2-core box move every timing here. Writes ``results.json`` into
+``--out``; a failed run (``run_failed``) stops the bench with exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,19 +37,19 @@ import numpy as np
 import torch
 
 from mqttfl.ml.data import BatchOrder, Dataset, load_digits, synthetic_images
-from mqttfl.ml.models import build_model, load_model_state, model_info, model_state
+from mqttfl.ml.models import MODELS, build_model, load_model_state, model_state
 from mqttfl.ml.stage import LocalTrainer, make_optimizer
-from mqttfl.protocol.messages import data_seed
+from mqttfl.protocol.plan import data_seed
 from mqttfl.runtime.persist import load_state
-from mqttfl.tools.bench.common import emit, fmt
-from mqttfl.tools.testbed import FleetSpec, Testbed, make_shards
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
+from mqttfl.tools.testbed import FleetSpec, RunFailed, Testbed, make_shards
 
 SEED = 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--model", default="vgg5")
+    p.add_argument("--model", default="vgg5", choices=sorted(MODELS))
     p.add_argument("--cut", type=int, default=2, help="device keeps blocks [0, cut) (FedFly VGG-5: 2)")
     p.add_argument("--batches", type=int, default=20, help="mini-batches per epoch (default 20: one epoch)")
     p.add_argument("--batch-size", type=int, default=100)
@@ -61,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-threads", type=int, default=1)
     p.add_argument("--workdir", default="", help="where broker, configs and logs go (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per round")
+    add_out_argument(p, "split")
 
 
 def _data(args: argparse.Namespace, shape: tuple[int, ...]) -> tuple[Dataset, Dataset]:
@@ -101,8 +104,7 @@ def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    info = model_info(args.model)
-    args.shape = tuple(info.input_shape)
+    args.shape = tuple(MODELS[args.model].input_shape)
     micro = [int(v) for v in str(args.micro).split(",") if v.strip()]
     if not micro or min(micro) < 1:
         raise SystemExit("--micro needs positive integers")
@@ -143,7 +145,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 d = x.data or {}
                 return bool(x.kind == "metrics" and d.get("kind") == "round" and d.get("round") == r)
 
-            msg = tb.wait(round_done, args.timeout)
+            msg = tb.wait(round_done, args.timeout, stop_on_run_failed=True)
             assert msg.data is not None
             tb.wait_event("run_complete", 60)
             t_local = float(msg.data["devices"]["dev1"]["T_local"])
@@ -177,13 +179,18 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workdir:
-        root = Path(args.workdir)
-        root.mkdir(parents=True, exist_ok=True)
-        res = measure(args, root)
-    else:
-        with tempfile.TemporaryDirectory(prefix="mqttfl-bench-split-") as d:
-            res = measure(args, Path(d))
+    out = out_dir(args)
+    try:
+        if args.workdir:
+            root = Path(args.workdir)
+            root.mkdir(parents=True, exist_ok=True)
+            res = measure(args, root)
+        else:
+            with tempfile.TemporaryDirectory(prefix="mqttfl-bench-split-") as d:
+                res = measure(args, Path(d))
+    except RunFailed as e:
+        print(f"mqttfl bench split: {e}", file=sys.stderr)
+        return 1
     t = res["threads"]
     rows = [
         ("model / cut", f"{res['model']} / {res['cut']} ({res['batches']} batches of {res['batch_size']})"),
@@ -198,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
              ("ratio M=1", fmt(res["ratio_m1"], "", 3)),
              ("monolithic epoch, 2 threads", fmt(res["monolithic_2threads_s"], "s", 3)),
              ("ratio vs 2-thread monolithic", fmt(res["ratio_vs_2threads"], "", 3)),
-             ("load average", str(res["loadavg"]))]
+             ("load average", str(res["loadavg"])),
+             ("results", str(save_results(out, res)))]
     emit(res, rows, args.json)
     return 0

@@ -4,7 +4,7 @@
   it from its own thread loop (``get()`` then ``send()``), the way an edge answers a device's micro-batch;
   p50/p99 over many round trips after a warm-up.
 - the same round trip without ``TCP_NODELAY`` (a second broker without ``set_tcp_nodelay``, clients that leave
-  Nagle on), for context: it is why the broker config and the Transport both set it (DESIGN §4).
+  Nagle on), for context: it is why the broker config and the Transport both set it (docs/design.md, "Transport").
 - codec: encode + decode of a 1.6 MB float32 tensor shaped like VGG-5 smashed data for a batch of 100.
 - chunked: a 4.5 MB envelope sent with ``Transport.send`` (chunked at the configured size, 1 MiB by default)
   to another Transport, which reassembles, decodes and answers with a small reply before the next one is sent;
@@ -12,6 +12,7 @@
 
 Throughputs use the median time per operation, so that other work on a small shared machine skews them less
 (a preempted iteration costs a whole scheduler slice); ``*_mean`` keys give the plain averages next to them.
+Writes ``results.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ import numpy as np
 
 from mqttfl.runtime.config import MqttConfig, load_config
 from mqttfl.runtime.transport import Transport
-from mqttfl.tools.bench.common import emit, fmt, percentile
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, percentile, save_results
 from mqttfl.tools.broker import Broker, BrokerOptions, free_port, render_config
 from mqttfl.wire.codec import Envelope, decode, encode
 
 SMASHED_SHAPE = (100, 64, 8, 8)  # VGG-5 device-side output for a batch of 100 (1.6 MB as float32)
 CHUNKED_BYTES = 4_500_000
-SMALL_CHUNK = 256 * 1024  # for context: the default chunk size is a measured trade-off (DESIGN §3)
+SMALL_CHUNK = 256 * 1024  # for context: the default chunk size is a measured trade-off (docs/design.md, "Wire format")
 
 
 def _transport(broker: Broker, fleet: str, node: str, nodelay: bool = True, **mqtt: Any) -> Transport:
@@ -183,9 +184,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="round trips with Nagle on (each costs ~40-90 ms; default 30)")
     p.add_argument("--codec-iterations", type=int, default=50, help="encode+decode repetitions (default 50)")
     p.add_argument("--chunked-messages", type=int, default=20, help="4.5 MB transfers measured (default 20)")
+    add_out_argument(p, "transport")
 
 
 def run(args: argparse.Namespace) -> int:
+    out = out_dir(args)
     r = measure(round_trips=args.round_trips, warmup=args.warmup, nagle_round_trips=args.no_nodelay_round_trips,
                 codec_iterations=args.codec_iterations, chunked_messages=args.chunked_messages)
     rows = [
@@ -202,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         ("  per message (median)", fmt(r["chunked_ms_per_message"], "ms", 1)),
         ("  mean", fmt(r["chunked_mb_per_s_mean"], "MB/s", 0)),
         ("  same, 256 KiB chunks", fmt(r["chunked_mb_per_s_256k_chunks"], "MB/s", 0)),
+        ("results", str(save_results(out, r))),
     ]
     emit(r, rows, args.json)
     return 0

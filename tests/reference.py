@@ -1,0 +1,85 @@
+"""The unsplit reference every split, migrated or in-memory run is compared with (split step = local step).
+
+It replays what each device does — its shard, its batch order, its micro-batch cut — with ``LocalTrainer``
+on the whole model, and takes flat FedAvg (weights = samples) over the devices, from the cloud's seed.
+
+It trains with one torch thread, as the agents do: a convolution summed in another order rounds differently,
+and on the digits (whole regions of equal pixels) that flips max-pooling ties, which training then amplifies
+far past the tolerance (2.6e-3 after two rounds of the CNN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
+from mqttfl.ml.data import BatchOrder, Dataset
+from mqttfl.ml.models import build_model, load_model_state, model_state
+from mqttfl.ml.stage import LocalTrainer, make_optimizer
+from mqttfl.protocol.plan import Training, data_seed
+from mqttfl.tools.testbed import FleetSpec, make_shards
+
+TOL = 1e-5
+PLAN_DEFAULTS = {k: getattr(Training(), k) for k in ("lr", "momentum", "weight_decay", "epochs", "batch_size",
+                                                      "micro_batches", "seed")}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_like_device(global_state: Mapping[str, np.ndarray], spec: FleetSpec, shard: Dataset, node: str,
+                      rnd: int) -> dict[str, np.ndarray]:
+    """What device ``node`` ends round ``rnd`` with, trained unsplit in this process."""
+    with one_thread():
+        return _train(global_state, spec, shard, node, rnd)
+
+
+def _train(global_state: Mapping[str, np.ndarray], spec: FleetSpec, shard: Dataset, node: str,
+           rnd: int) -> dict[str, np.ndarray]:
+    p = {**PLAN_DEFAULTS, **spec.cloud}
+    model = build_model(spec.model, input_shape=spec.input_shape)
+    load_model_state(model, global_state)
+    trainer = LocalTrainer(model, make_optimizer(model.parameters(), lr=p["lr"], momentum=p["momentum"],
+                                                 weight_decay=p["weight_decay"]))
+    order = BatchOrder(len(shard), p["batch_size"], seed=data_seed(p["seed"], node))
+    for e in range(p["epochs"]):
+        for idx in order.epoch_batches(rnd * p["epochs"] + e):
+            trainer.train_batch(torch.from_numpy(shard.x[idx]), torch.from_numpy(shard.y[idx]),
+                                micro_batches=min(p["micro_batches"], len(idx)))
+    return model_state(model)
+
+
+def initial_global(spec: FleetSpec) -> dict[str, np.ndarray]:
+    seed = int(spec.cloud.get("seed", PLAN_DEFAULTS["seed"]))
+    return model_state(build_model(spec.model, input_shape=spec.input_shape, seed=seed))
+
+
+def reference_global(spec: FleetSpec, train: Dataset, rounds: int | Iterable[Iterable[str]], *,
+                     participants: Iterable[str] | None = None, start: Mapping[str, np.ndarray] | None = None,
+                     first_round: int = 0) -> dict[str, np.ndarray]:
+    """Flat FedAvg over the devices; ``rounds``: a count (``participants``, by default every device, take part
+    in each) or, per round, the devices that take part."""
+    shards = make_shards(spec, train)
+    every = sorted(participants if participants is not None else spec.devices)
+    per_round = [every] * rounds if isinstance(rounds, int) else [sorted(r) for r in rounds]
+    g = dict(start) if start is not None else initial_global(spec)
+    for rnd, devices in enumerate(per_round, start=first_round):
+        items = [(delta(train_like_device(g, spec, shards[d], d, rnd), g), float(len(shards[d]))) for d in devices]
+        g = apply_delta(g, weighted_average(items))
+    return g
+
+
+def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a)

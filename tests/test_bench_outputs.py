@@ -1,0 +1,111 @@
+"""Every benchmark writes its files into ``--out`` (default ``bench-results/<bench>``), never into the working
+directory, and a failed run stops it with exit 1. The measurements are replaced by canned results here, so the
+real argument parsing, plotting and writing run in well under a second."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqttfl.tools.bench import async_, migration, split, transport
+from mqttfl.tools.cli import main
+from mqttfl.tools.testbed import RunFailed
+
+TRANSPORT = {"small_rtt_p50_ms": 1.1, "small_rtt_p99_ms": 3.7, "small_rtt_round_trips": 5, "small_message_bytes": 109,
+             "small_rtt_p50_ms_no_nodelay": 88.9, "small_rtt_round_trips_no_nodelay": 2, "codec_mb_per_s": 2493.0,
+             "codec_mb_per_s_mean": 1846.0, "codec_tensor_bytes": 1638400, "chunked_mb_per_s": 178.0,
+             "chunked_mb_per_s_mean": 170.0, "chunked_ms_per_message": 25.3, "chunked_message_bytes": 4500000,
+             "chunked_messages": 1, "chunked_chunk_bytes": 1048576, "chunked_mb_per_s_256k_chunks": 120.0}
+SPLIT = {"model": "vgg5", "cut": 2, "batches": 20, "batch_size": 100, "data": "synthetic", "lr": 0.01,
+         "momentum": 0.9, "monolithic_s": 2.38, "monolithic_by_m": {"1": 2.38}, "split_s": {"1": 3.56},
+         "best_m": 1, "ratio": 1.49, "ratio_m1": 1.49, "max_abs_diff": {"1": 7.5e-9}, "monolithic_2threads_s": None,
+         "ratio_vs_2threads": None, "threads": {"monolithic": 1, "device": 1, "edge": 1}, "cpus": 2,
+         "loadavg": [0.5, 0.4, 0.3]}
+FRACTION = {"samples": 337, "steps_per_round": 40, "t_baseline_s": 4.48, "t_migrate_p50_s": 4.98,
+            "t_restart_p50_s": 7.45, "saving_p50": 0.331, "ideal_p50": 0.3333, "t_migrate_p90_s": 4.68,
+            "t_restart_p90_s": 9.23, "saving_p90": 0.494, "ideal_p90": 0.4737, "overhead_s": 0.5}
+MIGRATION = {"model": "vgg5", "epochs": 10, "per_fraction": {"0.25": FRACTION}, "pause_ms_direct": 63.6,
+             "pause_ms_relay": 93.9, "checkpoint_bytes": 6759224, "saving_p50": 0.331, "saving_p90": 0.494,
+             "ideal_p50": 0.3333, "ideal_p90": 0.4737, "lossless": True}
+
+
+def fake_async_run(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    curve = [[1.0, 0.5], [2.0, 0.92 if strategy == "ecofl" else 0.8], [3.0, 0.95]]
+    return {"time_to_target_s": 2.0 if strategy == "ecofl" else 3.0, "final_accuracy": 0.95, "best_accuracy": 0.95,
+            "updates": len(curve), "curve": curve}
+
+
+def canned(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replace the bench's measuring (fleets, brokers) by a canned result."""
+    if bench == "async":
+        monkeypatch.setattr(async_, "run_one", fake_async_run)
+    else:
+        result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION}[bench]
+        module = {"transport": transport, "split": split, "migration": migration}[bench]
+        monkeypatch.setattr(module, "measure", lambda *a, **kw: json.loads(json.dumps(result)))
+
+
+def failing(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*a: Any, **kw: Any) -> Any:
+        raise RunFailed({"run": "bench-x", "round": 0, "reason": "round 0: quorum not met in 1 attempts"})
+
+    module = {"split": split, "migration": migration}.get(bench)
+    if module is None:
+        monkeypatch.setattr(async_, "run_one", fail)
+    else:
+        monkeypatch.setattr(module, "measure", fail)
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "cwd"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    return d
+
+
+@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async"])
+def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_working_directory(
+        bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    canned(bench, monkeypatch)
+    out = tmp_path / "results" / bench  # created by the bench
+    assert main(["bench", bench, "--json", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "results.json").read_text()) == printed
+    files = {p.name for p in out.iterdir()}
+    if bench == "async":
+        # PNG with matplotlib, else the hand-written SVG; the JSON names where it went.
+        (plot,) = files - {"results.json"}
+        assert plot in ("async_accuracy.png", "async_accuracy.svg") and printed["plot"] == str(out / plot)
+        assert (out / plot).stat().st_size > 0
+    else:
+        assert files == {"results.json"}
+    assert list(cwd.iterdir()) == [], "nothing lands in the working directory"
+
+
+def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
+        cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    canned("async", monkeypatch)
+    assert main(["bench", "async"]) == 0
+    table = capsys.readouterr().out
+    assert [p.name for p in cwd.iterdir()] == ["bench-results"]
+    out = cwd / "bench-results" / "async"
+    assert "results.json" in {p.name for p in out.iterdir()} and len(list(out.iterdir())) == 2
+    assert str(Path("bench-results") / "async" / "results.json") in table
+
+
+@pytest.mark.parametrize("bench", ["split", "migration", "async"])
+def test_a_failed_run_stops_the_bench_with_exit_1_and_says_why(
+        bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    failing(bench, monkeypatch)
+    out = tmp_path / "results"
+    assert main(["bench", bench, "--json", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "quorum not met" in captured.err and f"mqttfl bench {bench}" in captured.err
+    assert not (out / "results.json").exists()
