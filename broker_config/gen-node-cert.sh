@@ -25,7 +25,7 @@ if [ $# -ne 1 ]; then
     exit 2
 fi
 node=$1
-# Node ids are topic levels (DESIGN §2); the check also keeps the name out of openssl's -subj syntax.
+# Node ids are topic levels (docs/design.md, "Topics"); the check also keeps the name out of openssl's -subj syntax.
 if ! printf '%s\n' "$node" | grep -Eqx '[a-z0-9][a-z0-9_.-]{0,63}'; then
     echo "$0: invalid node id '$node' (want [a-z0-9][a-z0-9_.-]{0,63})" >&2
     exit 2

@@ -1,4 +1,5 @@
-"""Scale-out (docs/operations.md, "Bridges"): a training round across two bridged brokers, with the shipped bridge.conf.
+"""Scale-out (docs/operations.md, "Bridges: one broker per site"): a training round across two bridged brokers,
+with the shipped bridge.conf.
 
 The site broker carries edge1 and dev1 and bridges to the cloud broker, which carries the cloud and the
 operator. The bridge section is broker_config/bridge.conf with only deployment values changed: the address

@@ -26,7 +26,7 @@ Errors: a peer's unusable update raises :class:`UpdateRejected` (the server's st
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -364,10 +364,11 @@ class OneGroup(EcoFLHybrid):
 class StrategyParams:
     """The strategy parameters an operator may set (``[cloud]`` keys of the same names)."""
 
-    alpha: float = 0.6  # FedAsync / Eco-FL mixing weight
-    staleness: str = "polynomial"  # constant | polynomial | hinge
-    fedbuff_k: int = 4  # FedBuff buffer size
-    eta_g: float = 1.0  # FedBuff server learning rate
+    alpha: float = field(default=0.6, metadata={"doc": "FedAsync and Eco-FL mixing weight of a fresh update"})
+    staleness: str = field(default="polynomial", metadata={"doc": (
+        "staleness function damping stale updates: constant, polynomial or hinge")})
+    fedbuff_k: int = field(default=4, metadata={"doc": "FedBuff: updates buffered per global version"})
+    eta_g: float = field(default=1.0, metadata={"doc": "FedBuff: server learning rate"})
 
 
 Factory = Callable[[StrategyParams], Strategy]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mqttfl.protocol.errors import ProtocolError
@@ -19,17 +19,21 @@ from mqttfl.protocol.schema import ModelRef
 
 @dataclass(frozen=True, kw_only=True)
 class Training:
-    model: str = "vgg5"
-    input_shape: tuple[int, ...] = (3, 32, 32)
-    num_classes: int = 10
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 1
-    batch_size: int = 100
-    micro_batches: int = 1
-    deadline_s: float = 120.0
-    seed: int = 0
+    model: str = field(default="vgg5", metadata={"doc": (
+        "the model: vgg5, cnn, mlp, or a user's module:function (docs/models.md)")})
+    input_shape: tuple[int, ...] = field(default=(3, 32, 32), metadata={"doc": (
+        "shape of one input sample, e.g. [3, 32, 32] or [64]")})
+    num_classes: int = field(default=10, metadata={"doc": "number of classes (the model's output size)"})
+    lr: float = field(default=0.01, metadata={"doc": "learning rate of local SGD (device and edge stages)"})
+    momentum: float = field(default=0.9, metadata={"doc": "SGD momentum"})
+    weight_decay: float = field(default=0.0, metadata={"doc": "SGD weight decay"})
+    epochs: int = field(default=1, metadata={"doc": "local epochs per round"})
+    batch_size: int = field(default=100, metadata={"doc": "mini-batch size on the devices"})
+    micro_batches: int = field(default=1, metadata={"doc": (
+        "micro-batches per mini-batch kept in flight on a split device (1F1B)")})
+    deadline_s: float = field(default=120.0, metadata={"doc": (
+        "a round's deadline in seconds; below quorum at the deadline the round is retried")})
+    seed: int = field(default=0, metadata={"doc": "seed of the initial model and of every device's batch order"})
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty when usable)."""
@@ -46,8 +50,8 @@ class Training:
             out.append("momentum must be in [0, 1)")
         if not self.weight_decay >= 0:
             out.append("weight_decay must be >= 0")
-        if self.epochs < 0:
-            out.append("epochs must be >= 0")
+        if self.epochs < 1:
+            out.append("epochs must be >= 1")
         if self.batch_size < 1:
             out.append("batch_size must be >= 1")
         if self.micro_batches < 1:

@@ -21,7 +21,6 @@ class NodeState(StrEnum):
     IDLE = "idle"
     TRAINING = "training"
     MIGRATING = "migrating"
-    WAITING = "waiting"  # a device whose round restarts at another edge
     OFFLINE = "offline"
     # the cloud's run states
     RUNNING = "running"

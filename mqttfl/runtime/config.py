@@ -33,21 +33,27 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MqttConfig:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    username: str = ""
-    password_file: str = ""
+    host: str = field(default="127.0.0.1", metadata={"doc": "broker address"})
+    port: int = field(default=1883, metadata={"doc": "broker port"})
+    tls: bool = field(default=False, metadata={"doc": "use TLS (required with a password to a non-loopback broker)"})
+    ca_file: str = field(default="", metadata={"doc": "CA certificate for TLS (broker_config/gen-ca.sh)"})
+    cert_file: str = field(default="", metadata={"doc": "client certificate, for mutual TLS"})
+    key_file: str = field(default="", metadata={"doc": "client key, for mutual TLS"})
+    username: str = field(default="", metadata={"doc": (
+        "MQTT user name; defaults to the node id when a password is configured")})
+    password_file: str = field(default="", metadata={"doc": (
+        "file holding the password; default: $CREDENTIALS_DIRECTORY/mqtt-password when present")})
     password: str = ""  # resolved from password_file; never written to logs
-    keepalive: int = 30
-    session_expiry: int = 3600
-    chunk_bytes: int = 1024 * 1024
-    inbox_size: int = 4096
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    keepalive: int = field(default=30, metadata={"doc": "MQTT keepalive, seconds"})
+    session_expiry: int = field(default=3600, metadata={"doc": (
+        "how long the broker keeps an offline node's session and queue, seconds (> 0)")})
+    chunk_bytes: int = field(default=1024 * 1024, metadata={"doc": (
+        "payloads larger than this travel as chunks of at most this size")})
+    inbox_size: int = field(default=4096, metadata={"doc": (
+        "bound of the queue between the network thread and the agent's loop (messages)")})
+    reconnect_min_s: float = field(default=0.5, metadata={"doc": (
+        "first reconnect delay, seconds (doubles, with jitter)")})
+    reconnect_max_s: float = field(default=30.0, metadata={"doc": "longest reconnect delay, seconds"})
 
     def redacted(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,4 +1,5 @@
-"""On-disk outbox for must-deliver messages (model deltas, checkpoints).
+"""On-disk outbox for must-deliver messages (model deltas; a migration recovers its checkpoint by its own
+handshake and timeouts).
 
 paho keeps its session in RAM only, so a QoS 1 publish that was not yet acknowledged is lost when the agent
 dies (docs/design.md, "Transport"). Messages put here are written atomically to disk first, re-sent after a

@@ -1,4 +1,5 @@
-"""The sd_notify protocol without a dependency: one datagram to ``$NOTIFY_SOCKET`` (docs/operations.md, "systemd").
+"""The sd_notify protocol without a dependency: one datagram to ``$NOTIFY_SOCKET`` (docs/operations.md,
+"Installing agents as systemd services").
 
 The units run the agents with ``Type=notify`` and ``WatchdogSec=``: an agent says ``READY=1`` once it is
 connected and subscribed, and ``WATCHDOG=1`` only while its main loop makes progress, so systemd restarts an

@@ -8,8 +8,8 @@ a bounded queue; blocking there would starve keepalive (docs/design.md, "Transpo
 drops duplicates and spoofed senders, and returns one :class:`Inbound`. Everything that can be wrong with a
 message becomes a counted drop reported on the ``event`` topic — never an exception in the agent loop.
 
-Session rules measured with Mosquitto 2.0.11 / paho 2.2.0: MQTT v5, stable client id, ``clean_start`` only
-on the node's very first boot (so queued QoS 1 messages survive a restart), session expiry > 0, QoS 1,
+Session rules measured with Mosquitto 2.0.11 / paho 2.2.0: MQTT v5, stable client id, never ``clean_start``
+(so queued QoS 1 messages survive a restart and a broker restart), session expiry > 0, QoS 1,
 ``TCP_NODELAY`` on the client socket (paho leaves Nagle on: 44 ms vs 0.84 ms per small round trip),
 retained status with a last will carrying the boot number, and jittered exponential reconnect backoff.
 """

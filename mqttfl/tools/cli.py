@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "demo": ("mqttfl.tools.demo", "train on this machine: broker, cloud, 2 edges, 4 devices as processes"),
     "ctl": ("mqttfl.tools.ctl", "send a control command to a node and print its reply"),
     "monitor": ("mqttfl.tools.monitor", "live view of every node of a fleet"),
+    "config": ("mqttfl.tools.configref", "check an agent's config file, or print the reference of every key"),
     "sim": ("mqttfl.tools.sim", "a whole fleet in one process on virtual time, no broker (the real protocol)"),
 }
 BENCHES = {

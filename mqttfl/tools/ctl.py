@@ -1,9 +1,9 @@
 """``mqttfl ctl NODE CMD [key=value ...]``: send one control command and print the node's reply.
 
 The command goes out as JSON ``{"id", "cmd", "args"}`` on ``mqttfl/v1/{fleet}/ctl/{as}/{NODE}``; the node
-answers on ``mqttfl/v1/{fleet}/reply/{NODE}/{as}`` with the same ``id`` (mqttfl.runtime.agent.Agent.on_ctl). With the
-production ACL the broker only lets a client publish with its own username as the sender level, so ``--as``
-defaults to the MQTT username when one is given.
+answers on ``mqttfl/v1/{fleet}/reply/{NODE}/{as}`` with the same ``id`` (``MachineRunner.on_ctl`` in
+mqttfl/runtime/loop.py). With the production ACL the broker only lets a client publish with its own
+username as the sender level, so ``--as`` defaults to the MQTT username when one is given.
 
 Exit status: 0 the node replied ok, 1 it replied with an error, 2 usage or configuration error, 3 no
 connection or no reply within ``--timeout``.

@@ -112,8 +112,8 @@ class Testbed:
         self._own_broker = broker is None
         self.broker = broker or Broker(BrokerOptions(persistence=True), workdir=self.root / "broker")
         self.data = data
-        # Scale-out (docs/operations.md, "Bridges"): edges and devices on a site broker, the cloud on its own
-        # broker, bridged.
+        # Scale-out (docs/operations.md, "Bridges: one broker per site"): edges and devices on a site broker,
+        # the cloud on its own broker, bridged.
         self.cloud_broker = cloud_broker
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}

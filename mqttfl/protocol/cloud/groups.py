@@ -370,7 +370,9 @@ class AsyncGroups:
     def _version(self, r: CloudRound, new: dict[str, np.ndarray], *, staleness: int, late: bool, now: float) -> None:
         c = self.cloud
         self.completed += 1
-        mixing = self.strategy.mixing_weight(staleness)
+        # A profiling round's mean is applied in full (FedAvg), whatever the strategy's mixing rule.
+        profile = r.tag is None or r.tag.kind == RoundKind.PROFILE
+        mixing = 1.0 if profile else self.strategy.mixing_weight(staleness)
         reports = r.device_reports()
         entry = {
             "kind": "version", "run": c.settings.run, "version": self.completed,

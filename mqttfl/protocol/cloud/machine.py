@@ -244,6 +244,7 @@ class CloudMachine:
                then: Callable[[], None] | None = None) -> None:
         """Adopt a new global model: evaluate it, record the entry with its accuracy, persist, publish."""
         self.global_state = new_state
+        entry["closed_at"] = now
         self._committing = (entry, then)
         self._do(Run(stage.Evaluate("eval", self.settings.training.model_ref, self.global_state)))
 
@@ -252,6 +253,10 @@ class CloudMachine:
             return
         entry, then = self._committing
         self._committing = None
+        # T_global (heterogeneous-IoT cost model): from closing the round to the evaluated new model.
+        t_global = round(max(0.0, now - entry.pop("closed_at", now)), 4)
+        for costs in entry.get("devices", {}).values():
+            costs["T_global"] = t_global
         res: stage.EvalResult | None = ev.result if ev.error is None else None
         if ev.error is not None:
             self._do(Emit("evaluation_failed", "error", {"error": ev.error[:300]}))

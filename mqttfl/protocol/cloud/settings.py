@@ -26,23 +26,33 @@ MODES = ("sync", "async")
 
 @dataclass(frozen=True, kw_only=True)
 class CloudSettings:
-    run: str = ""  # run id; empty: a new one is drawn at start
-    rounds: int = 20  # synchronous rounds to run
-    quorum: float = 0.5  # fraction of a round's devices that must report for it to count
-    max_attempts: int = 3  # below quorum a round is retried; after this many misses the run fails
-    min_devices: int = 1  # devices online (with an online edge) before a round starts
-    cut: int = -1  # split point for devices that do not set their own; -1: the model's default
-    autostart: bool = True  # start the run when the cloud starts (else wait for 'start')
-    mode: str = "sync"  # sync | async
-    strategy: str = ""  # sync: fedavg; async: ecofl | fedasync | fedbuff | fedat | sync
+    run: str = field(default="", metadata={"doc": "the run's id; empty: a new run-xxxxxxxx id at the first start"})
+    rounds: int = field(default=20, metadata={"doc": "synchronous rounds to run"})
+    quorum: float = field(default=0.5, metadata={"doc": (
+        "fraction of a round's devices that must report for the round to count")})
+    max_attempts: int = field(default=3, metadata={"doc": (
+        "a round below quorum is retried; after this many misses in a row the run fails")})
+    min_devices: int = field(default=1, metadata={"doc": "online devices (with an online edge) before a round starts"})
+    cut: int = field(default=-1, metadata={"doc": (
+        "split point for devices that set none: blocks [0, cut) on the device; -1: the model's default")})
+    autostart: bool = field(default=True, metadata={"doc": (
+        "start the run when the cloud starts (else wait for the start command)")})
+    mode: str = field(default="sync", metadata={"doc": (
+        "sync (rounds) or async (group aggregation into global versions, docs/async.md)")})
+    strategy: str = field(default="", metadata={"doc": (
+        "aggregation strategy; empty: fedavg (sync), ecofl (async); see docs/async.md")})
     # Asynchronous group aggregation (docs/async.md)
-    num_groups: int = 3
-    group_deadline_s: float = 60.0
-    max_versions: int = 50
-    regroup_every: int = 10
-    lam: float = 1.0  # weight of the label-mix term in Eco-FL's grouping objective
-    latency_ema: float = 0.3  # weight of a new latency measurement in the moving average
-    profile_rounds: int = 2  # synchronous rounds with everyone before grouping; the last one's latencies count
+    num_groups: int = field(default=3, metadata={"doc": "async: number of groups (Eco-FL) or tiers (FedAT)"})
+    group_deadline_s: float = field(default=60.0, metadata={"doc": "async: deadline of a group round, seconds"})
+    max_versions: int = field(default=50, metadata={"doc": "async: global versions to produce"})
+    regroup_every: int = field(default=10, metadata={"doc": (
+        "async, ecofl: regroup every this many versions (0: never)")})
+    lam: float = field(default=1.0, metadata={"doc": (
+        "async, ecofl: weight of the label-mix term in the grouping objective")})
+    latency_ema: float = field(default=0.3, metadata={"doc": (
+        "async: weight of a new latency measurement in each device's moving average")})
+    profile_rounds: int = field(default=2, metadata={"doc": (
+        "async: synchronous rounds with everyone before groups are formed")})
     training: Training = field(default_factory=Training)
     params: strategies.StrategyParams = field(default_factory=strategies.StrategyParams)
 
