@@ -20,7 +20,7 @@ import resource
 import signal
 import time
 import uuid
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from mqttfl.runtime.log import get_logger
 from mqttfl.runtime.loop import Backend, Machine, MachineRunner
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.persist import save_state
+from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.wire.codec import CodecError
 from mqttfl.wire.encoding import decode_tensors, encode_tensors
@@ -67,7 +68,8 @@ class Node(MachineRunner):
     resend_after_s = 5.0
 
     def __init__(self, cfg: AgentConfig, machine: Machine, backend: Backend | None = None, *,
-                 cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = ()) -> None:
+                 cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = (),
+                 keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.node
         self.machine = machine
@@ -78,6 +80,7 @@ class Node(MachineRunner):
         self._lock = lock_state_dir(self.state_dir, cfg.node) if self.state_dir else None
         self.state_path = self.state_dir / state_file if self.state_dir and state_file else None
         self.runlog = self.state_dir / "runlog.jsonl" if self.state_dir else None
+        self.runs = RunStore(self.state_dir, keep_models) if self.state_dir and state_file else None
         self.outbox = Outbox(self.state_dir / "outbox") if self.state_dir else None
         # Every node hears what is addressed to it; broadcasts only of the kinds its role needs (the cloud:
         # status), so fleet-wide status traffic does not reach every board.
@@ -220,6 +223,12 @@ class Node(MachineRunner):
         if self.runlog is not None:
             with open(self.runlog, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+        if self.runs is not None:
+            self.runs.history(entry)
+
+    def save_model(self, fx: E.SaveModel) -> None:
+        if self.runs is not None:
+            self.runs.save(fx)
 
     def log(self, level: str, message: str, fields: dict[str, Any]) -> None:
         getattr(self.logger, level if level in ("debug", "info", "warning", "error") else "info")(message, **fields)

@@ -25,8 +25,8 @@ from mqttfl.ml.data import (
     partition_dirichlet,
     partition_iid,
     partition_imbalanced,
-    save_shard,
 )
+from mqttfl.ml.shard import save_shard
 from mqttfl.runtime.config import load_config
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.tools.broker import Broker, BrokerOptions

@@ -180,7 +180,8 @@ class AsyncGroups:
         s = self.cloud.settings
         ready = self.cloud.eligible()
         if self.phase == "profile":
-            if not self.open and len(ready) >= s.min_devices:
+            first = self.next_round == 0
+            if not self.open and len(ready) >= s.min_devices and (not first or self.cloud.may_begin(ready, now)):
                 self.start(ready, RoundKind.PROFILE, PROFILE, float(s.training.deadline_s), now)
             return
         busy = self.busy_devices()
