@@ -36,4 +36,4 @@ def build(cfg: AgentConfig) -> Node:
                            run_ids=lambda: f"run-{uuid.uuid4().hex[:8]}")
     test = open_shard(rt.test_data) if rt.test_data else None
     return Node(cfg, machine, TorchBackend(cfg.node, test=test), cloud=cfg.node, state_file=STATE_FILE,
-                broadcasts=("status",))
+                broadcasts=("status",), keep_models=rt.keep_models)

@@ -19,6 +19,7 @@ __all__ = [
     "BatchOrder",
     "DataSource",
     "Dataset",
+    "holdout",
     "label_histogram",
     "load_digits",
     "partition_dirichlet",
@@ -257,6 +258,16 @@ def partition_imbalanced(
     parts = [np.sort(p).astype(np.int64) for p in rest]
     parts.insert(big, np.sort(perm[:n_big]).astype(np.int64))
     return parts
+
+
+def holdout(n: int, fraction: float, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): a seeded random ``fraction`` of ``range(n)`` held out (at least one row when
+    ``fraction`` > 0 and n > 1), both sorted."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"a held-out fraction must be in [0, 1), got {fraction}")
+    n_out = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n > 1 else 0
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_out:]).astype(np.int64), np.sort(perm[:n_out]).astype(np.int64)
 
 
 def label_histogram(y: np.ndarray, num_classes: int | None = None) -> np.ndarray:

@@ -249,6 +249,10 @@ class DeviceMachine:
             return  # a re-delivered announcement of a round we run or finished
         schema = self._compatible(plan, msg.schema)
         if schema is None:
+            # Nothing to report for this round: the edge closes our session instead of waiting for its deadline.
+            self._send(ev.src, DeviceUpdate(run=plan.run, round=plan.round, report=Report(samples=0,
+                                                                                        attempt=plan.attempt),
+                                            delta={}), reliable=True)
             return
         try:
             if not 1 <= msg.cut <= schema.n_blocks:

@@ -377,6 +377,11 @@ class EdgeMachine:
             return
         if s.closing is not None:
             return  # the same delta again while we fetch the stage's weights; the first one is acked
+        if msg.report.samples == 0 and not msg.delta:
+            # The device declined the round (it refused the plan): it is missing, and nobody waits for it.
+            self._close(s)
+            self._device_done(r, s, ev, msg, {}, now)
+            return
         try:
             schema = self.schemas(r.plan.model_ref)
             check_state(msg.delta, schema.specs(0, s.cut), f"delta of {ev.src}")
@@ -392,7 +397,8 @@ class EdgeMachine:
     def _device_done(self, r: EdgeRound, s: Session, ev: Received, msg: DeviceUpdate,
                      edge_weights: dict[str, np.ndarray], now: float) -> None:
         full = {k: np.array(v, dtype=np.float32) for k, v in msg.delta.items()}
-        full.update(delta({k: edge_weights[k] for k in s.base}, s.base))
+        if edge_weights:
+            full.update(delta({k: edge_weights[k] for k in s.base}, s.base))
         s.delta = full
         s.report = replace(msg.report, t_upload=ev.transit_s, edge_steps=s.steps)
         s.closing = None

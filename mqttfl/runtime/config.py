@@ -88,6 +88,9 @@ class DeviceSection:
 
     edge: str = field(default="", metadata=doc("the edge this device attaches to (required)"))
     data: str = field(default="", metadata=doc("path of the device's local data shard (required; docs/data.md)"))
+    eval_data: str = field(default="", metadata=doc(
+        "path of the device's held-out shard: it evaluates the global model on it when the cloud asks "
+        "([cloud] fed_eval_every); empty: the device takes no part in federated evaluation"))
     cloud: str = field(default="cloud", metadata=doc("node id of the cloud (restart requests after a lost edge)"))
     cut: int = field(default=-1, metadata=doc(
         "split point: blocks [0, cut) train here, the rest at the edge; the number of blocks = local "
@@ -136,10 +139,13 @@ class CloudRuntime:
 
     test_data: str = field(default="", metadata=doc(
         "held-out data the cloud evaluates every global model on; empty: no accuracy is reported"))
+    keep_models: int = field(default=3, metadata=doc(
+        "global models of the last this many rounds kept per run under state_dir/cloud/runs/RUN (the best "
+        "round's is kept besides; 0: only the best); mqttfl export reads them"))
     threads: int = field(default=1, metadata=doc("torch intra-op threads"))
 
     def problems(self) -> list[str]:
-        return []
+        return [] if self.keep_models >= 0 else ["[cloud] keep_models must be >= 0"]
 
 
 def parse_section(cls: type, values: Mapping[str, Any], name: str, *, extra: frozenset[str] = frozenset()) -> Any:

@@ -321,29 +321,36 @@ class MemoryFleet:
         self._add(name, "cloud", make, lambda: TorchBackend(name, test=test), compute_s)
         self.cloud = name
 
-    def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None) -> None:
-        self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schema_of, cloud=self.cloud or "cloud",
+    def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None,
+                 schemas: Callable[[Any], Any] = schema_of) -> None:
+        self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schemas, cloud=self.cloud or "cloud",
                                                       deadline_fraction=deadline_fraction, id_prefix=self._prefix()),
                   lambda: TorchBackend(name), compute_s)
 
     def add_device(self, name: str, *, edge: str, data: Dataset, share_labels: bool = True,
-                   compute_s: Compute | None = None, slowdown: float = 1.0, **machine_kw: Any) -> None:
-        """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s)."""
+                   eval_data: Dataset | None = None, compute_s: Compute | None = None, slowdown: float = 1.0,
+                   **machine_kw: Any) -> None:
+        """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s); ``eval_data``: the
+        device's held-out split (federated evaluation)."""
         labels = label_counts(data.labels()) if share_labels else None
+
+        schemas = machine_kw.pop("schemas", schema_of)  # another build of the model (a mismatch to refuse)
 
         def make(node: SimNode) -> Machine:
             # A restarted device starts from its configured edge, as a restarted agent reads its config.
             return DeviceMachine(name, edge=edge, cloud=self.cloud or "cloud", n_samples=len(data), labels=labels,
-                                 label_format=label_format(data.labels()), schemas=schema_of,
+                                 label_format=label_format(data.labels()), schemas=schemas,
+                                 eval_samples=len(eval_data) if eval_data is not None else 0,
                                  id_prefix=self._prefix(), **machine_kw)
 
-        self._add(name, "device", make, lambda: TorchBackend(name, data=data), compute_s, slowdown)
+        self._add(name, "device", make, lambda: TorchBackend(name, data=data, test=eval_data), compute_s, slowdown)
 
     @classmethod
     def from_spec(cls, spec: FleetLayout, shards: Mapping[str, Dataset], test: Dataset | None = None,
-                  **fleet_kw: Any) -> MemoryFleet:
+                  eval_shards: Mapping[str, Dataset] | None = None, **fleet_kw: Any) -> MemoryFleet:
         """The fleet a ``Testbed`` runs for ``spec`` (a ``mqttfl.tools.testbed.FleetSpec``), in memory: the same
-        ``[cloud]`` section and device options; ``shards``: ``make_shards(spec, train)`` for the same data."""
+        ``[cloud]`` section and device options; ``shards``: ``make_shards(spec, train)`` for the same data,
+        ``eval_shards``: ``make_eval_shards(spec, train)``."""
         fleet = cls(**fleet_kw)
         runtime_keys = {f.name for f in fields(CloudRuntime)}
         section = {"model": spec.model, "input_shape": list(spec.input_shape), "min_devices": len(spec.devices),
@@ -353,11 +360,11 @@ class MemoryFleet:
             fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k == "deadline_fraction"})
         for d, e in sorted(spec.devices.items()):
             extra = dict(spec.device_extra.get(d, {}))
-            for runtime_only in ("threads", "step_delay_s", "data", "edge", "cloud"):
+            for runtime_only in ("threads", "step_delay_s", "data", "edge", "cloud", "eval_data"):
                 extra.pop(runtime_only, None)
             if extra.get("cut", -1) <= 0:
                 extra.pop("cut", None)
-            fleet.add_device(d, edge=e, data=shards[d], **extra)
+            fleet.add_device(d, edge=e, data=shards[d], eval_data=(eval_shards or {}).get(d), **extra)
         return fleet
 
     def set_latency(self, src: str, dst: str, seconds: float, *, both: bool = True) -> None:

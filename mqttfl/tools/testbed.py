@@ -21,6 +21,7 @@ from typing import Any
 
 from mqttfl.ml.data import (
     Dataset,
+    holdout,
     load_digits,
     partition_dirichlet,
     partition_iid,
@@ -64,6 +65,7 @@ class FleetSpec:
     input_shape: tuple[int, ...] = (3, 32, 32)
     partition: str = "iid"  # iid | dirichlet:<alpha> | imbalanced:<fraction>
     data_seed: int = 0
+    eval_fraction: float = 0.0  # each device's held-out split for federated evaluation (eval_data)
     cloud: dict[str, Any] = field(default_factory=dict)  # [cloud] section overrides
     device_extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-device [device] extras
     edge_extra: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +78,20 @@ class FleetSpec:
 
 
 def make_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
+    """Each device's training shard (without its held-out split)."""
+    return {n: ds.subset(holdout(len(ds), spec.eval_fraction, seed=spec.data_seed)[0])
+            for n, ds in _partition(spec, train).items()}
+
+
+def make_eval_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
+    """Each device's held-out split (``spec.eval_fraction`` of its data), for federated evaluation."""
+    if spec.eval_fraction <= 0:
+        return {}
+    return {n: ds.subset(holdout(len(ds), spec.eval_fraction, seed=spec.data_seed)[1])
+            for n, ds in _partition(spec, train).items()}
+
+
+def _partition(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
     names = sorted(spec.devices)
     kind, _, param = spec.partition.partition(":")
     if kind == "iid":
@@ -126,9 +142,12 @@ class Testbed:
             self.broker.start()
         train, test = self.data or load_digits(self.spec.input_shape)
         shards = make_shards(self.spec, train)
+        held_out = make_eval_shards(self.spec, train)
         (self.root / "data").mkdir(exist_ok=True)
         for n, ds in shards.items():
             save_shard(self.root / "data" / f"{n}.npz", ds)
+        for n, ds in held_out.items():
+            save_shard(self.root / "data" / f"{n}.eval.npz", ds)
         save_shard(self.root / "data" / "test.npz", test)
         mqtt = {"host": self.broker.host, "port": self.broker.port}
         common = {"fleet": self.spec.fleet, "log_level": "info", "mqtt": mqtt,
@@ -142,7 +161,10 @@ class Testbed:
             self._config(e, "edge", common, dict(self.spec.edge_extra))
         for d, e in self.spec.devices.items():
             extra = self.spec.device_extra.get(d, {})
-            self._config(d, "device", common, {"edge": e, "data": str(self.root / "data" / f"{d}.npz"), **extra})
+            section = {"edge": e, "data": str(self.root / "data" / f"{d}.npz"), **extra}
+            if d in held_out:
+                section["eval_data"] = str(self.root / "data" / f"{d}.eval.npz")
+            self._config(d, "device", common, section)
 
     def _config(self, node: str, role: str, common: dict[str, Any], section: dict[str, Any]) -> None:
         data = {"node": node, **common, "state_dir": str(self.root / "state"), role: section}

@@ -426,7 +426,7 @@ class CloudMachine:
         run = self.settings.run
         if p.refuses(run) and (p.node, run, str(p.refused)) not in self._refusals:
             self._refusals.add((p.node, run, str(p.refused)))
-            info = {"node": p.node, "role": p.role, "run": run, "reason": p.refused, "fingerprint": p.fingerprint,
+            info = {"refusing": p.node, "as": p.role, "run": run, "reason": p.refused, "fingerprint": p.fingerprint,
                     "expected": self.schema.fingerprint, "action": "left out of the run"}
             self._do(Emit("node_refused", "warning", info), Log("warning", "node refused the run", info))
         self.policy.on_status(p, was)
