@@ -26,6 +26,7 @@ __all__ = [
     "partition_iid",
     "partition_imbalanced",
     "resize",
+    "stratified_split",
     "synthetic_images",
 ]
 
@@ -110,7 +111,8 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices: ``test_fraction`` of every class held out, seeded; both sorted."""
     rng = np.random.default_rng(seed)
     train: list[np.ndarray] = []
     test: list[np.ndarray] = []
@@ -160,7 +162,7 @@ def load_digits(
     if (h, w) != (8, 8):
         images = resize(images, (h, w)).astype(np.float64)
     x = np.repeat(images[:, None, :, :], c, axis=1)
-    train_idx, test_idx = _stratified_split(y, test_fraction, seed)
+    train_idx, test_idx = stratified_split(y, test_fraction, seed)
     mean = x[train_idx].mean()
     std = x[train_idx].std()
     x = ((x - mean) / std).astype(np.float32)
