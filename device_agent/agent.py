@@ -27,4 +27,4 @@ def build(cfg: AgentConfig) -> Node:
         schemas=schema_of, act_timeout_s=sec.act_timeout_s, migrate_timeout_s=sec.migrate_timeout_s,
         id_prefix=os.urandom(4).hex())
     backend = TorchBackend(cfg.node, data=data, test=held_out, slowdown=sec.slowdown, step_delay_s=sec.step_delay_s)
-    return Node(cfg, machine, backend, cloud=sec.cloud)
+    return Node(cfg, machine, backend, cloud=sec.cloud, edge_brokers=sec.brokers())

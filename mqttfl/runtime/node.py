@@ -81,6 +81,9 @@ class Node(MachineRunner):
         self.state_path = self.state_dir / state_file if self.state_dir and state_file else None
         self.runlog = self.state_dir / "runlog.jsonl" if self.state_dir else None
         self.runs = RunStore(self.state_dir, keep_models) if self.state_dir and state_file else None
+        # A device roaming between sites: the broker of each edge's site; it follows its edge there.
+        self.edge_brokers = dict(edge_brokers or {})
+        self._move_to: tuple[str, int] | None = None
         self.outbox = Outbox(self.state_dir / "outbox") if self.state_dir else None
         # Every node hears what is addressed to it; broadcasts only of the kinds its role needs (the cloud:
         # status), so fleet-wide status traffic does not reach every board.
@@ -100,6 +103,11 @@ class Node(MachineRunner):
         self.logger.info("starting", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", boot=self.transport.boot,
                        mqtt=self.cfg.mqtt.redacted())
         self.transport.start(timeout=connect_timeout)
+        here = (self.cfg.mqtt.host, self.cfg.mqtt.port)
+        for broker in sorted(set(self.edge_brokers.values()) - {here}):
+            # Open our session at the other sites now: what is sent to us there before we arrive is kept.
+            if not self.transport.visit(*broker):
+                self.logger.warning("site broker unreachable", broker=f"{broker[0]}:{broker[1]}")
         self.feed(E.Started())
         sdnotify.ready()
         self.logger.info("ready")
@@ -125,6 +133,13 @@ class Node(MachineRunner):
         if msg is not None:
             self.dispatch(msg)
         self.housekeeping()
+        if self._move_to is not None:
+            # After the event's effects went out on the old broker: the move, and whatever it said there.
+            host, port = self._move_to
+            self._move_to = None
+            self.logger.info("moving to the site broker of the new edge", broker=f"{host}:{port}")
+            if not self.transport.move_to(host, port):
+                self.logger.warning("site broker not reached yet; retrying in the background", broker=f"{host}:{port}")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.running = False
@@ -194,6 +209,9 @@ class Node(MachineRunner):
 
     def set_status(self, state: str, fields: dict[str, Any]) -> None:
         self.transport.set_status(state, **fields)
+        broker = self.edge_brokers.get(str(fields.get("edge")))
+        if broker is not None and broker != (self.transport.cfg.mqtt.host, self.transport.cfg.mqtt.port):
+            self._move_to = broker
 
     def emit(self, event: str, level: str, fields: dict[str, Any]) -> None:
         self.transport.event(event, level=level, **fields)

@@ -44,6 +44,8 @@ def toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table inside a section (edge_brokers)
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -121,7 +123,9 @@ def is_run_failed(m: Inbound) -> bool:
 class Testbed:
     __test__ = False  # not a pytest test class, despite the name
     def __init__(self, root: Path, spec: FleetSpec, *, broker: Broker | None = None,
-                 data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None) -> None:
+                 data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None,
+                 site_brokers: dict[str, Broker] | None = None, auth: dict[str, dict[str, Any]] | None = None,
+                 ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.spec = spec
@@ -131,6 +135,10 @@ class Testbed:
         # Scale-out (docs/operations.md, "Bridges: one broker per site"): edges and devices on a site broker,
         # the cloud on its own broker, bridged.
         self.cloud_broker = cloud_broker
+        # Several sites: the broker of each edge or device not on ``broker``; ``auth``: [mqtt] credentials per
+        # node (the cloud and "operator" on a password-protected cloud broker).
+        self.site_brokers = dict(site_brokers or {})
+        self.auth = dict(auth or {})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
         self.operator: Transport | None = None
@@ -149,14 +157,11 @@ class Testbed:
         for n, ds in held_out.items():
             save_shard(self.root / "data" / f"{n}.eval.npz", ds)
         save_shard(self.root / "data" / "test.npz", test)
-        mqtt = {"host": self.broker.host, "port": self.broker.port}
-        common = {"fleet": self.spec.fleet, "log_level": "info", "mqtt": mqtt,
-                  "control": {"operators": ["operator"]}}
+        common = {"fleet": self.spec.fleet, "log_level": "info", "control": {"operators": ["operator"]}}
         cloud = {"model": self.spec.model, "input_shape": list(self.spec.input_shape),
                  "test_data": str(self.root / "data" / "test.npz"), "min_devices": len(self.spec.devices),
                  **self.spec.cloud}
-        cb = self.cloud_broker or self.broker
-        self._config("cloud", "cloud", {**common, "mqtt": {"host": cb.host, "port": cb.port}}, cloud)
+        self._config("cloud", "cloud", common, cloud)
         for e in self.spec.edges:
             self._config(e, "edge", common, dict(self.spec.edge_extra))
         for d, e in self.spec.devices.items():
@@ -166,8 +171,15 @@ class Testbed:
                 section["eval_data"] = str(self.root / "data" / f"{d}.eval.npz")
             self._config(d, "device", common, section)
 
+    def broker_of(self, node: str) -> Broker:
+        if node in ("cloud", "operator"):
+            return self.cloud_broker or self.broker
+        return self.site_brokers.get(node, self.broker)
+
     def _config(self, node: str, role: str, common: dict[str, Any], section: dict[str, Any]) -> None:
-        data = {"node": node, **common, "state_dir": str(self.root / "state"), role: section}
+        b = self.broker_of(node)
+        mqtt = {"host": b.host, "port": b.port, **self.auth.get(node, {})}
+        data = {"node": node, **common, "mqtt": mqtt, "state_dir": str(self.root / "state"), role: section}
         self.configs[node] = write_toml(self.root / f"{node}.toml", data)
 
     def role_of(self, node: str) -> str:
@@ -192,9 +204,9 @@ class Testbed:
 
     def connect_operator(self) -> Transport:
         if self.operator is None:
-            b = self.cloud_broker or self.broker
+            b = self.broker_of("operator")
             cfg = load_config(None, "operator", environ={}, node="operator", fleet=self.spec.fleet,
-                              mqtt={"host": b.host, "port": b.port})
+                              mqtt={"host": b.host, "port": b.port, **self.auth.get("operator", {})})
             self.operator = Transport(cfg).start()
         return self.operator
 
