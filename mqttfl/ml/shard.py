@@ -139,8 +139,8 @@ class Shard:
         return self._y
 
     def load(self) -> Dataset:
-        """All of it in memory."""
-        return Dataset(np.ascontiguousarray(np.asarray(self.x, dtype=np.float32)), self._y)
+        """All of it in memory (a copy, not the map)."""
+        return Dataset(np.array(self.x, dtype=np.float32, order="C"), self._y)
 
 
 def save_shard(path: str | PathLike[str], ds: Dataset) -> None:

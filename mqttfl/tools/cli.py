@@ -27,6 +27,7 @@ BENCHES = {
     "split": ("mqttfl.tools.bench.split", "monolithic vs split-over-MQTT training of the same batches"),
     "migration": ("mqttfl.tools.bench.migration", "FedFly migration pause and time saved vs restarting"),
     "async": ("mqttfl.tools.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
+    "data": ("mqttfl.tools.bench.data", "mqttfl data throughput and a device's memory with a memory-mapped shard"),
 }
 
 

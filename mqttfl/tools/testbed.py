@@ -132,7 +132,7 @@ class Testbed:
         self._own_broker = broker is None
         self.broker = broker or Broker(BrokerOptions(persistence=True), workdir=self.root / "broker")
         self.data = data
-        # Scale-out (docs/operations.md, "Bridges: one broker per site"): edges and devices on a site broker,
+        # Scale-out (docs/operations.md, "Several sites"): edges and devices on a site broker,
         # the cloud on its own broker, bridged.
         self.cloud_broker = cloud_broker
         # Several sites: the broker of each edge or device not on ``broker``; ``auth``: [mqtt] credentials per

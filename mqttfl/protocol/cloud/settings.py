@@ -19,6 +19,7 @@ from typing import Any
 from mqttfl.fl import strategies
 from mqttfl.fl.staleness import by_name as staleness_by_name
 from mqttfl.protocol.plan import TRAINING_FIELDS, Training
+from mqttfl.wire.topics import TopicError, validate_id
 
 PARAM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(strategies.StrategyParams))
 MODES = ("sync", "async")
@@ -104,6 +105,11 @@ class CloudSettings:
             out.append("client sampling and federated evaluation are for mode sync")
         if self.start_grace_s < 0 or len(set(self.wait_for)) != len(self.wait_for):
             out.append("start_grace_s must be >= 0 and wait_for must not repeat a device")
+        for device in self.wait_for:
+            try:
+                validate_id(device)
+            except TopicError as e:
+                out.append(f"wait_for: {e}")
         return out
 
     def flat(self) -> dict[str, Any]:
