@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mqttfl.ml.models import MODELS, Part, build_model, model_state
-from mqttfl.ml.stage import LocalTrainer, Stage, chunks, evaluate, make_optimizer, micro_batches
-from tests.helpers import schema
+from mqttfl.ml.stage import LocalTrainer, Stage, evaluate, make_optimizer, micro_batches
+from tests.helpers import chunks, schema
 
 BATCH = {"vgg5": 12, "cnn": 16, "mlp": 32}
 

@@ -24,7 +24,7 @@ once: either would silently train on stale graphs.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -242,14 +242,6 @@ class LocalTrainer:
 
 
 _cut = micro_batches  # LocalTrainer.train_batch's parameter shadows the function name
-
-
-def chunks(x: Any, y: Any, batch_size: int = 500) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) of consecutive rows, as tensors; arrays (memory-mapped too) are read one chunk at a time."""
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        yield (torch.as_tensor(np.asarray(xb, dtype=np.float32)) if not isinstance(xb, torch.Tensor) else xb,
-               torch.as_tensor(np.asarray(yb)) if not isinstance(yb, torch.Tensor) else yb)
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

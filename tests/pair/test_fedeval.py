@@ -8,10 +8,11 @@ import torch
 
 from mqttfl.ml.data import Dataset
 from mqttfl.ml.models import build_model, load_model_state
-from mqttfl.ml.stage import chunks, evaluate
+from mqttfl.ml.stage import evaluate
 from mqttfl.protocol.messages import EvalReport, EvaluateModel, OpenEval
 from mqttfl.runtime.memory import MemoryFleet, match
 from mqttfl.tools.testbed import make_eval_shards, make_shards
+from tests.helpers import chunks
 from tests.pair.common import MODEL, SHAPE, assert_reference, digits, round_entries, spec
 
 DEVS = {"dev1": "edge1", "dev2": "edge1", "dev3": "edge2"}

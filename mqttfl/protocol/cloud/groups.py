@@ -130,6 +130,9 @@ class AsyncGroups:
 
     # ------------------------------------------------------------------ fleet
     def on_status(self, p: Presence, was: Presence | None) -> None:
+        for r in self.open.values():
+            if p.refuses(r.plan.run):  # it will not report: its group round need not wait for the deadline
+                r.give_up([p.node] if p.role == "device" else r.edges.get(p.node, []))
         if p.role != "device":
             return
         if p.labels is not None or p.online:

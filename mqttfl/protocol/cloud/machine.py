@@ -429,6 +429,11 @@ class CloudMachine:
             info = {"refusing": p.node, "as": p.role, "run": run, "reason": p.refused, "fingerprint": p.fingerprint,
                     "expected": self.schema.fingerprint, "action": "left out of the run"}
             self._do(Emit("node_refused", "warning", info), Log("warning", "node refused the run", info))
+            if self.fed_eval is not None:  # nor will it evaluate
+                behind = [p.node] if p.role == "device" else [d for d, e in self.fed_eval.expected.items()
+                                                               if e == p.node]
+                for d in behind:
+                    self.fed_eval.expected.pop(d, None)
         self.policy.on_status(p, was)
 
     # ------------------------------------------------------------------ commands
