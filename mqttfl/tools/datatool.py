@@ -68,7 +68,8 @@ def load_input(path: Path, a: argparse.Namespace, group: str | None) -> Loaded:
         if group:
             raise ValueError("--partition column:NAME needs a CSV/TSV input")
         return _load_arrays(path, a)
-    header = path.open(encoding="utf-8-sig").readline()
+    with path.open(encoding="utf-8-sig") as f:
+        header = f.readline()
     sep = a.delimiter or ("\t" if suffix in (".tsv", ".tab") else ",")
     label = _csv_list(a.label) or [header.rstrip("\r\n").split(sep)[-1].strip()]
     t = read_table(path, label=label, features=_csv_list(a.features) or None, drop=_csv_list(a.drop),
@@ -107,8 +108,7 @@ def _load_images(root: Path, a: argparse.Namespace) -> Loaded:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"{root}: expected one sub-folder of images per class")
-    files = [(c, f) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [(c, f) for c in classes for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise ValueError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
     images = [read_image(f) for _, f in files]

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mqttfl.protocol.plan import TASKS
 from mqttfl.runtime.persist import load_state
 from mqttfl.runtime.runs import list_runs, read_model
 
@@ -40,13 +41,24 @@ def cloud_folder(path: Path) -> Path:
 
 
 def pick(state: Path, run: str | None, which: str) -> dict[str, Any]:
-    """The kept model of ``run`` (default: the cloud's current run), ``which`` = last, best or a round."""
+    """The kept model of ``run`` (default: the cloud's current run), ``which`` = last, best or a round. The
+    current run's last model is also in the cloud's state (``keep_models = 0`` keeps no round files)."""
     current = load_state(state / STATE_FILE)
     if run is None:
         if current is None:
             raise ValueError(f"{state}: no {STATE_FILE}; name the run with --run ({sorted(list_runs(state))})")
         run = str(current["run"])
-    return read_model(state, run, which if which in ("last", "best") else int(which))
+    try:
+        return read_model(state, run, which if which in ("last", "best") else int(which))
+    except ValueError:
+        if which != "last" or current is None or current.get("run") != run or not current.get("history"):
+            raise
+    s, last = current["settings"], current["history"][-1]
+    info = {"model": s["model"], "input_shape": s["input_shape"], "num_classes": s["num_classes"], "loss": s["loss"],
+            "task": TASKS[s["loss"]], "kind": last.get("kind"), "metrics": {
+                k: last[k] for k in ("accuracy", "loss", "mse", "mae", "exact_match") if last.get(k) is not None}}
+    index = last.get("version", last.get("round")) if last.get("kind") == "version" else last.get("round")
+    return {"run": run, "round": index, "info": info, "state": current["global"]}
 
 
 def export(saved: dict[str, Any], out: Path, onnx: bool = False) -> dict[str, Any]:
