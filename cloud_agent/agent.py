@@ -11,8 +11,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from mqttfl.ml.backend import TorchBackend
-from mqttfl.ml.data import load_shard
 from mqttfl.ml.models import initial_state, schema_of
+from mqttfl.ml.shard import open_shard
 from mqttfl.protocol.cloud.machine import CloudMachine
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.runtime.config import AgentConfig, CloudRuntime, ConfigError, parse_section
@@ -34,6 +34,6 @@ def build(cfg: AgentConfig) -> Node:
     machine = CloudMachine(cfg.node, settings=settings, restored=restored, schemas=schema_of,
                            initial_state=initial_state(settings.training.model_ref, settings.training.seed),
                            run_ids=lambda: f"run-{uuid.uuid4().hex[:8]}")
-    test = load_shard(rt.test_data) if rt.test_data else None
+    test = open_shard(rt.test_data) if rt.test_data else None
     return Node(cfg, machine, TorchBackend(cfg.node, test=test), cloud=cfg.node, state_file=STATE_FILE,
-                broadcasts=("status",))
+                broadcasts=("status",), keep_models=rt.keep_models)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 
 from mqttfl.ml.backend import TorchBackend
-from mqttfl.ml.data import label_histogram, open_source
 from mqttfl.ml.models import schema_of
+from mqttfl.ml.shard import label_counts, open_shard
 from mqttfl.protocol.device import DeviceMachine
 from mqttfl.runtime.config import AgentConfig, DeviceSection, parse_section
 from mqttfl.runtime.node import Node
@@ -18,11 +18,13 @@ from mqttfl.runtime.node import Node
 
 def build(cfg: AgentConfig) -> Node:
     sec: DeviceSection = parse_section(DeviceSection, cfg.section, "device")
-    data = open_source(sec.data)
-    labels = label_histogram(data.labels()).tolist() if sec.share_labels else None
+    data = open_shard(sec.data)  # memory-mapped: batches are read from disk as training asks for them
+    held_out = open_shard(sec.eval_data) if sec.eval_data else None
+    labels = label_counts(data.labels()) if sec.share_labels else None
     machine = DeviceMachine(
         cfg.node, edge=sec.edge, cloud=sec.cloud, n_samples=len(data), cut=sec.cut if sec.cut > 0 else None,
-        labels=labels, schemas=schema_of, act_timeout_s=sec.act_timeout_s, migrate_timeout_s=sec.migrate_timeout_s,
+        labels=labels, label_format=data.label_format, eval_samples=len(held_out) if held_out else 0,
+        schemas=schema_of, act_timeout_s=sec.act_timeout_s, migrate_timeout_s=sec.migrate_timeout_s,
         id_prefix=os.urandom(4).hex())
-    backend = TorchBackend(cfg.node, data=data, slowdown=sec.slowdown, step_delay_s=sec.step_delay_s)
-    return Node(cfg, machine, backend, cloud=sec.cloud)
+    backend = TorchBackend(cfg.node, data=data, test=held_out, slowdown=sec.slowdown, step_delay_s=sec.step_delay_s)
+    return Node(cfg, machine, backend, cloud=sec.cloud, edge_brokers=sec.brokers())

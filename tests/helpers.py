@@ -46,6 +46,14 @@ def schema(model: str, input_shape: tuple[int, ...] | None = None, num_classes: 
     return schema_of(ModelRef(model, shape, num_classes))
 
 
+def chunks(x: Any, y: Any, batch_size: int = 500) -> Any:
+    """(inputs, labels) tensors of consecutive rows: what ``mqttfl.ml.stage.evaluate`` takes."""
+    import torch
+
+    for start in range(0, len(x), batch_size):
+        yield torch.as_tensor(x[start : start + batch_size]), torch.as_tensor(y[start : start + batch_size])
+
+
 def ignore_sigint() -> None:
     """``preexec_fn`` for a child that starts with SIGINT ignored, as every process of a background job does
     (``make test &``): a console tool must still stop on Ctrl-C then."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,12 +21,11 @@ from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
 from mqttfl.ml.data import BatchOrder, Dataset
 from mqttfl.ml.models import build_model, load_model_state, model_state
 from mqttfl.ml.stage import LocalTrainer, make_optimizer
-from mqttfl.protocol.plan import Training, data_seed
+from mqttfl.protocol.cloud.settings import CloudSettings
+from mqttfl.protocol.plan import Training, data_seed, round_lr
 from mqttfl.tools.testbed import FleetSpec, make_shards
 
 TOL = 1e-5
-PLAN_DEFAULTS = {k: getattr(Training(), k) for k in ("lr", "momentum", "weight_decay", "epochs", "batch_size",
-                                                      "micro_batches", "seed")}
 
 
 @contextlib.contextmanager
@@ -45,24 +45,31 @@ def train_like_device(global_state: Mapping[str, np.ndarray], spec: FleetSpec, s
         return _train(global_state, spec, shard, node, rnd)
 
 
+def training_of(spec: FleetSpec) -> tuple[Training, int]:
+    """The run's training settings as the cloud reads them from the spec, and the schedule's horizon."""
+    s = CloudSettings.from_section({"model": spec.model, "input_shape": list(spec.input_shape), **spec.cloud})
+    return s.training, s.rounds if s.mode == "sync" else s.max_versions
+
+
 def _train(global_state: Mapping[str, np.ndarray], spec: FleetSpec, shard: Dataset, node: str,
            rnd: int) -> dict[str, np.ndarray]:
-    p = {**PLAN_DEFAULTS, **spec.cloud}
-    model = build_model(spec.model, input_shape=spec.input_shape)
+    t, horizon = training_of(spec)
+    # The plan of round rnd: the cloud stamps the schedule's learning rate into it.
+    t = replace(t, lr=round_lr(t, rnd, horizon))
+    model = build_model(spec.model, input_shape=spec.input_shape, num_classes=t.num_classes)
     load_model_state(model, global_state)
-    trainer = LocalTrainer(model, make_optimizer(model.parameters(), lr=p["lr"], momentum=p["momentum"],
-                                                 weight_decay=p["weight_decay"]))
-    order = BatchOrder(len(shard), p["batch_size"], seed=data_seed(p["seed"], node))
-    for e in range(p["epochs"]):
-        for idx in order.epoch_batches(rnd * p["epochs"] + e):
+    trainer = LocalTrainer(model, make_optimizer(model.parameters(), t), t)
+    order = BatchOrder(len(shard), t.batch_size, seed=data_seed(t.seed, node))
+    for e in range(t.epochs):
+        for idx in order.epoch_batches(rnd * t.epochs + e):
             trainer.train_batch(torch.from_numpy(shard.x[idx]), torch.from_numpy(shard.y[idx]),
-                                micro_batches=min(p["micro_batches"], len(idx)))
+                                micro_batches=min(t.micro_batches, len(idx)))
     return model_state(model)
 
 
 def initial_global(spec: FleetSpec) -> dict[str, np.ndarray]:
-    seed = int(spec.cloud.get("seed", PLAN_DEFAULTS["seed"]))
-    return model_state(build_model(spec.model, input_shape=spec.input_shape, seed=seed))
+    t, _ = training_of(spec)
+    return model_state(build_model(spec.model, input_shape=spec.input_shape, num_classes=t.num_classes, seed=t.seed))
 
 
 def reference_global(spec: FleetSpec, train: Dataset, rounds: int | Iterable[Iterable[str]], *,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mqttfl.tools.bench import async_, migration, split, transport
+from mqttfl.tools.bench import async_, data, migration, split, transport
 from mqttfl.tools.cli import main
 from mqttfl.tools.testbed import RunFailed
 
@@ -31,6 +31,10 @@ FRACTION = {"samples": 337, "steps_per_round": 40, "t_baseline_s": 4.48, "t_migr
 MIGRATION = {"model": "vgg5", "epochs": 10, "per_fraction": {"0.25": FRACTION}, "pause_ms_direct": 63.6,
              "pause_ms_relay": 93.9, "checkpoint_bytes": 6759224, "saving_p50": 0.331, "saving_p90": 0.494,
              "ideal_p50": 0.3333, "ideal_p90": 0.4737, "lossless": True}
+EPOCH = {"peak_rss_mb": 300.0, "anon_mb": 40.0, "batch_ms": 0.6, "batches": 200}
+DATA = {"csv_rows": 100000, "csv_features": 20, "csv_s": 5.0, "csv_rows_per_s": 20000.0, "png_images": 500,
+        "png_images_per_s": 1500.0, "shard_rows": 20000, "shard_mb": 234.4, "mapped": EPOCH,
+        "whole": {**EPOCH, "anon_mb": 275.0}}
 
 
 def fake_async_run(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -44,8 +48,8 @@ def canned(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if bench == "async":
         monkeypatch.setattr(async_, "run_one", fake_async_run)
     else:
-        result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION}[bench]
-        module = {"transport": transport, "split": split, "migration": migration}[bench]
+        result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION, "data": DATA}[bench]
+        module = {"transport": transport, "split": split, "migration": migration, "data": data}[bench]
         monkeypatch.setattr(module, "measure", lambda *a, **kw: json.loads(json.dumps(result)))
 
 
@@ -68,7 +72,7 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
-@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async"])
+@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data"])
 def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_working_directory(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,6 +90,16 @@ def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_w
     else:
         assert files == {"results.json"}
     assert list(cwd.iterdir()) == [], "nothing lands in the working directory"
+
+
+def test_the_data_bench_measures_at_a_tiny_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "data", "--json", "--out", str(tmp_path), "--csv-rows", "300", "--images", "3",
+                 "--shard-rows", "300"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r) == set(DATA) and set(r["mapped"]) == set(EPOCH) and r["csv_rows_per_s"] > 0
+    assert r["mapped"]["batches"] == r["whole"]["batches"] == 3
+    # Loaded whole, the shard is the process's own memory; memory-mapped, it is not.
+    assert r["whole"]["anon_mb"] > r["mapped"]["anon_mb"] + 0.5 * r["shard_mb"]
 
 
 def test_by_default_the_files_go_to_bench_results_named_after_the_bench(

@@ -1,4 +1,4 @@
-"""Scale-out (docs/operations.md, "Bridges: one broker per site"): a training round across two bridged brokers,
+"""Scale-out (docs/operations.md, "Several sites"): a training round across two bridged brokers,
 with the shipped bridge.conf.
 
 The site broker carries edge1 and dev1 and bridges to the cloud broker, which carries the cloud and the

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mqttfl.protocol.cloud.settings import CloudSettings
-from mqttfl.runtime.config import ConfigError, DeviceSection, EdgeSection, MqttConfig
+from mqttfl.runtime.config import CloudRuntime, ConfigError, DeviceSection, EdgeSection, MqttConfig
 from mqttfl.tools.configref import check, reference
 from mqttfl.tools.testbed import write_toml
 
@@ -22,7 +22,7 @@ def test_docs_config_md_is_the_generated_reference() -> None:
 
 def test_every_key_of_every_section_is_documented_with_a_meaning() -> None:
     text = reference()
-    keys = [f.name for dc in (DeviceSection, EdgeSection) for f in fields(dc)]
+    keys = [f.name for dc in (DeviceSection, EdgeSection, CloudRuntime) for f in fields(dc)]
     keys += [f.name for f in fields(MqttConfig) if f.name != "password"]
     keys += [k for k in CloudSettings().flat()]
     for key in keys:
@@ -43,3 +43,14 @@ def test_check_refuses_a_bad_file_naming_the_key(tmp_path: Path) -> None:
     bad = write_toml(tmp_path / "c.toml", {"node": "cloud", "cloud": {"rounds": 3, "lr_rate": 0.1}})
     with pytest.raises(ConfigError, match="lr_rate"):
         check("cloud", str(bad))
+    for section, match in (({"optimizer": "rmsprop"}, "optimizer"), ({"loss": "hinge"}, "loss"),
+                           ({"wait_for": "dev1"}, "wait_for"), ({"sample_fraction": 0.0}, "sample_fraction"),
+                           ({"mode": "async", "fed_eval_every": 2}, "federated evaluation"),
+                           ({"keep_models": -1}, "keep_models")):
+        bad = write_toml(tmp_path / "c.toml", {"node": "cloud", "cloud": section})
+        with pytest.raises(ConfigError, match=match):
+            check("cloud", str(bad))
+    bad = write_toml(tmp_path / "d.toml", {"node": "dev1", "device": {"edge": "e1", "data": "x.npz",
+                                                                     "edge_brokers": {"e2": "nowhere"}}})
+    with pytest.raises(ConfigError, match="host:port"):
+        check("device", str(bad))

@@ -18,12 +18,10 @@ from mqttfl.ml.data import (
     Dataset,
     label_histogram,
     load_digits,
-    load_shard,
     partition_dirichlet,
     partition_iid,
     partition_imbalanced,
     resize,
-    save_shard,
     synthetic_images,
 )
 
@@ -174,51 +172,6 @@ def test_label_histogram_counts_every_class_and_rejects_out_of_range() -> None:
     np.testing.assert_array_equal(label_histogram(np.array([0, 2, 2]), 4), [1, 0, 2, 0])
     with pytest.raises(ValueError):
         label_histogram(np.array([0, 4]), 4)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shards
-
-
-def test_shard_round_trips_exactly(tmp_path: Path) -> None:
-    ds = synthetic_images(12, (3, 4, 4), seed=0)
-    path = tmp_path / "shard.bin"
-    save_shard(path, ds)
-    assert path.exists()
-    back = load_shard(path)
-    np.testing.assert_array_equal(back.x, ds.x)
-    np.testing.assert_array_equal(back.y, ds.y)
-
-
-def test_shard_holding_an_object_array_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "evil.npz"
-    np.savez(path, x=np.array([{"a": 1}], dtype=object), y=np.zeros(1, dtype=np.int64))
-    with pytest.raises(ValueError, match="not a valid mqttfl shard"):
-        load_shard(path)
-
-
-@pytest.mark.parametrize(
-    "arrays",
-    [
-        {"x": np.zeros((2, 3), np.float64), "y": np.zeros(2, np.int64)},
-        {"x": np.zeros((2, 3), np.float32), "y": np.zeros(3, np.int64)},
-        {"x": np.zeros((2, 3), np.float32)},
-    ],
-)
-def test_shard_with_wrong_dtype_shape_or_keys_is_refused(
-    tmp_path: Path, arrays: dict[str, np.ndarray]
-) -> None:
-    path = tmp_path / "bad.npz"
-    np.savez(path, **arrays)
-    with pytest.raises(ValueError):
-        load_shard(path)
-
-
-def test_a_file_that_is_not_an_npz_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "junk.npz"
-    path.write_bytes(b"PK\x03\x04 definitely not a zip")
-    with pytest.raises(ValueError):
-        load_shard(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

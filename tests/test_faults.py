@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mqttfl.ml.data import BatchOrder, load_shard
+from mqttfl.ml.data import BatchOrder
 from mqttfl.ml.models import Part, build_model
+from mqttfl.ml.shard import load_shard
 from mqttfl.ml.stage import Stage, make_optimizer
 from mqttfl.protocol.messages import Activations, DeviceUpdate, Message, Report, TrainRound, parse
 from mqttfl.protocol.plan import Plan, data_seed

@@ -187,3 +187,16 @@ def test_a_block_range_out_of_range_is_refused() -> None:
         Part(build_model("mlp", seed=0), 0, 6)
     with pytest.raises(ValueError):
         Part(build_model("mlp", seed=0), 3, 2)
+
+
+def test_a_model_registered_as_an_entry_point_is_built_by_its_name(tmp_path, monkeypatch) -> None:
+    dist = tmp_path / "greenhouse_models-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: greenhouse-models\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mqttfl.models]\ngreenhouse = tests.user_model:tiny_mlp\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ref = ModelRef("greenhouse", (6,), 3)
+    assert schema_of(ref).fingerprint == schema_of(ModelRef("tests.user_model:tiny_mlp", (6,), 3)).fingerprint
+    assert build_model("greenhouse", input_shape=(6,), num_classes=3)(torch.randn(2, 6)).shape == (2, 3)
+    with pytest.raises(ValueError, match="greenhouse"):
+        build_model("nursery", input_shape=(6,))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mqttfl.ml.models import MODELS, Part, build_model, model_state
 from mqttfl.ml.stage import LocalTrainer, Stage, evaluate, make_optimizer, micro_batches
-from tests.helpers import schema
+from tests.helpers import chunks, schema
 
 BATCH = {"vgg5": 12, "cnn": 16, "mlp": 32}
 
@@ -174,7 +174,7 @@ def test_optimizer_state_round_trips_through_a_snapshot() -> None:
 def test_train_batch_reports_summed_loss_correct_count_and_samples() -> None:
     model = build_model("mlp", seed=0)
     x, y = _batches("mlp", 1)[0]
-    _, expected_loss = evaluate(copy.deepcopy(model), x, y)
+    expected_loss = evaluate(copy.deepcopy(model), chunks(x, y))["loss"]
     logits = model(x)
     expected_correct = int((logits.argmax(1) == y).sum())
     result = LocalTrainer(model, make_optimizer(model.parameters())).train_batch(x, y, micro_batches=3)
@@ -186,9 +186,9 @@ def test_train_batch_reports_summed_loss_correct_count_and_samples() -> None:
 def test_micro_batches_follow_tensor_split_and_keep_labels_aligned() -> None:
     x = torch.arange(10).float().unsqueeze(1)
     y = torch.arange(10)
-    chunks = micro_batches(x, y, 3)
-    assert [len(c[1]) for c in chunks] == [4, 3, 3]
-    assert all(torch.equal(cx.squeeze(1).long(), cy) for cx, cy in chunks)
+    micro = micro_batches(x, y, 3)
+    assert [len(c[1]) for c in micro] == [4, 3, 3]
+    assert all(torch.equal(cx.squeeze(1).long(), cy) for cx, cy in micro)
     with pytest.raises(ValueError):
         micro_batches(x, y, 11)
     with pytest.raises(ValueError):
@@ -206,7 +206,8 @@ def test_evaluate_uses_eval_mode_and_restores_training_mode() -> None:
     model = build_model("vgg5", seed=0)
     x, y = _batches("vgg5", 1)[0]
     model.train()
-    acc, loss = evaluate(model, x, y, batch_size=5)
+    m = evaluate(model, chunks(x, y, batch_size=5))
+    acc, loss = m["accuracy"], m["loss"]
     assert model.training
     model.eval()
     with torch.no_grad():

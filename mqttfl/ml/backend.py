@@ -11,13 +11,14 @@ compute time per mini-batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from mqttfl.ml.data import BatchOrder, Dataset, DataSource
+from mqttfl.ml.data import BatchOrder, DataSource
 from mqttfl.ml.models import Part, build_model, load_model_state
 from mqttfl.ml.stage import LocalTrainer, Stage, evaluate, make_optimizer, micro_batches
 from mqttfl.protocol import stage as jobs
@@ -40,7 +41,7 @@ class _Session:
 
 
 class TorchBackend:
-    def __init__(self, node: str, *, data: DataSource | None = None, test: Dataset | None = None,
+    def __init__(self, node: str, *, data: DataSource | None = None, test: DataSource | None = None,
                  slowdown: float = 1.0, step_delay_s: float = 0.0) -> None:
         self.node = node
         self.data = data
@@ -80,9 +81,8 @@ class TorchBackend:
         model = build_model(plan.model, num_classes=plan.num_classes, input_shape=plan.input_shape)
         part = Part(model, job.start, job.stop)
         part.load_state(job.state)
-        opt = make_optimizer((p for _, p in part.named_parameters()), lr=plan.lr, momentum=plan.momentum,
-                             weight_decay=plan.weight_decay)
-        stage = Stage(part, opt)
+        opt = make_optimizer((p for _, p in part.named_parameters()), plan)
+        stage = Stage(part, opt, plan)
         if job.optimizer:
             stage.load_optimizer_state(job.optimizer)
         order = None
@@ -106,7 +106,7 @@ class TorchBackend:
         else:
             x, y = _tensor(job.x), _tensor(job.y)
         out = self._timed(s.stage.forward, (job.step, job.micro), x)
-        return jobs.Smashed(out.numpy(), y.numpy().astype(np.int64))
+        return jobs.Smashed(out.numpy(), y.numpy())
 
     def _backward(self, job: jobs.Backward) -> np.ndarray | None:
         s = self._session(job)
@@ -127,7 +127,7 @@ class TorchBackend:
     def _localbatch(self, job: jobs.LocalBatch) -> jobs.BatchStats:
         s = self._session(job)
         x, y = self._batch(s, job.step)
-        trainer = LocalTrainer(s.stage.part.module, s.stage.optimizer)
+        trainer = LocalTrainer(s.stage.part.module, s.stage.optimizer, s.plan)
         res = self._timed(trainer.train_batch, x, y, min(job.n_micro, len(x)))
         self._board_step()
         return jobs.BatchStats(res.loss_sum, res.correct, res.n)
@@ -144,7 +144,7 @@ class TorchBackend:
         self.sessions.pop(job.session, None)
 
     def _evaluate(self, job: jobs.Evaluate) -> jobs.EvalResult:
-        if self.test is None:
+        if self.test is None or len(self.test) == 0:
             return jobs.EvalResult(None, None)
         ref = job.model
         model = self._eval_models.get(ref)
@@ -152,5 +152,12 @@ class TorchBackend:
             model = self._eval_models[ref] = build_model(ref.model, num_classes=ref.num_classes,
                                                          input_shape=ref.input_shape)
         load_model_state(model, job.state)
-        acc, loss = evaluate(model, torch.from_numpy(self.test.x), torch.from_numpy(self.test.y))
-        return jobs.EvalResult(float(acc), float(loss), len(self.test))
+        test = self.test
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for i in range(0, len(test), 500):  # a memory-mapped test set is read one chunk at a time
+                x, y = test.batch(np.arange(i, min(i + 500, len(test))))
+                yield torch.from_numpy(x), torch.from_numpy(y)
+
+        m = evaluate(model, batches(), job.loss)
+        return jobs.EvalResult(m.get("accuracy"), m["loss"], len(test), m)

@@ -1,18 +1,16 @@
-"""Data sets, partitioners, shards and a resumable batch order (docs/design.md, "Data").
+"""Data sets, partitioners and a resumable batch order (docs/design.md, "Data").
 
-Only numpy is imported here: devices on small boards load their shard with ``load_shard`` and never pay for
-scikit-learn, which ``load_digits`` imports lazily. Everything is deterministic given its seed, because a run
-that migrates mid-training must replay exactly the batches a run that does not migrate would see
-(docs/design.md, "Round").
+Only numpy is imported here: devices on small boards never pay for scikit-learn, which ``load_digits`` imports
+lazily. Shards on disk are ``mqttfl.ml.shard``. Everything is deterministic given its seed, because a run that
+migrates mid-training must replay exactly the batches a run that does not migrate would see (docs/design.md,
+"Round").
 """
 
 from __future__ import annotations
 
 import math
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from os import PathLike
 from typing import Protocol
 
 import numpy as np
@@ -21,27 +19,26 @@ __all__ = [
     "BatchOrder",
     "DataSource",
     "Dataset",
+    "holdout",
     "label_histogram",
     "load_digits",
-    "load_shard",
-    "open_source",
     "partition_dirichlet",
     "partition_iid",
     "partition_imbalanced",
     "resize",
-    "save_shard",
+    "stratified_split",
     "synthetic_images",
 ]
 
 
 class DataSource(Protocol):
     """What a device reads its training batches through (docs/data.md): a sized, indexable set of
-    (input, label) rows. Today's implementation is an in-memory :class:`Dataset` read from an ``.npz`` shard."""
+    (input, label) rows: a memory-mapped shard (``mqttfl.ml.shard``) or an in-memory :class:`Dataset`."""
 
     def __len__(self) -> int: ...
 
     def batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``idx`` as (float32 inputs, int64 labels), in that order."""
+        """Rows ``idx`` as (float32 inputs, labels: int64 class indices or float32 targets), in that order."""
         ...
 
     def labels(self) -> np.ndarray:
@@ -51,7 +48,8 @@ class DataSource(Protocol):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs ``x`` (float32, N x C x H x W or N x D) and labels ``y`` (int64, N)."""
+    """Inputs ``x`` (float32, N x C x H x W or N x D) and labels ``y``: class indices (int64, N) or float
+    targets (float32, N x K: regression targets, or 0/1 per label for multi-label)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -59,12 +57,11 @@ class Dataset:
     def __post_init__(self) -> None:
         if self.x.dtype != np.float32:
             raise ValueError(f"Dataset.x must be float32, got {self.x.dtype}")
-        if self.y.dtype != np.int64:
-            raise ValueError(f"Dataset.y must be int64, got {self.y.dtype}")
-        if self.x.ndim < 2 or self.y.ndim != 1:
-            raise ValueError(
-                f"Dataset needs x with ndim >= 2 and 1-D y, got {self.x.shape} and {self.y.shape}"
-            )
+        if not ((self.y.dtype == np.int64 and self.y.ndim == 1) or (self.y.dtype == np.float32 and self.y.ndim == 2)):
+            raise ValueError(f"Dataset.y must be int64 (N,) class indices or float32 (N, K) targets, got "
+                             f"{self.y.dtype}{self.y.shape}")
+        if self.x.ndim < 2:
+            raise ValueError(f"Dataset needs x with ndim >= 2, got {self.x.shape}")
         if len(self.x) != len(self.y):
             raise ValueError(f"Dataset has {len(self.x)} inputs but {len(self.y)} labels")
 
@@ -114,7 +111,8 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices: ``test_fraction`` of every class held out, seeded; both sorted."""
     rng = np.random.default_rng(seed)
     train: list[np.ndarray] = []
     test: list[np.ndarray] = []
@@ -164,7 +162,7 @@ def load_digits(
     if (h, w) != (8, 8):
         images = resize(images, (h, w)).astype(np.float64)
     x = np.repeat(images[:, None, :, :], c, axis=1)
-    train_idx, test_idx = _stratified_split(y, test_fraction, seed)
+    train_idx, test_idx = stratified_split(y, test_fraction, seed)
     mean = x[train_idx].mean()
     std = x[train_idx].std()
     x = ((x - mean) / std).astype(np.float32)
@@ -264,6 +262,16 @@ def partition_imbalanced(
     return parts
 
 
+def holdout(n: int, fraction: float, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): a seeded random ``fraction`` of ``range(n)`` held out (at least one row when
+    ``fraction`` > 0 and n > 1), both sorted."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"a held-out fraction must be in [0, 1), got {fraction}")
+    n_out = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n > 1 else 0
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_out:]).astype(np.int64), np.sort(perm[:n_out]).astype(np.int64)
+
+
 def label_histogram(y: np.ndarray, num_classes: int | None = None) -> np.ndarray:
     """Count of each label 0..num_classes-1 (int64); by default up to the largest label present."""
     y = np.asarray(y)
@@ -272,41 +280,6 @@ def label_histogram(y: np.ndarray, num_classes: int | None = None) -> np.ndarray
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
     return np.bincount(y.astype(np.int64), minlength=num_classes).astype(np.int64)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Shards: what a device keeps on disk.
-
-
-def save_shard(path: str | PathLike[str], ds: Dataset) -> None:
-    """Write ``ds`` as an uncompressed .npz (x, y) at exactly ``path``."""
-    # A file object, because np.savez would append ".npz" to a path that lacks it.
-    with open(path, "wb") as f:
-        np.savez(f, x=ds.x, y=ds.y)
-
-
-def load_shard(path: str | PathLike[str]) -> Dataset:
-    """Read a shard written by ``save_shard``; anything else is a ValueError, pickles are never loaded."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if set(npz.files) != {"x", "y"}:
-                raise ValueError(f"shard {path} must hold exactly 'x' and 'y', has {sorted(npz.files)}")
-            x = npz["x"]
-            y = npz["y"]
-    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"not a valid mqttfl shard: {path}: {exc}") from exc
-    if x.dtype != np.float32 or y.dtype != np.int64:
-        raise ValueError(f"shard {path} needs float32 x and int64 y, got {x.dtype} and {y.dtype}")
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"shard {path} has inconsistent shapes x{x.shape} y{y.shape}")
-    if y.size and y.min() < 0:
-        raise ValueError(f"shard {path} has negative labels")
-    return Dataset(x, y)
-
-
-def open_source(path: str | PathLike[str]) -> DataSource:
-    """The data source a device trains from, by path (an ``.npz`` shard today)."""
-    return load_shard(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

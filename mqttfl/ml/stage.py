@@ -7,11 +7,12 @@ finishes the forward pass, computes the loss and back-propagates to its input. G
 way, each stage back-propagating the gradient it received through the graph it stashed at the forward.
 
 Split step = local step. A mini-batch of ``B`` samples may be cut into ``M`` micro-batches
-(:func:`micro_batches`, the one definition everybody uses). Each micro-batch's loss is
-``cross_entropy(logits, y, reduction="sum") / B``, so the gradients accumulated over the ``M`` micro-batches
-are exactly the gradient of the mini-batch mean loss, and every stage steps its optimizer once per
-mini-batch (the flush). The weights after split training therefore equal those of :class:`LocalTrainer` on
-the same batches with the same micro-batch cut, up to float rounding.
+(:func:`micro_batches`, the one definition everybody uses). Each micro-batch's loss is the sum of its samples'
+losses divided by ``B`` (:func:`loss_sum`), so the gradients accumulated over the ``M`` micro-batches are
+exactly the gradient of the mini-batch mean loss, and every stage steps its optimizer once per mini-batch (the
+flush). The optimizers (SGD, Adam, AdamW) and gradient clipping act on each parameter tensor on its own, so a
+stage's update does not depend on where the cut is. The weights after split training therefore equal those of
+:class:`LocalTrainer` on the same batches with the same micro-batch cut, up to float rounding.
 
 BatchNorm: in train mode BN normalises with the statistics of the tensor it sees, i.e. of one micro-batch.
 With ``M > 1`` a BN model (vgg5) is therefore *not* equivalent to ``M = 1``; its reference is gradient
@@ -24,7 +25,8 @@ once: either would silently train on stale graphs.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mqttfl.ml.models import Part
+from mqttfl.protocol.plan import TASKS, Training
 
 
 @dataclass(frozen=True)
@@ -56,29 +59,74 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, m: int) -> list[tuple[torch.
     return list(zip(torch.tensor_split(x, m), torch.tensor_split(y, m), strict=True))
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float = 0.01, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer | None:
-    """SGD with FedFly's defaults (lr 0.01, momentum 0.9); None for a stage without parameters.
+def make_optimizer(params: Iterable[torch.nn.Parameter], training: Training | None = None,
+                   **changes: Any) -> torch.optim.Optimizer | None:
+    """The stage optimizer a plan names (``optimizer``, ``lr``, ``momentum``, ...; ``changes`` override the
+    plan's values); None for a stage without parameters. Every stage and the unsplit reference build theirs here.
 
     ``foreach=False``: the fused multi-tensor path pulls torch's compiler machinery in on first use (over a
     second and ~80 MB on a small board) for no gain at these sizes."""
+    t = training or Training()
+    if changes:
+        t = replace(t, **changes)
     params = [p for p in params if p.requires_grad]
     if not params:
         return None
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=False)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
+                                foreach=False)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                 weight_decay=t.weight_decay, foreach=False)
+    if t.optimizer != "sgd":
+        raise ValueError(f"unknown optimizer {t.optimizer!r}")
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
+                           foreach=False)
 
 
-def _scaled_loss(logits: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    loss_sum = F.cross_entropy(logits, y, reduction="sum")
-    return loss_sum, loss_sum / batch_size
+def loss_sum(loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The sum over the samples of each sample's loss. Per sample, mse and bce_with_logits average over the
+    outputs, so ``loss_sum / n`` is torch's default ``reduction="mean"`` for every loss."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(out, y, reduction="sum")
+    width = out[0].numel() if len(out) else 1
+    target = y.to(out.dtype).reshape(out.shape)
+    if loss == "mse":
+        return F.mse_loss(out, target, reduction="sum") / width
+    if loss == "bce_with_logits":
+        return F.binary_cross_entropy_with_logits(out, target, reduction="sum") / width
+    raise ValueError(f"unknown loss {loss!r}")
 
 
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
-    return int((logits.detach().argmax(dim=1) == y).sum())
+def correct(loss: str, out: torch.Tensor, y: torch.Tensor) -> int:
+    """Samples predicted right: the arg-max class, or every label of a multi-label sample; 0 for regression."""
+    task = TASKS.get(loss)
+    if task == "classification":
+        return int((out.detach().argmax(dim=1) == y).sum())
+    if task == "multilabel":
+        return int(((out.detach() > 0) == (y.reshape(out.shape) > 0.5)).flatten(1).all(dim=1).sum())
+    return 0
 
 
-def _step(optimizer: torch.optim.Optimizer | None) -> None:
+def _clip(optimizer: torch.optim.Optimizer, t: Training) -> None:
+    # Per tensor (torch.nn.utils.clip_grad_norm_'s formula on each tensor alone): a tensor lives on one side of
+    # a cut, so a split model clips exactly as the unsplit one, which a global norm over all tensors could not.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if t.clip_value > 0:
+                p.grad.clamp_(-t.clip_value, t.clip_value)
+            if t.clip_norm > 0:
+                norm = float(p.grad.norm())
+                if norm > t.clip_norm:
+                    p.grad.mul_(t.clip_norm / (norm + 1e-6))
+
+
+def _step(optimizer: torch.optim.Optimizer | None, t: Training) -> None:
     if optimizer is not None:
+        if t.clip_value > 0 or t.clip_norm > 0:
+            _clip(optimizer, t)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -86,9 +134,10 @@ def _step(optimizer: torch.optim.Optimizer | None) -> None:
 class Stage:
     """Blocks ``[start, stop)`` with their optimizer; forward and backward by micro-batch key."""
 
-    def __init__(self, part: Part, optimizer: torch.optim.Optimizer | None) -> None:
+    def __init__(self, part: Part, optimizer: torch.optim.Optimizer | None, training: Training | None = None) -> None:
         self.part = part
         self.optimizer = optimizer
+        self.training = training or Training()  # the loss and the clipping this stage trains with
         self._stash: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (input, output)
         self.peak_stash = 0
 
@@ -132,17 +181,17 @@ class Stage:
             raise ValueError(f"{len(x)} activations but {len(y)} labels")
         self.part.module.train()
         a = x.detach().requires_grad_(True)
-        logits = self.part.module(a)
-        loss_sum, loss = _scaled_loss(logits, y, batch_size)
-        loss.backward()
+        out = self.part.module(a)
+        total = loss_sum(self.training.loss, out, y)
+        (total / batch_size).backward()
         assert a.grad is not None  # the loss always depends on its input
-        return a.grad, StepResult(float(loss_sum.detach()), _correct(logits, y), len(y))
+        return a.grad, StepResult(float(total.detach()), correct(self.training.loss, out, y), len(y))
 
     def step(self) -> None:
         """One optimizer step for the mini-batch (flush), then clear the grads."""
         if self._stash:
             raise RuntimeError(f"step() with {len(self._stash)} micro-batch(es) still in flight")
-        _step(self.optimizer)
+        _step(self.optimizer, self.training)
 
     # ------------------------------------------------------------------ state
     def optimizer_state(self) -> dict[str, np.ndarray]:
@@ -152,6 +201,7 @@ class Stage:
             return out
         for name, p in self.part.named_parameters():
             for state_name, value in self.optimizer.state.get(p, {}).items():
+                # Tensors (momentum, Adam's moments) and Adam's scalar step, which a migration must carry too.
                 if isinstance(value, torch.Tensor):
                     out[f"{name}|{state_name}"] = value.detach().to(torch.float32).numpy().copy()
         return out
@@ -171,41 +221,64 @@ class Stage:
 class LocalTrainer:
     """Unsplit training with the same micro-batch cut: classic FL (cut = end) and the reference for tests."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 training: Training | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.training = training or Training()
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1) -> StepResult:
         self.model.train()
         batch = len(x)
-        loss_total, correct = 0.0, 0
+        loss_total, right = 0.0, 0
         for xm, ym in _cut(x, y, micro_batches):
-            logits = self.model(xm)
-            loss_sum, loss = _scaled_loss(logits, ym, batch)
-            loss.backward()
-            loss_total += float(loss_sum.detach())
-            correct += _correct(logits, ym)
-        _step(self.optimizer)
-        return StepResult(loss_total, correct, batch)
+            out = self.model(xm)
+            total = loss_sum(self.training.loss, out, ym)
+            (total / batch).backward()
+            loss_total += float(total.detach())
+            right += correct(self.training.loss, out, ym)
+        _step(self.optimizer, self.training)
+        return StepResult(loss_total, right, batch)
 
 
 _cut = micro_batches  # LocalTrainer.train_batch's parameter shadows the function name
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) in eval mode; the model's train/eval mode is restored afterwards."""
-    if len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"need matching non-empty inputs and labels, got {len(x)} and {len(y)}")
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             loss: str = "cross_entropy") -> dict[str, float]:
+    """The task's metrics over ``batches`` in eval mode (the model's mode is restored afterwards):
+    classification accuracy and loss; regression loss, mse and mae; multi-label loss, accuracy (per label)
+    and exact_match (every label of a sample right). ``loss`` is the mean of the training loss."""
+    task = TASKS.get(loss)
+    if task is None:
+        raise ValueError(f"unknown loss {loss!r}")
     was_training = model.training
     model.eval()
-    loss_total, correct = 0.0, 0
+    n, loss_total, right, abs_err, sq_err, label_right, labels = 0, 0.0, 0, 0.0, 0.0, 0, 0
     try:
         with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-                logits = model(xb)
-                loss_total += float(F.cross_entropy(logits, yb, reduction="sum"))
-                correct += _correct(logits, yb)
+            for xb, yb in batches:
+                out = model(xb)
+                n += len(xb)
+                loss_total += float(loss_sum(loss, out, yb))
+                right += correct(loss, out, yb)
+                if task == "regression":
+                    err = out - yb.to(out.dtype).reshape(out.shape)
+                    width = out[0].numel()
+                    abs_err += float(err.abs().sum()) / width
+                    sq_err += float((err * err).sum()) / width
+                elif task == "multilabel":
+                    label_right += int(((out > 0) == (yb.reshape(out.shape) > 0.5)).sum())
+                    labels += out.numel()
     finally:
         model.train(was_training)
-    return correct / len(x), loss_total / len(x)
+    if n == 0:
+        raise ValueError("nothing to evaluate")
+    metrics = {"loss": loss_total / n}
+    if task == "classification":
+        metrics["accuracy"] = right / n
+    elif task == "regression":
+        metrics.update(mse=sq_err / n, mae=abs_err / n)
+    else:
+        metrics.update(accuracy=label_right / labels, exact_match=right / n)
+    return metrics

@@ -55,7 +55,8 @@ class EdgeCheckpoint:
     def tensors(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {"rng": np.ascontiguousarray(self.rng, dtype=np.uint8)}
         for prefix, group in zip(_GROUPS, (self.weights, self.optimizer, self.base), strict=True):
-            out.update({f"{prefix}/{k}": np.ascontiguousarray(v) for k, v in group.items()})
+            # np.asarray, not ascontiguousarray: that one turns Adam's 0-d step into shape (1,).
+            out.update({f"{prefix}/{k}": np.asarray(v, order="C") for k, v in group.items()})
         return out
 
     def to_message(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -74,7 +75,7 @@ class EdgeCheckpoint:
 def digest(tensors: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.asarray(tensors[name], order="C")
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
         h.update(arr.tobytes())
     return h.hexdigest()

@@ -9,6 +9,14 @@ runs while the edge and the network handle the previous one. Each forward's acti
 device re-sends them, and the edge answers a re-sent micro-batch from its cache (exactly-once effect). The
 optimizer steps once per mini-batch. At the end the device sends its part's delta (reliable) and is idle.
 
+Joining a run: every round's plan names the cloud's model fingerprint. The device builds the plan's model itself
+and refuses a round whose model differs from the cloud's (naming the first differing tensor) or that its labels
+cannot train (integer classes beyond ``num_classes``, targets of another width); the refusal goes on ``event``
+and into the device's status, where the cloud reads it and leaves the device out of the run.
+
+Federated evaluation: an ``EvaluateModel`` from the edge is evaluated on the device's held-out split (an
+``Evaluate`` job, run between training jobs if a round is under way) and reported to the cloud (reliable).
+
 A move (FedFly) happens at a mini-batch boundary, when no gradient is in flight:
 
     MIGRATING: expect -> dest, freeze -> source
@@ -24,6 +32,7 @@ Every effect is returned, never performed: the runtime sends, times and trains (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +68,8 @@ from mqttfl.protocol.messages import (
     Activations,
     Ckpt,
     DeviceUpdate,
+    EvalReport,
+    EvaluateModel,
     Expect,
     Freeze,
     Frozen,
@@ -74,9 +85,9 @@ from mqttfl.protocol.messages import (
     TrainRound,
     Transfer,
 )
-from mqttfl.protocol.plan import Plan, batches_per_epoch, round_steps
+from mqttfl.protocol.plan import LabelFormat, Plan, batches_per_epoch, round_steps
 from mqttfl.protocol.schedule import Action, one_f_one_b
-from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
+from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch
 from mqttfl.protocol.status import NodeState
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
@@ -127,14 +138,20 @@ class DeviceMachine:
     """See the module docstring. ``n_samples`` is the size of the local shard (the data stays in the runtime)."""
 
     def __init__(self, node: str, *, edge: str, n_samples: int, schemas: SchemaSource, cloud: str = "cloud",
-                 cut: int | None = None, labels: list[int] | None = None, act_timeout_s: float = 10.0,
-                 migrate_timeout_s: float = 10.0, id_prefix: str = "0") -> None:
+                 cut: int | None = None, labels: list[int] | None = None, label_format: LabelFormat | None = None,
+                 eval_samples: int = 0, act_timeout_s: float = 10.0, migrate_timeout_s: float = 10.0,
+                 id_prefix: str = "0") -> None:
         check_id(edge, "edge")
         self.node, self.edge, self.cloud = node, edge, cloud
         self.n_samples = n_samples
         self.schemas = schemas
         self.cut_pref = cut
         self.labels = labels
+        self.label_format = label_format  # what the local labels are: checked against every plan
+        self.eval_samples = eval_samples  # the held-out split for federated evaluation
+        self.refused: tuple[str, str] | None = None  # (run, reason) of the last plan refused
+        self.eval_jobs: dict[stage.Job, Plan] = {}
+        self.evaluated: list[tuple[str, int]] = []  # (run, round) of models evaluated, against re-deliveries
         self.act_timeout_s = act_timeout_s
         self.migrate_timeout_s = migrate_timeout_s
         self.round: DeviceRound | None = None
@@ -156,6 +173,8 @@ class DeviceMachine:
     def presence(self) -> dict[str, Any]:
         status: dict[str, Any] = {"edge": self.edge, "samples": self.n_samples,
                                   "cut": -1 if self.cut_pref is None else self.cut_pref}
+        if self.eval_samples:
+            status["eval_samples"] = self.eval_samples
         if self.labels is not None:
             # Eco-FL grouping uses the label mix; a device may keep it to itself (share_labels = false).
             status["labels"] = list(self.labels)
@@ -214,6 +233,8 @@ class DeviceMachine:
             self._on_grad(ev, msg, now)
         elif isinstance(msg, Ckpt):
             self._on_ckpt(ev, msg, now)
+        elif isinstance(msg, EvaluateModel):
+            self._on_evaluate(ev, msg)
         else:
             self._do(Drop("unexpected", f"{msg.kind}/{msg.op} is not for a device", ev.src))
 
@@ -226,8 +247,14 @@ class DeviceMachine:
             return
         if plan.key in self.done_keys or (r is not None and plan.key == r.plan.key):
             return  # a re-delivered announcement of a round we run or finished
+        schema = self._compatible(plan, msg.schema)
+        if schema is None:
+            # Nothing to report for this round: the edge closes our session instead of waiting for its deadline.
+            self._send(ev.src, DeviceUpdate(run=plan.run, round=plan.round, report=Report(samples=0,
+                                                                                        attempt=plan.attempt),
+                                            delta={}), reliable=True)
+            return
         try:
-            schema = self.schemas(plan.model_ref)
             if not 1 <= msg.cut <= schema.n_blocks:
                 raise ProtocolError("bad_plan", f"cut {msg.cut} outside 1..{schema.n_blocks}")
             state = check_state(msg.state, schema.specs(0, msg.cut), "device model")
@@ -250,6 +277,34 @@ class DeviceMachine:
         self.previous_edge = None
         self._start_round(msg, state, schema, ev.transit_s, now)
 
+    def _compatible(self, plan: Plan, cloud_schema: Any) -> ModelSchema | None:
+        """The plan's model as this device builds it, or None after refusing the plan: another architecture than
+        the cloud's (by fingerprint), or labels the plan cannot train."""
+        event, fingerprint = "model_mismatch", ""
+        try:
+            schema = self.schemas(plan.model_ref)
+        except Exception as e:  # a user's model that does not build here: another version, or not installed
+            reason = f"cannot build model {plan.model!r}: {type(e).__name__}: {e}"
+        else:
+            fingerprint = schema.fingerprint
+            problem = self.label_format.problem(plan) if self.label_format is not None else None
+            differs = mismatch(schema, plan.fingerprint, plan.model, cloud_schema)
+            if differs is not None:
+                reason = differs
+            elif problem is not None:
+                event, reason = "data_mismatch", f"local data cannot train this run: {problem}"
+            else:
+                return schema
+        if self.refused != (plan.run, reason):
+            self.refused = (plan.run, reason)
+            info = {"run": plan.run, "round": plan.round, "reason": reason, "fingerprint": fingerprint,
+                    "expected": plan.fingerprint}
+            self._do(Emit(event, "error", info), Log("error", "plan refused", info),
+                     SetStatus(NodeState.IDLE if self.round is None else NodeState.TRAINING,
+                               {"edge": self.edge, "fingerprint": fingerprint,
+                                "refused": {"run": plan.run, "reason": reason[:500]}}))
+        return None
+
     def _start_round(self, msg: TrainRound, state: dict[str, np.ndarray], schema: ModelSchema, t_download: float,
                      now: float) -> None:
         plan = msg.plan
@@ -260,12 +315,16 @@ class DeviceMachine:
             plan=plan, cut=msg.cut, local=msg.cut == schema.n_blocks, base=state, session=self._new_id("r"),
             started=now, first_start=first, t_download=t_download, total=round_steps(self.n_samples, plan),
             down=Downstream(self.act_timeout_s))
-        self._status(NodeState.TRAINING, round=plan.round, run=plan.run)
+        self.refused = None
+        self._status(NodeState.TRAINING, round=plan.round, run=plan.run, fingerprint=schema.fingerprint, refused=None)
         self._do(Log("info", "round start", {"round": plan.round, "cut": msg.cut, "steps": r.total}))
         self._run(stage.Measure(r.session))
 
     # ------------------------------------------------------------------ jobs
     def _on_job(self, ev: JobDone, now: float) -> None:
+        if ev.job in self.eval_jobs:
+            self._evaluated(ev)
+            return
         r = self.round
         if r is None or ev.job is not r.waiting:
             return  # the result of a job of an aborted round
@@ -540,6 +599,42 @@ class DeviceMachine:
             "device": self.node, "source": source, "destination": dest, "migration": mid, "reason": reason,
             "action": "restart the round at the destination from the global model"}))
         self._abort(now, "source edge gone; restarting the round at the destination")
+
+    # ------------------------------------------------------------------ federated evaluation
+    def _on_evaluate(self, ev: Received, msg: EvaluateModel) -> None:
+        if ev.src not in (self.edge, self.previous_edge):
+            self._do(Drop("unknown_sender", f"model from {ev.src}, attached to {self.edge}", ev.src))
+            return
+        plan = msg.plan
+        if (plan.run, plan.round) in self.evaluated or any(p.key == plan.key for p in self.eval_jobs.values()):
+            return  # re-delivered
+        if not self.eval_samples:
+            self._do(Drop("no_eval_data", "asked to evaluate, but this device has no eval_data", ev.src))
+            return
+        schema = self._compatible(plan, msg.schema)
+        if schema is None:
+            return
+        try:
+            state = check_state(msg.state, schema.specs(), "evaluated model")
+        except ProtocolError as e:
+            self._do(Drop(e.code, str(e), ev.src))
+            return
+        self._ids += 1
+        job = stage.Evaluate(f"eval{self._id_prefix}.{self._ids}", plan.model_ref, state, plan.loss)
+        self.eval_jobs[job] = plan
+        self._do(Run(job))
+
+    def _evaluated(self, ev: JobDone) -> None:
+        plan = self.eval_jobs.pop(ev.job)
+        self.evaluated = (self.evaluated + [(plan.run, plan.round)])[-8:]
+        res: stage.EvalResult | None = ev.result
+        if ev.error is not None or res is None or not res.n:
+            self._do(Emit("evaluation_failed", "error", {"run": plan.run, "round": plan.round,
+                                                         "error": (ev.error or "no held-out data")[:300]}))
+            return
+        metrics = {k: float(v) for k, v in res.metrics.items() if math.isfinite(v) and v >= 0}
+        self._send(self.cloud, EvalReport(run=plan.run, round=plan.round, n=res.n, metrics=metrics), reliable=True)
+        self._do(Log("info", "evaluated", {"round": plan.round, "n": res.n, **metrics}))
 
     # ------------------------------------------------------------------ commands
     def _on_command(self, ev: Command, now: float) -> None:

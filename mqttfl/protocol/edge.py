@@ -11,6 +11,11 @@ once per device mini-batch. When every device of the round has sent its delta (o
 of its devices' full-model deltas, so the cloud's weighted mean over edges is flat FedAvg over devices.
 Several rounds may be open at once (asynchronous groups); a device is in at most one.
 
+The edge builds every plan's model itself and refuses a round (or an evaluation) whose model differs from the
+cloud's fingerprint, naming the first differing tensor on ``event`` and in its status; the cloud then leaves the
+edge's devices out of the run. Federated evaluation: an ``OpenEval`` is passed on to each named device with
+the whole global model; the devices report to the cloud themselves.
+
 Migration, at this edge as source: ``freeze`` snapshots the session at a mini-batch boundary and sends the
 checkpoint to the destination (``direct``) or the device (``relay``); ``release`` forgets it, ``abort``
 unfreezes it. As destination: ``expect`` names the only source whose checkpoint is accepted for that move
@@ -56,6 +61,7 @@ from mqttfl.protocol.messages import (
     Activations,
     DeviceUpdate,
     EdgeUpdate,
+    EvaluateModel,
     Expect,
     Freeze,
     Frozen,
@@ -63,6 +69,7 @@ from mqttfl.protocol.messages import (
     Leave,
     MovePath,
     Nothing,
+    OpenEval,
     OpenRound,
     Ready,
     Refused,
@@ -73,7 +80,7 @@ from mqttfl.protocol.messages import (
     Transfer,
 )
 from mqttfl.protocol.plan import Plan
-from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
+from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch
 from mqttfl.protocol.status import NodeState
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
@@ -126,6 +133,7 @@ class EdgeMachine:
         # it), so a checkpoint from any other sender is refused. Bounded: oldest forgotten first.
         self.expected_transfers: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._jobs: dict[stage.Job, tuple[str, Any]] = {}  # job -> (what, context) for results we act on
+        self.refused: tuple[str, str] | None = None  # (run, reason) of the last plan refused
         self._ids = 0
         self._id_prefix = id_prefix
         self._fx: list[Effect] = []
@@ -188,7 +196,8 @@ class EdgeMachine:
     def _on_message(self, ev: Received, now: float) -> None:
         msg = ev.msg
         handlers: dict[type, Callable[[Received, Any, float], None]] = {
-            OpenRound: self._on_open_round, Activations: self._on_act, DeviceUpdate: self._on_device_update,
+            OpenRound: self._on_open_round, OpenEval: self._on_open_eval, Activations: self._on_act,
+            DeviceUpdate: self._on_device_update,
             Freeze: self._on_freeze, Transfer: self._on_transfer, Expect: self._on_expect,
             Release: self._on_release, Leave: self._on_leave, Abort: self._on_abort,
         }
@@ -199,13 +208,58 @@ class EdgeMachine:
         handler(ev, msg, now)
 
     # ------------------------------------------------------------------ round start
+    def _schema(self, plan: Plan, cloud_schema: Any) -> ModelSchema | None:
+        """The plan's model as this edge builds it, or None after refusing a plan whose model is not the cloud's
+        (reported on ``event`` and in the status, where the cloud reads it)."""
+        fingerprint = ""
+        try:
+            schema = self.schemas(plan.model_ref)
+        except Exception as e:  # a user's model that does not build here: another version, or not installed
+            reason = f"cannot build model {plan.model!r}: {type(e).__name__}: {e}"
+        else:
+            fingerprint = schema.fingerprint
+            differs = mismatch(schema, plan.fingerprint, plan.model, cloud_schema)
+            if differs is None:
+                if self.refused is not None:
+                    self.refused = None
+                    self._do(SetStatus(NodeState.IDLE if not self.rounds else NodeState.TRAINING,
+                                       {"refused": None, "fingerprint": fingerprint}))
+                return schema
+            reason = differs
+        if self.refused != (plan.run, reason):
+            self.refused = (plan.run, reason)
+            info = {"run": plan.run, "round": plan.round, "reason": reason, "fingerprint": fingerprint,
+                    "expected": plan.fingerprint}
+            self._do(Emit("model_mismatch", "error", info), Log("error", "plan refused", info),
+                     SetStatus(NodeState.IDLE if not self.rounds else NodeState.TRAINING,
+                               {"fingerprint": fingerprint, "refused": {"run": plan.run, "reason": reason[:500]}}))
+        return None
+
+    def _on_open_eval(self, ev: Received, msg: OpenEval, now: float) -> None:
+        if ev.src != self.cloud:
+            self._drop("unknown_sender", f"model from {ev.src}", ev.src)
+            return
+        schema = self._schema(msg.plan, msg.schema)
+        if schema is None:
+            return
+        try:
+            state = check_state(msg.state, schema.specs(), "evaluated model")
+        except ProtocolError as e:
+            self._drop(e.code, str(e), ev.src)
+            return
+        for device in msg.devices:
+            self._do(Send(device, EvaluateModel(run=msg.plan.run, round=msg.plan.round, plan=msg.plan, edge=self.node,
+                                                state=state, schema=msg.schema)))
+
     def _on_open_round(self, ev: Received, msg: OpenRound, now: float) -> None:
         if ev.src != self.cloud:
             self._drop("unknown_sender", f"model from {ev.src}", ev.src)
             return
         plan = msg.plan
+        schema = self._schema(plan, msg.schema)
+        if schema is None:
+            return
         try:
-            schema = self.schemas(plan.model_ref)
             for d, c in msg.cuts.items():
                 if not 1 <= c <= schema.n_blocks:
                     raise ProtocolError("bad_plan", f"cut {c} for {d} outside 1..{schema.n_blocks}")
@@ -236,7 +290,7 @@ class EdgeMachine:
             r.sessions[device] = self._open_session(plan, device, cut, r.global_state, schema)
             dev_keys = schema.keys(0, cut)
             self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
-                                             state={k: r.global_state[k] for k in dev_keys})))
+                                             state={k: r.global_state[k] for k in dev_keys}, schema=msg.schema)))
         self._set_status()
         if not devices:
             self._finish_round(r, now)
@@ -323,6 +377,11 @@ class EdgeMachine:
             return
         if s.closing is not None:
             return  # the same delta again while we fetch the stage's weights; the first one is acked
+        if msg.report.samples == 0 and not msg.delta:
+            # The device declined the round (it refused the plan): it is missing, and nobody waits for it.
+            self._close(s)
+            self._device_done(r, s, ev, msg, {}, now)
+            return
         try:
             schema = self.schemas(r.plan.model_ref)
             check_state(msg.delta, schema.specs(0, s.cut), f"delta of {ev.src}")
@@ -338,7 +397,8 @@ class EdgeMachine:
     def _device_done(self, r: EdgeRound, s: Session, ev: Received, msg: DeviceUpdate,
                      edge_weights: dict[str, np.ndarray], now: float) -> None:
         full = {k: np.array(v, dtype=np.float32) for k, v in msg.delta.items()}
-        full.update(delta({k: edge_weights[k] for k in s.base}, s.base))
+        if edge_weights:
+            full.update(delta({k: edge_weights[k] for k in s.base}, s.base))
         s.delta = full
         s.report = replace(msg.report, t_upload=ev.transit_s, edge_steps=s.steps)
         s.closing = None
@@ -445,6 +505,9 @@ class EdgeMachine:
         try:
             plan = Plan.from_body(msg.checkpoint.get("plan"))
             schema = self.schemas(plan.model_ref)
+            if plan.fingerprint and schema.fingerprint != plan.fingerprint:
+                raise CheckpointError("model_mismatch", f"model {plan.model!r} differs here (fingerprint "
+                                                        f"{schema.fingerprint}, checkpoint's {plan.fingerprint})")
             cut = msg.checkpoint.get("cut")
             if not isinstance(cut, int) or not 0 < cut < schema.n_blocks:
                 raise CheckpointError("bad_field", f"cut {cut!r} has no edge-side state")
@@ -525,16 +588,25 @@ class EdgeMachine:
 
 
 def check_activation(msg: Activations, shape: tuple[int, ...], plan: Plan) -> None:
+    """Smashed activations and labels fit the plan: classes in 0..num_classes-1 (cross_entropy), or num_classes
+    finite targets per sample (mse; in [0, 1] for bce_with_logits)."""
     x, y = msg.x, msg.y
     if x.dtype != np.float32:
         raise ProtocolError("bad_dtype", f"activations must be float32, got {x.dtype}")
     if tuple(x.shape[1:]) != tuple(shape):
         raise ProtocolError("bad_shape", f"activations {tuple(x.shape)}, expected (n, *{shape})")
-    if y.dtype != np.int64 or y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ProtocolError("bad_shape", f"labels {y.dtype}{y.shape} do not match {x.shape[0]} rows")
     if not np.isfinite(x).all():
         raise ProtocolError("non_finite", "activations have NaN/Inf")
     if not 0 < x.shape[0] <= msg.batch_size <= plan.batch_size:
         raise ProtocolError("bad_shape", f"{x.shape[0]} rows outside 1..{msg.batch_size} (plan {plan.batch_size})")
-    if y.size and (y.min() < 0 or y.max() >= plan.num_classes):
-        raise ProtocolError("bad_labels", f"labels outside 0..{plan.num_classes - 1}")
+    if plan.task == "classification":
+        if y.dtype != np.int64 or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ProtocolError("bad_shape", f"labels {y.dtype}{y.shape} do not match {x.shape[0]} rows")
+        if y.size and (y.min() < 0 or y.max() >= plan.num_classes):
+            raise ProtocolError("bad_labels", f"labels outside 0..{plan.num_classes - 1}")
+        return
+    if y.dtype != np.float32 or tuple(y.shape) != (x.shape[0], plan.num_classes):
+        raise ProtocolError("bad_shape", f"targets {y.dtype}{y.shape}, expected float32({x.shape[0]}, "
+                                         f"{plan.num_classes})")
+    if not np.isfinite(y).all() or (plan.task == "multilabel" and y.size and (y.min() < 0 or y.max() > 1)):
+        raise ProtocolError("bad_labels", "targets must be finite (and in [0, 1] for bce_with_logits)")

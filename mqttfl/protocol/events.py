@@ -126,6 +126,18 @@ class RunLog:
 
 
 @dataclass(frozen=True, eq=False)
+class SaveModel:
+    """Keep this global model of a run (the cloud after each round): the runtime keeps the last few of each run
+    and, with ``best``, that one as the run's best (docs/operations.md, "Runs")."""
+
+    run: str
+    round: int
+    state: dict[str, Any]
+    info: dict[str, Any]  # the model reference, task and the metrics the cloud measured
+    best: bool = False
+
+
+@dataclass(frozen=True, eq=False)
 class SetStatus:
     state: str
     fields: dict[str, Any] = field(default_factory=dict)
@@ -189,8 +201,8 @@ class SendCommand:
     args: dict[str, Any]
 
 
-Effect = (Send | Ack | SetTimer | CancelTimer | Run | Persist | RunLog | SetStatus | Emit | Metrics | Drop | Count
-          | Reply | Log | SendCommand)
+Effect = (Send | Ack | SetTimer | CancelTimer | Run | Persist | RunLog | SaveModel | SetStatus | Emit | Metrics | Drop
+          | Count | Reply | Log | SendCommand)
 
 
 class CommandError(Exception):

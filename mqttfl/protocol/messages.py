@@ -30,9 +30,15 @@ import numpy as np
 
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.plan import Plan
+from mqttfl.protocol.schema import parse_description
 from mqttfl.wire.topics import TopicError, validate_id
 
 State = dict[str, np.ndarray]
+Description = tuple[tuple[int, str, tuple[int, ...], str], ...]  # ModelSchema.describe(), checked
+
+
+def _rows(d: Description) -> list[list[Any]]:
+    return [[b, k, list(shape), dtype] for b, k, shape, dtype in d]
 
 
 class CkptOp(StrEnum):
@@ -168,7 +174,8 @@ class RoundTag:
 
 @dataclass(frozen=True, kw_only=True)
 class OpenRound(Message):
-    """cloud -> edge: a round with these devices (and their cuts) from this global model."""
+    """cloud -> edge: a round with these devices (and their cuts) from this global model. ``schema``: the
+    cloud's description of the model, so that a node whose own build differs names the difference."""
 
     kind: ClassVar[str] = "model"
     op: ClassVar[str] = "round"
@@ -176,10 +183,11 @@ class OpenRound(Message):
     cuts: dict[str, int]
     state: State
     tag: RoundTag | None = None
+    schema: Description = ()
 
     def body(self) -> dict[str, Any]:
         return {"plan": self.plan.to_body(), "devices": {d: {"cut": c} for d, c in self.cuts.items()},
-                "tag": self.tag.to_body() if self.tag else None}
+                "tag": self.tag.to_body() if self.tag else None, "schema": _rows(self.schema)}
 
     def tensors(self) -> State:
         return dict(self.state)
@@ -195,7 +203,7 @@ class OpenRound(Message):
             validated = id_field({"d": d}, "d")
             cuts[validated] = int_field(c if isinstance(c, Mapping) else {}, "cut", low=1)
         return cls(run=run, round=round, plan=plan, cuts=cuts, state=dict(tensors),
-                   tag=RoundTag.from_body(body.get("tag")))
+                   tag=RoundTag.from_body(body.get("tag")), schema=parse_description(body.get("schema", [])))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,9 +216,10 @@ class TrainRound(Message):
     cut: int
     edge: str
     state: State
+    schema: Description = ()  # the cloud's, passed on by the edge
 
     def body(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_body(), "cut": self.cut, "edge": self.edge}
+        return {"plan": self.plan.to_body(), "cut": self.cut, "edge": self.edge, "schema": _rows(self.schema)}
 
     def tensors(self) -> State:
         return dict(self.state)
@@ -218,7 +227,7 @@ class TrainRound(Message):
     @classmethod
     def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> TrainRound:
         return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")), cut=int_field(body, "cut", low=1),
-                   edge=id_field(body, "edge"), state=dict(tensors))
+                   edge=id_field(body, "edge"), state=dict(tensors), schema=parse_description(body.get("schema", [])))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,6 +331,83 @@ class Report:
         if "samples" not in kw:
             raise ProtocolError("bad_field", "report lacks 'samples'")
         return cls(**kw)
+
+
+# ------------------------------------------------------------------------------------------------ federated evaluation
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenEval(Message):
+    """cloud -> edge: have these devices evaluate the global model of ``plan.round`` on their held-out split."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "eval"
+    plan: Plan
+    devices: tuple[str, ...]
+    state: State
+    schema: Description = ()
+
+    def body(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_body(), "devices": list(self.devices), "schema": _rows(self.schema)}
+
+    def tensors(self) -> State:
+        return dict(self.state)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> OpenEval:
+        devices = _get(body, "devices")
+        if not isinstance(devices, list):
+            raise ProtocolError("bad_field", "devices must be a list")
+        return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")),
+                   devices=tuple(id_field({"d": d}, "d") for d in devices), state=dict(tensors),
+                   schema=parse_description(body.get("schema", [])))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateModel(Message):
+    """edge -> device: evaluate this (whole) global model on your held-out split and tell the cloud."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "evaluate"
+    plan: Plan
+    edge: str
+    state: State
+    schema: Description = ()
+
+    def body(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_body(), "edge": self.edge, "schema": _rows(self.schema)}
+
+    def tensors(self) -> State:
+        return dict(self.state)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> EvaluateModel:
+        return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")), edge=id_field(body, "edge"),
+                   state=dict(tensors), schema=parse_description(body.get("schema", [])))
+
+
+MAX_METRICS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalReport(Message):
+    """device -> cloud: the task's metrics of the global model on ``n`` held-out samples of this device."""
+
+    kind: ClassVar[str] = "delta"
+    op: ClassVar[str] = "eval"
+    n: int
+    metrics: dict[str, float]
+
+    def body(self) -> dict[str, Any]:
+        return {"n": self.n, "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> EvalReport:
+        metrics = _get(body, "metrics")
+        if not isinstance(metrics, Mapping) or len(metrics) > MAX_METRICS:
+            raise ProtocolError("bad_field", "metrics must be a small map of names to numbers")
+        checked = {str_field({"k": k}, "k", max_len=32): float_field(metrics, k) for k in metrics}
+        return cls(run=run, round=round, n=int_field(body, "n", low=1), metrics=checked)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -542,7 +628,7 @@ class Restart(Ckpt):
 MESSAGES: dict[tuple[str, str], type[Message]] = {
     (c.kind, str(c.op)): c
     for c in (OpenRound, TrainRound, Activations, Gradients, DeviceUpdate, EdgeUpdate, Expect, Freeze, Frozen,
-              Transfer, Ready, Release, Abort, Leave, Nothing, Refused, Restart)
+              Transfer, Ready, Release, Abort, Leave, Nothing, Refused, Restart, OpenEval, EvaluateModel, EvalReport)
 }
 
 

@@ -16,24 +16,54 @@ from typing import Any
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.schema import ModelRef
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+# The loss names the task: what the labels are, and which metrics the cloud reports (docs/models.md, "Tasks").
+TASKS = {"cross_entropy": "classification", "mse": "regression", "bce_with_logits": "multilabel"}
+# The metric that names a run's best model, and whether higher is better.
+BEST_METRIC = {"classification": ("accuracy", True), "regression": ("mse", False), "multilabel": ("accuracy", True)}
+LR_SCHEDULES = ("constant", "step", "exponential", "cosine")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Training:
     model: str = field(default="vgg5", metadata={"doc": (
-        "the model: vgg5, cnn, mlp, or a user's module:function (docs/models.md)")})
+        "the model: vgg5, cnn, mlp, a user's module:function or an entry point of mqttfl.models (docs/models.md)")})
     input_shape: tuple[int, ...] = field(default=(3, 32, 32), metadata={"doc": (
         "shape of one input sample, e.g. [3, 32, 32] or [64]")})
-    num_classes: int = field(default=10, metadata={"doc": "number of classes (the model's output size)"})
-    lr: float = field(default=0.01, metadata={"doc": "learning rate of local SGD (device and edge stages)"})
-    momentum: float = field(default=0.9, metadata={"doc": "SGD momentum"})
-    weight_decay: float = field(default=0.0, metadata={"doc": "SGD weight decay"})
+    num_classes: int = field(default=10, metadata={"doc": (
+        "the model's output size: classes (cross_entropy), targets (mse) or labels (bce_with_logits)")})
+    loss: str = field(default="cross_entropy", metadata={"doc": (
+        "cross_entropy (classification: integer labels), mse (regression: float targets) or bce_with_logits "
+        "(multi-label: 0/1 per label); it sets the metrics the cloud reports")})
+    optimizer: str = field(default="sgd", metadata={"doc": "local optimizer of every stage: sgd, adam or adamw"})
+    lr: float = field(default=0.01, metadata={"doc": (
+        "learning rate of the local optimizer (device and edge stages); the schedule starts from it")})
+    momentum: float = field(default=0.9, metadata={"doc": "sgd: momentum"})
+    nesterov: bool = field(default=False, metadata={"doc": "sgd: Nesterov momentum (needs momentum > 0)"})
+    weight_decay: float = field(default=0.0, metadata={"doc": (
+        "L2 penalty (sgd, adam) or decoupled weight decay (adamw)")})
+    beta1: float = field(default=0.9, metadata={"doc": "adam, adamw: decay of the first moment"})
+    beta2: float = field(default=0.999, metadata={"doc": "adam, adamw: decay of the second moment"})
+    eps: float = field(default=1e-8, metadata={"doc": "adam, adamw: term added to the denominator"})
+    lr_schedule: str = field(default="constant", metadata={"doc": (
+        "learning rate per round: constant, step (x lr_gamma every lr_step_rounds), exponential (x lr_gamma "
+        "each round) or cosine (from lr to lr_min over the run's rounds, or versions in async mode)")})
+    lr_gamma: float = field(default=0.1, metadata={"doc": "step and exponential schedules: the decay factor"})
+    lr_step_rounds: int = field(default=10, metadata={"doc": "step schedule: rounds between two decays"})
+    lr_min: float = field(default=0.0, metadata={"doc": "cosine schedule: the learning rate it ends near"})
+    clip_norm: float = field(default=0.0, metadata={"doc": (
+        "clip each parameter tensor's gradient to this L2 norm before a step (0: off); per tensor, so a split "
+        "model clips exactly as the unsplit one")})
+    clip_value: float = field(default=0.0, metadata={"doc": (
+        "clamp every gradient element to [-clip_value, clip_value] before a step (0: off)")})
     epochs: int = field(default=1, metadata={"doc": "local epochs per round"})
     batch_size: int = field(default=100, metadata={"doc": "mini-batch size on the devices"})
     micro_batches: int = field(default=1, metadata={"doc": (
         "micro-batches per mini-batch kept in flight on a split device (1F1B)")})
     deadline_s: float = field(default=120.0, metadata={"doc": (
         "a round's deadline in seconds; below quorum at the deadline the round is retried")})
-    seed: int = field(default=0, metadata={"doc": "seed of the initial model and of every device's batch order"})
+    seed: int = field(default=0, metadata={"doc": (
+        "seed of the initial model, of every device's batch order and of client sampling")})
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty when usable)."""
@@ -44,12 +74,26 @@ class Training:
             out.append(f"input_shape must be positive integers, got {self.input_shape}")
         if self.num_classes < 1:
             out.append("num_classes must be >= 1")
+        if self.loss not in TASKS:
+            out.append(f"loss must be one of {sorted(TASKS)}, got {self.loss!r}")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             out.append("lr must be > 0")
         if not 0 <= self.momentum < 1:
             out.append("momentum must be in [0, 1)")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            out.append("nesterov needs optimizer sgd and momentum > 0")
         if not self.weight_decay >= 0:
             out.append("weight_decay must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
+            out.append("beta1 and beta2 must be in [0, 1) and eps > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            out.append(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not (0 < self.lr_gamma <= 1 and self.lr_step_rounds >= 1 and 0 <= self.lr_min < self.lr):
+            out.append("lr_gamma must be in (0, 1], lr_step_rounds >= 1 and lr_min in [0, lr)")
+        if not (self.clip_norm >= 0 and self.clip_value >= 0):
+            out.append("clip_norm and clip_value must be >= 0 (0: off)")
         if self.epochs < 1:
             out.append("epochs must be >= 1")
         if self.batch_size < 1:
@@ -66,6 +110,51 @@ class Training:
     def model_ref(self) -> ModelRef:
         return ModelRef(self.model, tuple(self.input_shape), self.num_classes)
 
+    @property
+    def task(self) -> str:
+        return TASKS.get(self.loss, "classification")
+
+
+@dataclass(frozen=True)
+class LabelFormat:
+    """What a device's labels are: ``kind`` ``class`` (``width`` = largest label + 1) or ``target`` (``width``
+    floats per sample). A device refuses a plan its labels cannot train (:meth:`problem`)."""
+
+    kind: str
+    width: int
+
+    def problem(self, plan: Training) -> str | None:
+        """Why these labels cannot train the plan's model with its loss, or None."""
+        if plan.loss == "cross_entropy":
+            if self.kind != "class":
+                return f"loss cross_entropy needs integer class labels; this data has {self.width} float targets"
+            if self.width > plan.num_classes:
+                return f"labels go up to {self.width - 1} but the run has num_classes = {plan.num_classes}"
+            return None
+        if self.kind != "target" or self.width != plan.num_classes:
+            what = f"{self.width} float targets" if self.kind == "target" else "integer class labels"
+            return (f"loss {plan.loss} needs {plan.num_classes} float targets per sample (num_classes); "
+                    f"this data has {what}")
+        return None
+
+
+def round_lr(t: Training, position: int, horizon: int) -> float:
+    """The learning rate of a round at ``position`` (rounds, or global versions, completed) of ``horizon``.
+
+    The cloud stamps it into each round's plan, so devices and edges, the migration checkpoint and the unsplit
+    reference all train with the same rate without knowing the schedule."""
+    p = max(0, position)
+    lr = float(t.lr)
+    if t.lr_schedule == "step":
+        lr = t.lr * t.lr_gamma ** (p // t.lr_step_rounds)
+    elif t.lr_schedule == "exponential":
+        lr = t.lr * t.lr_gamma ** p
+    elif t.lr_schedule == "cosine":
+        # Clamped one short of the horizon: the last round still trains (lr_min may be 0).
+        p = min(p, max(horizon - 1, 0))
+        lr = t.lr_min + (t.lr - t.lr_min) * (1 + math.cos(math.pi * p / max(horizon, 1))) / 2
+    return max(lr, 1e-300)  # a plan's lr must stay > 0 however long a decay runs
+
 
 TRAINING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Training))
 
@@ -75,6 +164,8 @@ class Plan(Training):
     run: str
     round: int
     attempt: int = 0
+    # The cloud's ModelSchema.fingerprint: a node whose own build of the model differs refuses the round.
+    fingerprint: str = ""
 
     @classmethod
     def of(cls, training: Training, *, run: str, round: int, attempt: int = 0, **changes: Any) -> Plan:
@@ -94,13 +185,13 @@ class Plan(Training):
             if f.name not in body:
                 continue
             v = body[f.name]
-            want: Any = {"str": str, "int": int, "float": (int, float)}.get(str(f.type))
+            want: Any = {"str": str, "int": int, "float": (int, float), "bool": bool}.get(str(f.type))
             if f.name == "input_shape":
                 if not isinstance(v, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool)
                                                                for d in v):
                     raise ProtocolError("bad_plan", "plan input_shape must be a list of integers")
                 v = tuple(v)
-            elif want is not None and (isinstance(v, bool) or not isinstance(v, want)):
+            elif want is not None and (isinstance(v, bool) != (want is bool) or not isinstance(v, want)):
                 raise ProtocolError("bad_plan", f"plan field {f.name!r} has type {type(v).__name__}")
             kw[f.name] = float(v) if want == (int, float) else v
         for required in ("run", "round"):
@@ -108,6 +199,8 @@ class Plan(Training):
                 raise ProtocolError("bad_plan", f"plan lacks {required!r}")
         plan = cls(**kw)
         bad = plan.problems()
+        if len(plan.fingerprint) > 64:
+            bad.append("fingerprint is too long")
         if plan.round < 0 or plan.attempt < 0:
             bad.append("round and attempt must be >= 0")
         if bad:

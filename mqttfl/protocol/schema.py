@@ -14,7 +14,7 @@ refused with the first difference (:meth:`ModelSchema.difference`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,23 +92,54 @@ class ModelSchema:
                 h.update(f"{i}|{s.key}|{s.shape}|{s.dtype}|{s.trainable};".encode())
         return h.hexdigest()[:16]
 
-    def describe(self) -> list[list[Any]]:
-        """A JSON-able form (for plans, fingerprints exchanged at join time, error messages)."""
-        return [[i, s.key, list(s.shape), s.dtype] for i, b in enumerate(self.blocks) for s in b]
+    def describe(self) -> tuple[tuple[int, str, tuple[int, ...], str], ...]:
+        """Every tensor as (block, key, shape, dtype): what the cloud sends with a round so that a node whose own
+        build of the model differs can say where (:meth:`difference`)."""
+        return tuple((i, s.key, tuple(s.shape), s.dtype) for i, b in enumerate(self.blocks) for s in b)
 
-    def difference(self, other: Iterable[list[Any]]) -> str | None:
-        """The first difference between this schema and another node's :meth:`describe`, or None."""
+    def difference(self, other: Iterable[Sequence[Any]]) -> str | None:
+        """The first difference between this schema ("here") and another node's :meth:`describe` ("there"),
+        or None when they agree."""
         mine = {row[1]: row for row in self.describe()}
         theirs = {str(row[1]): row for row in other}
         for key in [*mine, *(k for k in theirs if k not in mine)]:  # in the model's order
             if key not in theirs:
-                return f"tensor {key!r} {mine[key][2]} is missing on the other side"
+                return f"tensor {key!r} {list(mine[key][2])} is missing there"
             if key not in mine:
-                return f"tensor {key!r} {theirs[key][2]} is not part of this model"
+                return f"tensor {key!r} {list(theirs[key][2])} is not part of the model here"
             a, b = mine[key], theirs[key]
-            if [a[0], list(a[2]), a[3]] != [int(b[0]), list(b[2]), str(b[3])]:
-                return f"tensor {key!r}: block {a[0]} {a[3]}{a[2]} here, block {b[0]} {b[3]}{b[2]} there"
+            if (a[0], tuple(a[2]), a[3]) != (int(b[0]), tuple(b[2]), str(b[3])):
+                return (f"tensor {key!r}: block {a[0]} {a[3]}{list(a[2])} here, "
+                        f"block {b[0]} {b[3]}{list(b[2])} there")
         return None
+
+
+def mismatch(local: ModelSchema, expected: str, model: str, cloud: Iterable[Sequence[Any]]) -> str | None:
+    """Why a node's own build of a plan's model is not the cloud's (``expected`` fingerprint, ``cloud``'s
+    description), naming the first differing tensor; None when they agree or the plan names no fingerprint."""
+    if not expected or local.fingerprint == expected:
+        return None
+    diff = local.difference(cloud)
+    return (f"model {model!r} differs from the cloud's (fingerprint {local.fingerprint} here, {expected} there)"
+            + (f": {diff}" if diff else ""))
+
+
+MAX_DESCRIPTION_ROWS = 100_000
+
+
+def parse_description(value: Any) -> tuple[tuple[int, str, tuple[int, ...], str], ...]:
+    """Another node's :meth:`ModelSchema.describe` from the wire, checked (ProtocolError on a bad row)."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_DESCRIPTION_ROWS:
+        raise ProtocolError("bad_field", "schema must be a list of [block, key, shape, dtype] rows")
+    rows = []
+    for row in value:
+        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[0], int)
+                and isinstance(row[1], str) and len(row[1]) <= 300 and isinstance(row[2], (list, tuple))
+                and len(row[2]) <= 16 and all(isinstance(d, int) and not isinstance(d, bool) for d in row[2])
+                and isinstance(row[3], str) and len(row[3]) <= 16):
+            raise ProtocolError("bad_field", f"bad schema row {str(row)[:80]}")
+        rows.append((int(row[0]), row[1], tuple(row[2]), row[3]))
+    return tuple(rows)
 
 
 def check_state(state: Mapping[str, Any], expected: Mapping[str, TensorSpec], what: str) -> State:

@@ -14,7 +14,7 @@ gradient at its input (``None`` at the first stage: raw inputs need none and nev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -109,10 +109,12 @@ class Close(Job):
 
 @dataclass(frozen=True, eq=False)
 class Evaluate(Job):
-    """Evaluate a full model state on the node's test data. Result: :class:`EvalResult`."""
+    """Evaluate a full model state on the node's test data (the cloud's test set, a device's held-out split),
+    with the metrics of the task ``loss`` names. Result: :class:`EvalResult`."""
 
     model: ModelRef
     state: State
+    loss: str = "cross_entropy"
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,6 +158,7 @@ class EvalResult:
     accuracy: float | None
     loss: float | None
     n: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric of the task, loss included
 
 
 @dataclass(frozen=True)

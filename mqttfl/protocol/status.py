@@ -43,6 +43,13 @@ class Presence:
     cut: int | None = None
     samples: int | None = None
     labels: tuple[int, ...] | None = None
+    eval_samples: int | None = None  # a device's held-out split for federated evaluation
+    fingerprint: str | None = None  # the node's own build of the last plan's model
+    refused_run: str | None = None  # the run whose plan the node refused (model or data mismatch) ...
+    refused: str | None = None  # ... and why
+
+    def refuses(self, run: str) -> bool:
+        return self.refused_run == run
 
     @property
     def online(self) -> bool:
@@ -76,5 +83,17 @@ def parse_status(src: str, data: Mapping[str, Any]) -> Presence:
             raise ProtocolError("bad_field", "status field 'labels' must be a list of counts")
         labels = tuple(labels)
     cut = opt_int("cut", -1)
+    fingerprint = data.get("fingerprint")
+    if fingerprint is not None and (not isinstance(fingerprint, str) or len(fingerprint) > 64):
+        raise ProtocolError("bad_field", "status field 'fingerprint' must be a short string")
+    refused = data.get("refused")
+    refused_run = reason = None
+    if refused is not None:
+        if not (isinstance(refused, Mapping) and isinstance(refused.get("run"), str)
+                and isinstance(refused.get("reason"), str)):
+            raise ProtocolError("bad_field", "status field 'refused' must be {run, reason}")
+        refused_run, reason = refused["run"][:64], refused["reason"][:500]
     return Presence(node=src, role=role, state=state, boot=opt_int("boot", 0) or 0, edge=edge,
-                    cut=None if cut is None or cut < 0 else cut, samples=opt_int("samples", 0), labels=labels)
+                    cut=None if cut is None or cut < 0 else cut, samples=opt_int("samples", 0), labels=labels,
+                    eval_samples=opt_int("eval_samples", 0), fingerprint=fingerprint, refused_run=refused_run,
+                    refused=reason)

@@ -88,6 +88,9 @@ class DeviceSection:
 
     edge: str = field(default="", metadata=doc("the edge this device attaches to (required)"))
     data: str = field(default="", metadata=doc("path of the device's local data shard (required; docs/data.md)"))
+    eval_data: str = field(default="", metadata=doc(
+        "path of the device's held-out shard: it evaluates the global model on it when the cloud asks "
+        "([cloud] fed_eval_every); empty: the device takes no part in federated evaluation"))
     cloud: str = field(default="cloud", metadata=doc("node id of the cloud (restart requests after a lost edge)"))
     cut: int = field(default=-1, metadata=doc(
         "split point: blocks [0, cut) train here, the rest at the edge; the number of blocks = local "
@@ -103,9 +106,23 @@ class DeviceSection:
     step_delay_s: float = field(default=0.0, metadata=doc(
         "emulated board compute per mini-batch, seconds (x slowdown)"))
     threads: int = field(default=1, metadata=doc("torch intra-op threads"))
+    edge_brokers: dict[str, str] = field(default_factory=dict, metadata=doc(
+        "a device that moves between sites: edge id -> \"host:port\" of that edge's site broker; on moving to "
+        "such an edge the device reconnects there ([mqtt] credentials and TLS; docs/operations.md)"))
+
+    def brokers(self) -> dict[str, tuple[str, int]]:
+        out = {}
+        for edge, address in self.edge_brokers.items():
+            host, _, port = str(address).rpartition(":")
+            out[edge] = (host, int(port))
+        return out
 
     def problems(self) -> list[str]:
         out = []
+        for edge, address in self.edge_brokers.items():
+            host, _, port = str(address).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                out.append(f"[device] edge_brokers: {edge} = {address!r} is not host:port")
         if not self.edge or not self.data:
             out.append("[device] needs 'edge' and 'data'")
         if self.cut == 0 or self.cut < -1:
@@ -136,10 +153,13 @@ class CloudRuntime:
 
     test_data: str = field(default="", metadata=doc(
         "held-out data the cloud evaluates every global model on; empty: no accuracy is reported"))
+    keep_models: int = field(default=3, metadata=doc(
+        "global models of the last this many rounds kept per run under state_dir/cloud/runs/RUN (the best "
+        "round's is kept besides; 0: only the best); mqttfl export reads them"))
     threads: int = field(default=1, metadata=doc("torch intra-op threads"))
 
     def problems(self) -> list[str]:
-        return []
+        return [] if self.keep_models >= 0 else ["[cloud] keep_models must be >= 0"]
 
 
 def parse_section(cls: type, values: Mapping[str, Any], name: str, *, extra: frozenset[str] = frozenset()) -> Any:
@@ -156,7 +176,9 @@ def parse_section(cls: type, values: Mapping[str, Any], name: str, *, extra: fro
         want = str(known[key].type)
         ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
               "int": isinstance(value, int) and not isinstance(value, bool),
-              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}.get(want, True)
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "dict[str, str]": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
+              }.get(want, True)
         if not ok:
             raise ConfigError(f"[{name}] {key} must be {want}, got {type(value).__name__} {value!r}")
         kw[key] = float(value) if want == "float" else value

@@ -102,6 +102,8 @@ class MachineRunner:
             self.persist(fx.state)
         elif isinstance(fx, E.RunLog):
             self.run_log(fx.entry)
+        elif isinstance(fx, E.SaveModel):
+            self.save_model(fx)
         elif isinstance(fx, E.Log):
             self.log(fx.level, fx.message, fx.fields)
         elif isinstance(fx, E.SendCommand):
@@ -181,6 +183,9 @@ class MachineRunner:
         raise NotImplementedError
 
     def run_log(self, entry: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def save_model(self, fx: E.SaveModel) -> None:
         raise NotImplementedError
 
     def log(self, level: str, message: str, fields: dict[str, Any]) -> None:

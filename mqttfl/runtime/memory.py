@@ -23,10 +23,10 @@ Model of the world (what it keeps from the real runtime, and why):
   ``Transport.set_status`` and reaches the cloud as ``StatusSeen``; a killed node's last will says offline;
   a (re)started cloud receives every retained status. The broker keeps a killed node's session: messages for
   it wait and are delivered when it restarts.
-* ``Emit``/``Metrics``/``Drop``/``Count``/``Log``/``RunLog``/``Reply`` are recorded, with the node's name, for
-  tests to assert on (``events``, ``metrics``, ``drops``, ``counts``, ...); ``Persist`` keeps the last state
-  (through the state-file serialiser) to rebuild a restarted cloud. Control commands are authorised and
-  answered like ``Node.on_ctl``; ``SendCommand`` travels as a ``ctl`` message.
+* ``Emit``/``Metrics``/``Drop``/``Count``/``Log``/``RunLog``/``SaveModel``/``Reply`` are recorded, with the
+  node's name, for tests to assert on (``events``, ``metrics``, ``drops``, ``counts``, ``models``, ...);
+  ``Persist`` keeps the last state (through the state-file serialiser) to rebuild a restarted cloud. Control
+  commands are authorised and answered like ``Node.on_ctl``; ``SendCommand`` travels as a ``ctl`` message.
 
 Faults are rules on packets (:class:`Fault`): drop, duplicate, delay or reorder the packets a predicate
 (:func:`match`) selects, a given number of times; ``kill``/``restart`` take nodes down and up. Chunking, the
@@ -54,8 +54,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 from mqttfl.ml.backend import TorchBackend
-from mqttfl.ml.data import Dataset, label_histogram
+from mqttfl.ml.data import Dataset
 from mqttfl.ml.models import initial_state, schema_of
+from mqttfl.ml.shard import label_counts, label_format
 from mqttfl.protocol import events as E
 from mqttfl.protocol import stage
 from mqttfl.protocol.cloud.machine import CloudMachine
@@ -222,6 +223,11 @@ class SimNode(MachineRunner):
     def run_log(self, entry: dict[str, Any]) -> None:
         self.fleet.runlogs[self.name].append(self.fleet._json(entry))
 
+    def save_model(self, fx: E.SaveModel) -> None:
+        self.fleet.models[(fx.run, fx.round)] = fx  # every one: tests look back at any round
+        if fx.best:
+            self.fleet.models[(fx.run, "best")] = fx
+
     def log(self, level: str, message: str, fields: dict[str, Any]) -> None:
         self.fleet.logs.append({"node": self.name, "ts": self.clock, "level": level, "message": message, **fields})
 
@@ -274,6 +280,7 @@ class MemoryFleet:
         self.logs: list[dict[str, Any]] = []
         self.runlogs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         self.job_errors: list[dict[str, Any]] = []
+        self.models: dict[tuple[str, int | str], E.SaveModel] = {}  # the cloud's kept models: (run, round | "best")
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._held: dict[tuple[str, str], list[Packet]] = collections.defaultdict(list)
@@ -314,28 +321,36 @@ class MemoryFleet:
         self._add(name, "cloud", make, lambda: TorchBackend(name, test=test), compute_s)
         self.cloud = name
 
-    def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None) -> None:
-        self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schema_of, cloud=self.cloud or "cloud",
+    def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None,
+                 schemas: Callable[[Any], Any] = schema_of) -> None:
+        self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schemas, cloud=self.cloud or "cloud",
                                                       deadline_fraction=deadline_fraction, id_prefix=self._prefix()),
                   lambda: TorchBackend(name), compute_s)
 
     def add_device(self, name: str, *, edge: str, data: Dataset, share_labels: bool = True,
-                   compute_s: Compute | None = None, slowdown: float = 1.0, **machine_kw: Any) -> None:
-        """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s)."""
-        labels = label_histogram(data.labels()).tolist() if share_labels else None
+                   eval_data: Dataset | None = None, compute_s: Compute | None = None, slowdown: float = 1.0,
+                   **machine_kw: Any) -> None:
+        """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s); ``eval_data``: the
+        device's held-out split (federated evaluation)."""
+        labels = label_counts(data.labels()) if share_labels else None
+
+        schemas = machine_kw.pop("schemas", schema_of)  # another build of the model (a mismatch to refuse)
 
         def make(node: SimNode) -> Machine:
             # A restarted device starts from its configured edge, as a restarted agent reads its config.
             return DeviceMachine(name, edge=edge, cloud=self.cloud or "cloud", n_samples=len(data), labels=labels,
-                                 schemas=schema_of, id_prefix=self._prefix(), **machine_kw)
+                                 label_format=label_format(data.labels()), schemas=schemas,
+                                 eval_samples=len(eval_data) if eval_data is not None else 0,
+                                 id_prefix=self._prefix(), **machine_kw)
 
-        self._add(name, "device", make, lambda: TorchBackend(name, data=data), compute_s, slowdown)
+        self._add(name, "device", make, lambda: TorchBackend(name, data=data, test=eval_data), compute_s, slowdown)
 
     @classmethod
     def from_spec(cls, spec: FleetLayout, shards: Mapping[str, Dataset], test: Dataset | None = None,
-                  **fleet_kw: Any) -> MemoryFleet:
+                  eval_shards: Mapping[str, Dataset] | None = None, **fleet_kw: Any) -> MemoryFleet:
         """The fleet a ``Testbed`` runs for ``spec`` (a ``mqttfl.tools.testbed.FleetSpec``), in memory: the same
-        ``[cloud]`` section and device options; ``shards``: ``make_shards(spec, train)`` for the same data."""
+        ``[cloud]`` section and device options; ``shards``: ``make_shards(spec, train)`` for the same data,
+        ``eval_shards``: ``make_eval_shards(spec, train)``."""
         fleet = cls(**fleet_kw)
         runtime_keys = {f.name for f in fields(CloudRuntime)}
         section = {"model": spec.model, "input_shape": list(spec.input_shape), "min_devices": len(spec.devices),
@@ -345,11 +360,11 @@ class MemoryFleet:
             fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k == "deadline_fraction"})
         for d, e in sorted(spec.devices.items()):
             extra = dict(spec.device_extra.get(d, {}))
-            for runtime_only in ("threads", "step_delay_s", "data", "edge", "cloud"):
+            for runtime_only in ("threads", "step_delay_s", "data", "edge", "cloud", "eval_data"):
                 extra.pop(runtime_only, None)
             if extra.get("cut", -1) <= 0:
                 extra.pop("cut", None)
-            fleet.add_device(d, edge=e, data=shards[d], **extra)
+            fleet.add_device(d, edge=e, data=shards[d], eval_data=(eval_shards or {}).get(d), **extra)
         return fleet
 
     def set_latency(self, src: str, dst: str, seconds: float, *, both: bool = True) -> None:

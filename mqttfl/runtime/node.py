@@ -20,7 +20,7 @@ import resource
 import signal
 import time
 import uuid
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from mqttfl.runtime.log import get_logger
 from mqttfl.runtime.loop import Backend, Machine, MachineRunner
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.persist import save_state
+from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.wire.codec import CodecError
 from mqttfl.wire.encoding import decode_tensors, encode_tensors
@@ -67,7 +68,8 @@ class Node(MachineRunner):
     resend_after_s = 5.0
 
     def __init__(self, cfg: AgentConfig, machine: Machine, backend: Backend | None = None, *,
-                 cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = ()) -> None:
+                 cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = (),
+                 keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.node
         self.machine = machine
@@ -78,6 +80,10 @@ class Node(MachineRunner):
         self._lock = lock_state_dir(self.state_dir, cfg.node) if self.state_dir else None
         self.state_path = self.state_dir / state_file if self.state_dir and state_file else None
         self.runlog = self.state_dir / "runlog.jsonl" if self.state_dir else None
+        self.runs = RunStore(self.state_dir, keep_models) if self.state_dir and state_file else None
+        # A device roaming between sites: the broker of each edge's site; it follows its edge there.
+        self.edge_brokers = dict(edge_brokers or {})
+        self._move_to: tuple[str, int] | None = None
         self.outbox = Outbox(self.state_dir / "outbox") if self.state_dir else None
         # Every node hears what is addressed to it; broadcasts only of the kinds its role needs (the cloud:
         # status), so fleet-wide status traffic does not reach every board.
@@ -97,6 +103,11 @@ class Node(MachineRunner):
         self.logger.info("starting", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", boot=self.transport.boot,
                        mqtt=self.cfg.mqtt.redacted())
         self.transport.start(timeout=connect_timeout)
+        here = (self.cfg.mqtt.host, self.cfg.mqtt.port)
+        for broker in sorted(set(self.edge_brokers.values()) - {here}):
+            # Open our session at the other sites now: what is sent to us there before we arrive is kept.
+            if not self.transport.visit(*broker):
+                self.logger.warning("site broker unreachable", broker=f"{broker[0]}:{broker[1]}")
         self.feed(E.Started())
         sdnotify.ready()
         self.logger.info("ready")
@@ -122,6 +133,13 @@ class Node(MachineRunner):
         if msg is not None:
             self.dispatch(msg)
         self.housekeeping()
+        if self._move_to is not None:
+            # After the event's effects went out on the old broker: the move, and whatever it said there.
+            host, port = self._move_to
+            self._move_to = None
+            self.logger.info("moving to the site broker of the new edge", broker=f"{host}:{port}")
+            if not self.transport.move_to(host, port):
+                self.logger.warning("site broker not reached yet; retrying in the background", broker=f"{host}:{port}")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.running = False
@@ -191,6 +209,9 @@ class Node(MachineRunner):
 
     def set_status(self, state: str, fields: dict[str, Any]) -> None:
         self.transport.set_status(state, **fields)
+        broker = self.edge_brokers.get(str(fields.get("edge")))
+        if broker is not None and broker != (self.transport.cfg.mqtt.host, self.transport.cfg.mqtt.port):
+            self._move_to = broker
 
     def emit(self, event: str, level: str, fields: dict[str, Any]) -> None:
         self.transport.event(event, level=level, **fields)
@@ -220,6 +241,12 @@ class Node(MachineRunner):
         if self.runlog is not None:
             with open(self.runlog, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+        if self.runs is not None:
+            self.runs.history(entry)
+
+    def save_model(self, fx: E.SaveModel) -> None:
+        if self.runs is not None:
+            self.runs.save(fx)
 
     def log(self, level: str, message: str, fields: dict[str, Any]) -> None:
         getattr(self.logger, level if level in ("debug", "info", "warning", "error") else "info")(message, **fields)

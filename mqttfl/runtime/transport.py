@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,17 @@ class Transport:
 
     def start(self, timeout: float | None = 15.0) -> Transport:
         """Connect in the background; with a timeout, wait until connected and subscribed."""
+        self._connect()
+        if timeout is not None and not self.wait_ready(timeout):
+            m = self.cfg.mqtt
+            self.stop(publish_offline=False)
+            raise TransportError(
+                f"{self.node}: no connection to {m.host}:{m.port} within {timeout:.0f}s"
+                + (f" ({self._last_error})" if self._last_error else "")
+            )
+        return self
+
+    def _connect(self) -> None:
         m = self.cfg.mqtt
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = m.session_expiry
@@ -221,13 +232,37 @@ class Transport:
         # protocol checks (run, round) reject.
         self.client.connect_async(m.host, m.port, keepalive=m.keepalive, clean_start=False, properties=props)
         self.client.loop_start()
-        if timeout is not None and not self.wait_ready(timeout):
-            self.stop(publish_offline=False)
-            raise TransportError(
-                f"{self.node}: no connection to {m.host}:{m.port} within {timeout:.0f}s"
-                + (f" ({self._last_error})" if self._last_error else "")
-            )
-        return self
+
+    def move_to(self, host: str, port: int, timeout: float = 10.0) -> bool:
+        """Leave this broker for another (a device that moved to another site's edge; docs/operations.md,
+        "Several sites"). What was published here is delivered first (QoS 1 acknowledged by the broker), the
+        departure is clean (no will: the node is not offline, it is elsewhere), and the session here stays for
+        a return. The outbox re-sends what is unacknowledged, and the link change makes the machine re-send
+        what it has in flight. Returns whether the new broker was reached within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.client._out_messages and time.monotonic() < deadline:  # paho has no public count of these
+            time.sleep(0.005)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+        self._subscribed.clear()
+        self.cfg = replace(self.cfg, mqtt=replace(self.cfg.mqtt, host=host, port=port))
+        self._count("broker_moves")
+        self._connect()
+        return self.wait_ready(max(0.1, deadline - time.monotonic()))
+
+    def visit(self, host: str, port: int, timeout: float = 10.0) -> bool:
+        """Open this node's session at another broker and leave (no presence): messages sent to it there while
+        it is away are kept for its arrival, instead of being discarded for want of a subscriber."""
+        cfg = replace(self.cfg, mqtt=replace(self.cfg.mqtt, host=host, port=port))
+        guest = Transport(cfg, limits=self.limits, subscriptions=self._subs, presence=False, inbox=False,
+                          boot=self.boot)
+        try:
+            guest.start(timeout=timeout)
+        except TransportError:
+            return False
+        guest.stop(publish_offline=False)
+        return True
 
     def wait_ready(self, timeout: float) -> bool:
         return self._connected.wait(timeout) and self._subscribed.wait(timeout)

@@ -18,12 +18,16 @@ SUBCOMMANDS = {
     "monitor": ("mqttfl.tools.monitor", "live view of every node of a fleet"),
     "config": ("mqttfl.tools.configref", "check an agent's config file, or print the reference of every key"),
     "sim": ("mqttfl.tools.sim", "a whole fleet in one process on virtual time, no broker (the real protocol)"),
+    "data": ("mqttfl.tools.datatool", "turn CSV/TSV, .npy/.npz or image folders into device shards; describe shards"),
+    "export": ("mqttfl.tools.export", "write a kept global model as a PyTorch state dict and TorchScript"),
+    "predict": ("mqttfl.tools.predict", "run an exported model on a shard and print the task's metrics"),
 }
 BENCHES = {
     "transport": ("mqttfl.tools.bench.transport", "MQTT round trips, codec and chunked throughput"),
     "split": ("mqttfl.tools.bench.split", "monolithic vs split-over-MQTT training of the same batches"),
     "migration": ("mqttfl.tools.bench.migration", "FedFly migration pause and time saved vs restarting"),
     "async": ("mqttfl.tools.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
+    "data": ("mqttfl.tools.bench.data", "mqttfl data throughput and a device's memory with a memory-mapped shard"),
 }
 
 

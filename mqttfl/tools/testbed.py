@@ -21,12 +21,13 @@ from typing import Any
 
 from mqttfl.ml.data import (
     Dataset,
+    holdout,
     load_digits,
     partition_dirichlet,
     partition_iid,
     partition_imbalanced,
-    save_shard,
 )
+from mqttfl.ml.shard import save_shard
 from mqttfl.runtime.config import load_config
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.tools.broker import Broker, BrokerOptions
@@ -43,6 +44,8 @@ def toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table inside a section (edge_brokers)
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -64,6 +67,7 @@ class FleetSpec:
     input_shape: tuple[int, ...] = (3, 32, 32)
     partition: str = "iid"  # iid | dirichlet:<alpha> | imbalanced:<fraction>
     data_seed: int = 0
+    eval_fraction: float = 0.0  # each device's held-out split for federated evaluation (eval_data)
     cloud: dict[str, Any] = field(default_factory=dict)  # [cloud] section overrides
     device_extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-device [device] extras
     edge_extra: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +80,20 @@ class FleetSpec:
 
 
 def make_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
+    """Each device's training shard (without its held-out split)."""
+    return {n: ds.subset(holdout(len(ds), spec.eval_fraction, seed=spec.data_seed)[0])
+            for n, ds in _partition(spec, train).items()}
+
+
+def make_eval_shards(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
+    """Each device's held-out split (``spec.eval_fraction`` of its data), for federated evaluation."""
+    if spec.eval_fraction <= 0:
+        return {}
+    return {n: ds.subset(holdout(len(ds), spec.eval_fraction, seed=spec.data_seed)[1])
+            for n, ds in _partition(spec, train).items()}
+
+
+def _partition(spec: FleetSpec, train: Dataset) -> dict[str, Dataset]:
     names = sorted(spec.devices)
     kind, _, param = spec.partition.partition(":")
     if kind == "iid":
@@ -105,16 +123,22 @@ def is_run_failed(m: Inbound) -> bool:
 class Testbed:
     __test__ = False  # not a pytest test class, despite the name
     def __init__(self, root: Path, spec: FleetSpec, *, broker: Broker | None = None,
-                 data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None) -> None:
+                 data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None,
+                 site_brokers: dict[str, Broker] | None = None, auth: dict[str, dict[str, Any]] | None = None,
+                 ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.spec = spec
         self._own_broker = broker is None
         self.broker = broker or Broker(BrokerOptions(persistence=True), workdir=self.root / "broker")
         self.data = data
-        # Scale-out (docs/operations.md, "Bridges: one broker per site"): edges and devices on a site broker,
+        # Scale-out (docs/operations.md, "Several sites"): edges and devices on a site broker,
         # the cloud on its own broker, bridged.
         self.cloud_broker = cloud_broker
+        # Several sites: the broker of each edge or device not on ``broker``; ``auth``: [mqtt] credentials per
+        # node (the cloud and "operator" on a password-protected cloud broker).
+        self.site_brokers = dict(site_brokers or {})
+        self.auth = dict(auth or {})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
         self.operator: Transport | None = None
@@ -126,26 +150,36 @@ class Testbed:
             self.broker.start()
         train, test = self.data or load_digits(self.spec.input_shape)
         shards = make_shards(self.spec, train)
+        held_out = make_eval_shards(self.spec, train)
         (self.root / "data").mkdir(exist_ok=True)
         for n, ds in shards.items():
             save_shard(self.root / "data" / f"{n}.npz", ds)
+        for n, ds in held_out.items():
+            save_shard(self.root / "data" / f"{n}.eval.npz", ds)
         save_shard(self.root / "data" / "test.npz", test)
-        mqtt = {"host": self.broker.host, "port": self.broker.port}
-        common = {"fleet": self.spec.fleet, "log_level": "info", "mqtt": mqtt,
-                  "control": {"operators": ["operator"]}}
+        common = {"fleet": self.spec.fleet, "log_level": "info", "control": {"operators": ["operator"]}}
         cloud = {"model": self.spec.model, "input_shape": list(self.spec.input_shape),
                  "test_data": str(self.root / "data" / "test.npz"), "min_devices": len(self.spec.devices),
                  **self.spec.cloud}
-        cb = self.cloud_broker or self.broker
-        self._config("cloud", "cloud", {**common, "mqtt": {"host": cb.host, "port": cb.port}}, cloud)
+        self._config("cloud", "cloud", common, cloud)
         for e in self.spec.edges:
             self._config(e, "edge", common, dict(self.spec.edge_extra))
         for d, e in self.spec.devices.items():
             extra = self.spec.device_extra.get(d, {})
-            self._config(d, "device", common, {"edge": e, "data": str(self.root / "data" / f"{d}.npz"), **extra})
+            section = {"edge": e, "data": str(self.root / "data" / f"{d}.npz"), **extra}
+            if d in held_out:
+                section["eval_data"] = str(self.root / "data" / f"{d}.eval.npz")
+            self._config(d, "device", common, section)
+
+    def broker_of(self, node: str) -> Broker:
+        if node in ("cloud", "operator"):
+            return self.cloud_broker or self.broker
+        return self.site_brokers.get(node, self.broker)
 
     def _config(self, node: str, role: str, common: dict[str, Any], section: dict[str, Any]) -> None:
-        data = {"node": node, **common, "state_dir": str(self.root / "state"), role: section}
+        b = self.broker_of(node)
+        mqtt = {"host": b.host, "port": b.port, **self.auth.get(node, {})}
+        data = {"node": node, **common, "mqtt": mqtt, "state_dir": str(self.root / "state"), role: section}
         self.configs[node] = write_toml(self.root / f"{node}.toml", data)
 
     def role_of(self, node: str) -> str:
@@ -170,9 +204,9 @@ class Testbed:
 
     def connect_operator(self) -> Transport:
         if self.operator is None:
-            b = self.cloud_broker or self.broker
+            b = self.broker_of("operator")
             cfg = load_config(None, "operator", environ={}, node="operator", fleet=self.spec.fleet,
-                              mqtt={"host": b.host, "port": b.port})
+                              mqtt={"host": b.host, "port": b.port, **self.auth.get("operator", {})})
             self.operator = Transport(cfg).start()
         return self.operator
 

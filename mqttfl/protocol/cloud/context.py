@@ -17,6 +17,7 @@ from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.events import Effect, Received
 from mqttfl.protocol.messages import EdgeUpdate, Restart, RoundTag
 from mqttfl.protocol.plan import Plan
+from mqttfl.protocol.schema import ModelSchema
 from mqttfl.protocol.status import Presence
 
 
@@ -35,7 +36,12 @@ class Cloud(Protocol):
 
     def drop(self, reason: str, detail: str, src: str = "") -> None: ...
 
+    @property
+    def schema(self) -> ModelSchema: ...
+
     def eligible(self) -> dict[str, Presence]: ...
+
+    def may_begin(self, devices: dict[str, Presence], now: float) -> bool: ...
 
     def is_edge(self, node: str) -> bool: ...
 

@@ -130,6 +130,9 @@ class AsyncGroups:
 
     # ------------------------------------------------------------------ fleet
     def on_status(self, p: Presence, was: Presence | None) -> None:
+        for r in self.open.values():
+            if p.refuses(r.plan.run):  # it will not report: its group round need not wait for the deadline
+                r.give_up([p.node] if p.role == "device" else r.edges.get(p.node, []))
         if p.role != "device":
             return
         if p.labels is not None or p.online:
@@ -180,7 +183,8 @@ class AsyncGroups:
         s = self.cloud.settings
         ready = self.cloud.eligible()
         if self.phase == "profile":
-            if not self.open and len(ready) >= s.min_devices:
+            first = self.next_round == 0
+            if not self.open and len(ready) >= s.min_devices and (not first or self.cloud.may_begin(ready, now)):
                 self.start(ready, RoundKind.PROFILE, PROFILE, float(s.training.deadline_s), now)
             return
         busy = self.busy_devices()

@@ -9,6 +9,13 @@ the same :class:`~mqttfl.protocol.cloud.rounds.CloudRound` bookkeeping and end i
 :meth:`CloudMachine.commit`: the new global model is evaluated (a ``stage.Evaluate`` job), recorded,
 persisted, and published as metrics, before the next round may start.
 
+Joining: every plan carries the model's fingerprint and the cloud's description of it; a node whose own build
+differs refuses and says so in its status, and the cloud leaves it (an edge: with its devices) out of the run and
+out of the round in progress. Round 0 of a run waits for the devices ``wait_for`` names, or a grace period
+(:meth:`CloudMachine.may_begin`). After each committed round the cloud keeps the model (``SaveModel``: the last
+few and the run's best), and may ask the devices to evaluate it (``fedeval``). Every run's summary (state,
+rounds, best) stays in the cloud's state: ``runs`` lists them.
+
 Run states: idle -> running <-> paused; running -> done | failed; any -> stopped; ``start`` and ``new-run``
 leave done, failed and stopped.
 """
@@ -22,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mqttfl.protocol import stage
+from mqttfl.protocol.cloud import fedeval
 from mqttfl.protocol.cloud.context import Policy
 from mqttfl.protocol.cloud.groups import AsyncGroups
 from mqttfl.protocol.cloud.settings import CloudSettings
@@ -42,15 +50,17 @@ from mqttfl.protocol.events import (
     Reply,
     Run,
     RunLog,
+    SaveModel,
     Send,
     SendCommand,
     SetStatus,
+    SetTimer,
     Started,
     StatusSeen,
     TimerFired,
 )
-from mqttfl.protocol.messages import EdgeUpdate, MovePath, OpenRound, Restart, RoundTag
-from mqttfl.protocol.plan import Plan
+from mqttfl.protocol.messages import EdgeUpdate, EvalReport, MovePath, OpenRound, Restart, RoundTag
+from mqttfl.protocol.plan import BEST_METRIC, Plan, round_lr
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
 from mqttfl.protocol.status import NodeState, Presence
 
@@ -72,6 +82,9 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
     "max_versions": (int, lambda v: v >= 0),
     "group_deadline_s": ((int, float), lambda v: v > 0),
     "regroup_every": (int, lambda v: v >= 0),
+    "sample_fraction": ((int, float), lambda v: 0 < v <= 1),
+    "sample_size": (int, lambda v: v >= 0),
+    "fed_eval_every": (int, lambda v: v >= 0),
 }
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
@@ -96,6 +109,13 @@ class CloudMachine:
         self.resumed = False
         self.notes: list[tuple[str, dict[str, Any]]] = []  # what the restore decided, said at start
         self._committing: tuple[dict[str, Any], Callable[[], None] | None] | None = None  # awaiting evaluation
+        self.fed_eval: fedeval.FederatedEval | None = None
+        self.runs: dict[str, dict[str, Any]] = {}  # every run's summary, this one's included
+        self.best: dict[str, Any] | None = None  # this run's best round: round, metric, value
+        self.begun = False  # round 0 of this run has started (it no longer waits for wait_for)
+        self._enough_since: float | None = None  # when min_devices were first online (start_grace_s)
+        self._waiting: list[str] | None = None  # the devices round 0 waits for, as last announced
+        self._refusals: set[tuple[str, str, str]] = set()  # (node, run, reason) already reported
         self._fx: list[Effect] = []
         saved_policy: dict[str, Any] | None = None
         if restored:
@@ -113,6 +133,7 @@ class CloudMachine:
             raise ValueError(f"cloud state format {saved.get('format')} not supported (this cloud reads "
                              f"{STATE_FORMAT}); move the state directory away to start afresh")
         run_settings = CloudSettings().with_values(saved["settings"])
+        self.runs = {str(k): dict(v) for k, v in saved.get("runs", {}).items()}
         if self.config.run and self.config.run != run_settings.run:
             self.notes.append(("new_run_from_config", {"previous": run_settings.run, "run": self.config.run}))
             return None  # the config names another run: start it afresh
@@ -122,6 +143,7 @@ class CloudMachine:
         self.state = NodeState(saved.get("state", self.state))
         self.history = list(saved.get("history", []))
         self.elapsed0 = float(saved.get("elapsed", 0.0))
+        self.best = self.runs.get(run_settings.run, {}).get("best")
         self.resumed = True
         differs = {k: [v, self.config.flat().get(k)] for k, v in run_settings.flat().items()
                    if k != "run" and self.config.flat().get(k) != v}
@@ -131,12 +153,22 @@ class CloudMachine:
         return saved.get("policy")
 
     def persist(self, now: float) -> None:
+        self.runs[self.settings.run] = self.summary()
         self._do(Persist({
             "format": STATE_FORMAT, "run": self.settings.run, "round": self.policy.completed,
             "settings": self.settings.flat(), "global": self.global_state,
             "state": str(self.state), "history": self.history, "elapsed": self.elapsed(now),
-            "policy": self.policy.state_dict(now),
+            "policy": self.policy.state_dict(now), "runs": self.runs,
         }))
+
+    def summary(self) -> dict[str, Any]:
+        """This run as ``runs`` lists it."""
+        last = self.history[-1] if self.history else {}
+        t = self.settings.training
+        return {"run": self.settings.run, "state": str(self.state), "completed": self.policy.completed,
+                "rounds": self.settings.rounds if self.settings.mode == "sync" else self.settings.max_versions,
+                "mode": self.settings.mode, "model": t.model, "loss": t.loss, "fingerprint": self.schema.fingerprint,
+                "accuracy": last.get("accuracy"), "test_loss": last.get("loss"), "best": self.best}
 
     def elapsed(self, now: float) -> float:
         return self.elapsed0 + max(0.0, now - self.run_started)
@@ -167,6 +199,11 @@ class CloudMachine:
                 self.policy.on_update(ev, ev.msg, now)
             elif isinstance(ev.msg, Restart):
                 self.policy.on_restart(ev, ev.msg, now)
+            elif isinstance(ev.msg, EvalReport):
+                fx, why = fedeval.on_report(self.fed_eval, ev, ev.msg)
+                self._do(*fx)
+                if why is not None:
+                    self.drop("wrong_round", why, ev.src)
             else:
                 self.drop("unexpected", f"{ev.msg.kind}/{ev.msg.op} is not for the cloud", ev.src)
         elif isinstance(ev, JobDone):
@@ -184,7 +221,9 @@ class CloudMachine:
                                                  "state": str(self.state)}))
         elif isinstance(ev, TimerFired):
             pass  # deadlines: progress below looks at them
-        if self._committing is None:
+        if self.fed_eval is not None and self.fed_eval.done(now):
+            self._close_fed_eval(now)
+        if self._committing is None and self.fed_eval is None:
             self.policy.progress(now)
         fx, self._fx = self._fx, []
         return fx
@@ -210,9 +249,38 @@ class CloudMachine:
         return {n: p for n, p in self.fleet.items() if p.role == role and p.online}
 
     def eligible(self) -> dict[str, Presence]:
-        """Online devices whose edge is online."""
-        edges = self.online("edge")
-        return {d: p for d, p in self.online("device").items() if p.edge in edges}
+        """Online devices whose edge is online, unless either refused this run (another model, unfit data)."""
+        run = self.settings.run
+        edges = {e for e, p in self.online("edge").items() if not p.refuses(run)}
+        return {d: p for d, p in self.online("device").items() if p.edge in edges and not p.refuses(run)}
+
+    def may_begin(self, devices: dict[str, Presence], now: float) -> bool:
+        """Whether the first round of the run may start with these eligible devices: at least ``min_devices``,
+        and every device ``wait_for`` names, or else ``start_grace_s`` passed since ``min_devices`` were there.
+        Without ``wait_for``, a grace period lets more devices join before round 0."""
+        s = self.settings
+        if len(devices) < s.min_devices:
+            self._enough_since = None
+            return False
+        if self.begun:
+            return True
+        if self._enough_since is None:
+            self._enough_since = now
+        missing = sorted(set(s.wait_for) - set(devices))
+        grace_over = s.start_grace_s > 0 and now >= self._enough_since + s.start_grace_s
+        if (s.wait_for and not missing) or (not s.wait_for and s.start_grace_s == 0) or grace_over:
+            self.begun = True
+            if missing:
+                self._do(Emit("starting_without", "warning", {"run": s.run, "devices": missing}))
+            return True
+        if s.start_grace_s > 0:
+            self._do(SetTimer(("grace", s.run), self._enough_since + s.start_grace_s))
+        if missing != self._waiting:
+            self._waiting = missing
+            self._do(Emit("waiting_for_devices", fields={
+                "run": s.run, "missing": missing, "online": sorted(devices),
+                "until": None if s.start_grace_s == 0 else round(self._enough_since + s.start_grace_s - now, 3)}))
+        return False
 
     def is_edge(self, node: str) -> bool:
         return self.fleet.get(node) is not None and self.fleet[node].role == "edge"
@@ -226,13 +294,20 @@ class CloudMachine:
         return configured if 1 <= configured <= self.schema.n_blocks else self.schema.default_cut
 
     def plan(self, round: int, attempt: int, **changes: Any) -> Plan:
-        return Plan.of(self.settings.training, run=self.settings.run, round=round, attempt=attempt, **changes)
+        """The plan of a round: the run's training settings, the schedule's learning rate at this point of the
+        run (rounds or versions completed), and the model's fingerprint that every node checks its own against."""
+        t = self.settings.training
+        horizon = self.settings.rounds if self.settings.mode == "sync" else self.settings.max_versions
+        changes = {"lr": round_lr(t, self.policy.completed, horizon), "fingerprint": self.schema.fingerprint,
+                   **changes}
+        return Plan.of(t, run=self.settings.run, round=round, attempt=attempt, **changes)
 
     def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None) -> None:
         """Open the round at each edge with its devices, their cuts and the global model."""
         for edge, devs in by_edge.items():
             self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
-                                          cuts={d: self.cut_for(d) for d in devs}, state=self.global_state)))
+                                          cuts={d: self.cut_for(d) for d in devs}, state=self.global_state,
+                                          schema=self.schema.describe())))
 
     def check_update(self, src: str, msg: EdgeUpdate) -> dict[str, np.ndarray] | None:
         """The update's delta, checked against the global model (None when it carries no samples)."""
@@ -246,7 +321,8 @@ class CloudMachine:
         self.global_state = new_state
         entry["closed_at"] = now
         self._committing = (entry, then)
-        self._do(Run(stage.Evaluate("eval", self.settings.training.model_ref, self.global_state)))
+        t = self.settings.training
+        self._do(Run(stage.Evaluate("eval", t.model_ref, self.global_state, t.loss)))
 
     def _on_job(self, ev: JobDone, now: float) -> None:
         if not isinstance(ev.job, stage.Evaluate) or self._committing is None:
@@ -262,9 +338,12 @@ class CloudMachine:
             self._do(Emit("evaluation_failed", "error", {"error": ev.error[:300]}))
         entry["accuracy"] = None if res is None or res.accuracy is None else round(float(res.accuracy), 5)
         entry["loss"] = None if res is None or res.loss is None else round(float(res.loss), 5)
+        for name, value in (res.metrics if res is not None else {}).items():
+            entry.setdefault(name, round(float(value), 5))  # the task's other metrics: mse, mae, exact_match
         entry["wall_s"] = round(self.elapsed(now), 3)
         self.history.append(entry)
         del self.history[:-HISTORY]
+        self._keep_model(entry)
         self.persist(now)  # on disk before anyone hears of it
         self._do(RunLog(entry), Metrics(entry))
         self.publish_status(accuracy=entry["accuracy"])
@@ -272,6 +351,52 @@ class CloudMachine:
                                                         ("round", "version", "accuracy", "loss", "participants")}))
         if then is not None:
             then()
+        s = self.settings
+        if s.mode == "sync" and entry.get("kind") == "round" and fedeval.due(entry["round"], s.fed_eval_every,
+                                                                              s.rounds):
+            self._open_fed_eval(int(entry["round"]), now)
+
+    def _keep_model(self, entry: dict[str, Any]) -> None:
+        """Hand the new global model to the runtime to keep, marked when it is the run's best so far."""
+        t = self.settings.training
+        metric, higher = BEST_METRIC[t.task]
+        value = entry.get(metric)
+        index = int(entry["version"] if entry.get("kind") == "version" else entry["round"])
+        best = value is not None and (self.best is None or (value > self.best["value"] if higher
+                                                            else value < self.best["value"]))
+        if best:
+            self.best = {"round": index, "metric": metric, "value": value}
+        info = {"model": t.model, "input_shape": list(t.input_shape), "num_classes": t.num_classes, "loss": t.loss,
+                "task": t.task, "fingerprint": self.schema.fingerprint, "kind": entry.get("kind"),
+                "metrics": {k: entry[k] for k in ("accuracy", "loss", "mse", "mae", "exact_match")
+                            if entry.get(k) is not None}}
+        self._do(SaveModel(self.settings.run, index, self.global_state, info, best=best))
+
+    # ------------------------------------------------------------------ federated evaluation
+    def _open_fed_eval(self, round: int, now: float) -> None:
+        devices = {d: p for d, p in self.eligible().items() if p.eval_samples}
+        if not devices:
+            self._do(Emit("evaluation_skipped", "warning", {"run": self.settings.run, "round": round,
+                                                             "reason": "no online device has eval_data"}))
+            return
+        self.fed_eval, effects = fedeval.open_eval(self.plan(round, 0), devices, self.global_state,
+                                                   self.schema.describe(), now)
+        self._do(*effects)
+
+    def _close_fed_eval(self, now: float) -> None:
+        ev, self.fed_eval = self.fed_eval, None
+        assert ev is not None
+        if not ev.reports:
+            self._do(Emit("evaluation_failed", "warning", {"run": ev.plan.run, "round": ev.plan.round,
+                                                            "reason": "no device reported",
+                                                            "missing": sorted(ev.expected)}))
+            return
+        entry = fedeval.close(ev, now)
+        for h in self.history:
+            if h.get("kind") == "round" and h.get("run") == ev.plan.run and h.get("round") == ev.plan.round:
+                h["federated"] = {k: v for k, v in entry.items() if k not in ("kind", "run", "round", "devices")}
+        self.persist(now)
+        self._do(*fedeval.publish(entry))
 
     def publish_status(self, **fields: Any) -> None:
         self._do(SetStatus(self.state, {"run": self.settings.run, "round": self.policy.completed, **fields,
@@ -298,6 +423,17 @@ class CloudMachine:
         was = self.fleet.get(p.node)
         self.fleet[p.node] = p
         self.last_seen[p.node] = now
+        run = self.settings.run
+        if p.refuses(run) and (p.node, run, str(p.refused)) not in self._refusals:
+            self._refusals.add((p.node, run, str(p.refused)))
+            info = {"refusing": p.node, "as": p.role, "run": run, "reason": p.refused, "fingerprint": p.fingerprint,
+                    "expected": self.schema.fingerprint, "action": "left out of the run"}
+            self._do(Emit("node_refused", "warning", info), Log("warning", "node refused the run", info))
+            if self.fed_eval is not None:  # nor will it evaluate
+                behind = [p.node] if p.role == "device" else [d for d, e in self.fed_eval.expected.items()
+                                                               if e == p.node]
+                for d in behind:
+                    self.fed_eval.expected.pop(d, None)
         self.policy.on_status(p, was)
 
     # ------------------------------------------------------------------ commands
@@ -335,6 +471,7 @@ class CloudMachine:
 
     def cmd_stop(self, args: dict[str, Any], now: float) -> Any:
         self.policy.on_stop()  # the round in progress is abandoned; late deltas are acknowledged and dropped
+        self.fed_eval = None
         self.state = NodeState.STOPPED
         self.persist(now)
         self.publish_status()
@@ -374,10 +511,13 @@ class CloudMachine:
             raise CommandError(f"run {run!r} is the current run; choose another id", "bad_request")
         previous = self.settings.run
         self.policy.on_stop()
+        self.fed_eval = None
+        self.runs[previous] = self.summary()
         self.settings = _with_run(self.config, run)
         self.schema = self.schemas(self.settings.training.model_ref)
         self.global_state = {k: np.array(v) for k, v in self.initial_state.items()}
         self.history = []
+        self.best, self.begun, self._enough_since, self._waiting = None, False, None, None
         self.elapsed0, self.run_started = 0.0, now
         self.policy = self._make_policy(None)
         self.state = NodeState.RUNNING if self.settings.autostart else NodeState.IDLE
@@ -393,6 +533,11 @@ class CloudMachine:
     def cmd_history(self, args: dict[str, Any], now: float) -> Any:
         last = arg(args, "last", int, default=20, check=lambda v: v >= 1)
         return self.history[-last:]
+
+    def cmd_runs(self, args: dict[str, Any], now: float) -> Any:
+        """Every run this cloud trained, oldest first, with its state, rounds and best round."""
+        self.runs[self.settings.run] = self.summary()
+        return {"current": self.settings.run, "runs": list(self.runs.values())}
 
     def cmd_move(self, args: dict[str, Any], now: float) -> Any:
         """Ask a device to move to another edge; the device answers the cloud, we answer the operator."""
@@ -412,6 +557,7 @@ COMMANDS: dict[str, Callable[[CloudMachine, dict[str, Any], float], Any]] = {
     "start": CloudMachine.cmd_start, "stop": CloudMachine.cmd_stop, "pause": CloudMachine.cmd_pause,
     "resume": CloudMachine.cmd_resume, "set": CloudMachine.cmd_set, "new-run": CloudMachine.cmd_new_run,
     "fleet": CloudMachine.cmd_fleet, "history": CloudMachine.cmd_history, "move": CloudMachine.cmd_move,
+    "runs": CloudMachine.cmd_runs,
 }
 
 

@@ -26,6 +26,7 @@ class CloudRound:
     # had already reported its own devices.
     reports: list[tuple[str, EdgeUpdate]] = field(default_factory=list)
     accounted: set[str] = field(default_factory=set)  # devices some edge reported done or missing
+    eligible: int = 0  # devices that could have taken part (client sampling picked the round's devices from these)
 
     @property
     def expected(self) -> set[str]:
@@ -44,6 +45,10 @@ class CloudRound:
                 ds.remove(device)
         self.edges.setdefault(edge, []).append(device)
         self.accounted.discard(device)
+
+    def give_up(self, devices: list[str]) -> None:
+        """These devices will not report (they refused the run): they count as missing at once."""
+        self.accounted |= set(devices) & self.expected
 
     def applied(self, update: EdgeUpdate) -> bool:
         """Whether some device of this report was already counted from an earlier report."""

@@ -19,6 +19,7 @@ from typing import Any
 from mqttfl.fl import strategies
 from mqttfl.fl.staleness import by_name as staleness_by_name
 from mqttfl.protocol.plan import TRAINING_FIELDS, Training
+from mqttfl.wire.topics import TopicError, validate_id
 
 PARAM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(strategies.StrategyParams))
 MODES = ("sync", "async")
@@ -33,6 +34,19 @@ class CloudSettings:
     max_attempts: int = field(default=3, metadata={"doc": (
         "a round below quorum is retried; after this many misses in a row the run fails")})
     min_devices: int = field(default=1, metadata={"doc": "online devices (with an online edge) before a round starts"})
+    wait_for: tuple[str, ...] = field(default=(), metadata={"doc": (
+        "device ids that round 0 of a run waits for (online, with an online edge); with start_grace_s > 0 it "
+        "starts without the missing ones once the grace period is over")})
+    start_grace_s: float = field(default=0.0, metadata={"doc": (
+        "round 0 waits this long after min_devices are online (for wait_for, or for more devices to join); 0: "
+        "no grace (start at once, or wait for every device in wait_for)")})
+    sample_fraction: float = field(default=1.0, metadata={"doc": (
+        "sync: fraction of the online devices that train each round (client sampling, seeded by seed and round)")})
+    sample_size: int = field(default=0, metadata={"doc": (
+        "sync: devices that train each round (client sampling; overrides sample_fraction when > 0)")})
+    fed_eval_every: int = field(default=0, metadata={"doc": (
+        "sync: every this many rounds (and after the last), devices with eval_data evaluate the global model and "
+        "the cloud reports the weighted result beside its own (federated evaluation); 0: never")})
     cut: int = field(default=-1, metadata={"doc": (
         "split point for devices that set none: blocks [0, cut) on the device; -1: the model's default")})
     autostart: bool = field(default=True, metadata={"doc": (
@@ -85,11 +99,23 @@ class CloudSettings:
             out.append("fedbuff_k must be >= 1")
         if not self.group_deadline_s > 0 or not 0 < self.latency_ema <= 1 or self.lam < 0:
             out.append("group_deadline_s must be > 0, latency_ema in (0, 1], lam >= 0")
+        if not 0 < self.sample_fraction <= 1 or self.sample_size < 0 or self.fed_eval_every < 0:
+            out.append("sample_fraction must be in (0, 1], sample_size and fed_eval_every >= 0")
+        if self.mode != "sync" and (self.sample_fraction != 1 or self.sample_size or self.fed_eval_every):
+            out.append("client sampling and federated evaluation are for mode sync")
+        if self.start_grace_s < 0 or len(set(self.wait_for)) != len(self.wait_for):
+            out.append("start_grace_s must be >= 0 and wait_for must not repeat a device")
+        for device in self.wait_for:
+            try:
+                validate_id(device)
+            except TopicError as e:
+                out.append(f"wait_for: {e}")
         return out
 
     def flat(self) -> dict[str, Any]:
         """The ``[cloud]`` keys and values (for persistence, status and the config reference)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("training", "params")}
+        out["wait_for"] = list(self.wait_for)
         out.update(asdict(self.training))
         out["input_shape"] = list(self.training.input_shape)
         out.update(asdict(self.params))
@@ -103,6 +129,8 @@ class CloudSettings:
             known = sorted(own | set(TRAINING_FIELDS) | set(PARAM_FIELDS))
             raise ValueError(f"[cloud]: unknown keys {sorted(unknown)}; known: {known}")
         top = {k: v for k, v in values.items() if k in own}
+        if "wait_for" in top:
+            top["wait_for"] = tuple(top["wait_for"])
         train = {k: v for k, v in values.items() if k in TRAINING_FIELDS}
         if "input_shape" in train:
             train["input_shape"] = tuple(train["input_shape"])
@@ -144,6 +172,8 @@ def _is(v: Any, want: str) -> bool:
         return isinstance(v, (int, float))
     if want == "str":
         return isinstance(v, str)
+    if want.startswith("tuple[str"):
+        return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
     if want.startswith("tuple"):
         return isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
     return True

@@ -1,17 +1,20 @@
 """Synchronous rounds (``[cloud] mode = "sync"``): FedAvg across edges with deadline, quorum and retries.
 
-Each round: take the online devices whose edge is online, announce the round to those edges with the
-global model, wait until every device is reported done or missing (or the deadline passes), check the
-quorum, apply the strategy to the edges' updates, and commit the new model. Below quorum the round is
-retried as a new attempt with the same model, up to ``max_attempts`` times, then the run fails. A restarted
-cloud opens a new attempt of the round it was in: devices that finished the old attempt recognise a new
-plan key and train again instead of ignoring a re-delivered announcement.
+Each round: take the online devices whose edge is online (the first round of a run may wait for named
+devices, ``CloudMachine.may_begin``), sample the ones that train (``sample_fraction`` or ``sample_size``,
+seeded by the run's seed, the round and its attempt), announce the round to their edges with the global model,
+wait until every device is reported done or missing (or the deadline passes), check the quorum, apply the
+strategy to the edges' updates, and commit the new model. Below quorum the round is retried as a new attempt
+with the same model, up to ``max_attempts`` times, then the run fails. A restarted cloud opens a new attempt of
+the round it was in: devices that finished the old attempt recognise a new plan key and train again instead of
+ignoring a re-delivered announcement.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from mqttfl.fl.sampling import sample_clients
 from mqttfl.fl.strategies import UpdateRejected, make_strategy
 from mqttfl.protocol.cloud.context import Cloud, quorum_needed
 from mqttfl.protocol.cloud.rounds import CloudRound, device_costs
@@ -51,7 +54,11 @@ class SyncRounds:
         return self.current is not None
 
     def on_status(self, p: Presence, was: Presence | None) -> None:
-        pass
+        r = self.current
+        if r is not None and p.refuses(r.plan.run):
+            # A node that refused this run's plan will not report: count its devices missing now, so the round
+            # closes with the others instead of at its deadline.
+            r.give_up([p.node] if p.role == "device" else r.edges.get(p.node, []))
 
     def on_start(self) -> None:
         self.attempt += 1  # a fresh plan key: devices never mistake it for a round they already finished
@@ -74,16 +81,20 @@ class SyncRounds:
             c.complete(now)
             return
         devices = c.eligible()
-        if len(devices) >= c.settings.min_devices:
+        if len(devices) >= c.settings.min_devices and (self.completed > 0 or c.may_begin(devices, now)):
             self.start(devices, now)
 
     def start(self, devices: dict[str, Presence], now: float) -> None:
         c = self.cloud
+        s = c.settings
         plan = c.plan(self.completed, self.attempt)
+        sampled = sample_clients(devices, fraction=s.sample_fraction, size=s.sample_size, seed=s.training.seed,
+                                 round=plan.round, attempt=plan.attempt)
         by_edge: dict[str, list[str]] = {}
-        for d, p in sorted(devices.items()):
-            by_edge.setdefault(str(p.edge), []).append(d)
-        self.current = CloudRound(plan, by_edge, started=now, deadline=now + plan.deadline_s)
+        for d in sampled:
+            by_edge.setdefault(str(devices[d].edge), []).append(d)
+        self.current = CloudRound(plan, by_edge, started=now, deadline=now + plan.deadline_s,
+                                  eligible=len(devices))
         # This attempt is on disk before it is announced: a cloud restarted during the round opens the next
         # attempt, never this one again (devices ignore the announcement of an attempt they finished).
         c.persist(now)
@@ -91,7 +102,8 @@ class SyncRounds:
         c.do(SetTimer(("deadline", plan.key), self.current.deadline))
         c.publish_status()
         c.do(Emit("round_started", fields={"run": plan.run, "round": plan.round, "attempt": plan.attempt,
-                                           "edges": by_edge}),
+                                           "edges": by_edge, "sampled": sampled, "eligible": len(devices),
+                                           "lr": plan.lr}),
              Log("info", "round start", {"round": plan.round, "attempt": plan.attempt, "edges": by_edge}))
 
     def on_update(self, ev: Received, msg: EdgeUpdate, now: float) -> None:
@@ -138,6 +150,7 @@ class SyncRounds:
         entry = {
             "kind": "round", "run": r.plan.run, "round": r.plan.round, "attempt": r.plan.attempt,
             "strategy": self.strategy.name, "participants": len(reports), "missing": sorted(r.expected - set(reports)),
+            "sampled": r.devices, "eligible": r.eligible, "lr": r.plan.lr,
             "round_s": round(now - r.started, 3),
             "bytes_up": sum(rep.bytes_up for rep in reports.values()),
             "bytes_down": sum(rep.bytes_down for rep in reports.values()),
@@ -173,7 +186,7 @@ class SyncRounds:
             return
         r.move(ev.src, msg.edge)
         c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan, cuts={ev.src: c.cut_for(ev.src)},
-                                state=c.global_state)))
+                                state=c.global_state, schema=c.schema.describe())))
         c.do(Emit("round_restarted_for_device", "warning", {"device": ev.src, "edge": msg.edge,
                                                             "round": r.plan.round, "source": msg.source}))
 
