@@ -43,6 +43,8 @@ def toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table inside a section ([cloud] devices)
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -135,7 +137,7 @@ class Testbed:
                   "control": {"operators": ["operator"]}}
         cloud = {"model": self.spec.model, "input_shape": list(self.spec.input_shape),
                  "test_data": str(self.root / "data" / "test.npz"), "min_devices": len(self.spec.devices),
-                 **self.spec.cloud}
+                 "edges": self.spec.edges, **self.spec.cloud}
         cb = self.cloud_broker or self.broker
         self._config("cloud", "cloud", {**common, "mqtt": {"host": cb.host, "port": cb.port}}, cloud)
         for e in self.spec.edges:
