@@ -16,9 +16,10 @@ from typing import Any
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.schema import ModelRef
 
-# Measured: an honest round's update stays within MEASURED of the global model's norm (docs/design.md, "Trust");
-# the bound leaves a wide margin above it and still refuses a delta that would replace the model.
-MAX_UPDATE_NORM = 2.0
+# Measured on honest runs (MLP, CNN, VGG-5 on digits, 1-5 local epochs): an edge's update reached at most 0.51 of
+# the global model's norm, in a first round of 5 epochs from the initial model, and 0.02-0.19 in one epoch
+# (docs/design.md, "Trust"). The bound leaves a 6x margin and still refuses an update that would swamp the model.
+MAX_UPDATE_NORM = 3.0
 
 
 @dataclass(frozen=True, kw_only=True)

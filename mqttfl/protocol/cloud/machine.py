@@ -380,7 +380,7 @@ class CloudMachine:
         if self.refused_claims.get(p.node) == (p.boot, claim):
             return
         self.refused_claims[p.node] = (p.boot, claim)
-        self._do(Emit("role_refused", "warning", {"node": p.node, "claim": claim, "detail": detail}),
+        self._do(Emit("role_refused", "warning", {"sender": p.node, "claim": claim, "detail": detail}),
                  Count("role_refused"), Log("warning", "status claim refused", {"node": p.node, "detail": detail}))
 
     # ------------------------------------------------------------------ commands
