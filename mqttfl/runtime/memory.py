@@ -518,14 +518,8 @@ class MemoryFleet:
         n.clock = max(n.clock, self.now)
         n.feed(event)
 
-    def send_raw(self, env: Envelope | bytes, *, src: str = "", dst: str = "", kind: str = "") -> None:
-        """Put a hand-made envelope on the wire, from ``env.src`` to ``env.dst``, as any client could; or raw
-        bytes (wire mode) from ``src`` to ``dst`` on ``kind``, which the receiver must decode first."""
-        if isinstance(env, bytes):
-            if not self.wire:
-                raise ValueError("raw bytes need wire mode")
-            self._transmit(Packet(src, dst, kind, payload=env), self.now)
-            return
+    def send_raw(self, env: Envelope) -> None:
+        """Put a hand-made envelope on the wire, from ``env.src`` to ``env.dst``, as any client could."""
         p = Packet(env.src, env.dst, env.kind, env=env, reliable=bool(env.body.get("reliable")))
         if self.wire:
             p.payload = encode(env)

@@ -438,8 +438,8 @@ class Transport:
         for src, _ in expired:
             self.drop("expired", f"a partial chunked message from {src} got no new chunk for "
                                  f"{self._reassembler.timeout_s:.0f}s", src)
-        if expired and held - self._reassembler.bytes_held >= 1024 * 1024:
-            release_memory()
+        if expired and held - self._reassembler.bytes_held >= 1024 * 1024 and release_memory():
+            self._count("memory_released")
 
     def report_refused(self) -> None:
         """Count and report what the network thread refused since the last call: one event per sender and

@@ -107,7 +107,10 @@ def is_run_failed(m: Inbound) -> bool:
 class Testbed:
     __test__ = False  # not a pytest test class, despite the name
     def __init__(self, root: Path, spec: FleetSpec, *, broker: Broker | None = None,
-                 data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None) -> None:
+                 data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None,
+                 mqtt: dict[str, Any] | None = None, credentials: Path | None = None) -> None:
+        """``mqtt``: [mqtt] keys for every node (``tls``, ``ca_file`` for a production broker); ``credentials``: a
+        folder of ``<node>.password`` files (broker_config/add-node.sh), one per node and the operator."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.spec = spec
@@ -117,6 +120,8 @@ class Testbed:
         # Scale-out (docs/operations.md, "Bridges: one broker per site"): edges and devices on a site broker,
         # the cloud on its own broker, bridged.
         self.cloud_broker = cloud_broker
+        self.mqtt = dict(mqtt or {})
+        self.credentials = credentials
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
         self.operator: Transport | None = None
@@ -132,22 +137,28 @@ class Testbed:
         for n, ds in shards.items():
             save_shard(self.root / "data" / f"{n}.npz", ds)
         save_shard(self.root / "data" / "test.npz", test)
-        mqtt = {"host": self.broker.host, "port": self.broker.port}
+        mqtt = {"host": self.broker.host, "port": self.broker.port, **self.mqtt}
         common = {"fleet": self.spec.fleet, "log_level": "info", "mqtt": mqtt,
                   "control": {"operators": ["operator"]}}
         cloud = {"model": self.spec.model, "input_shape": list(self.spec.input_shape),
                  "test_data": str(self.root / "data" / "test.npz"), "min_devices": len(self.spec.devices),
                  "edges": self.spec.edges, **self.spec.cloud}
         cb = self.cloud_broker or self.broker
-        self._config("cloud", "cloud", {**common, "mqtt": {"host": cb.host, "port": cb.port}}, cloud)
+        self._config("cloud", "cloud", {**common, "mqtt": {**mqtt, "host": cb.host, "port": cb.port}}, cloud)
         for e in self.spec.edges:
             self._config(e, "edge", common, dict(self.spec.edge_extra))
         for d, e in self.spec.devices.items():
             extra = self.spec.device_extra.get(d, {})
             self._config(d, "device", common, {"edge": e, "data": str(self.root / "data" / f"{d}.npz"), **extra})
 
+    def _mqtt_of(self, node: str, mqtt: dict[str, Any]) -> dict[str, Any]:
+        if self.credentials is None:
+            return mqtt
+        return {**mqtt, "password_file": str(self.credentials / f"{node}.password")}
+
     def _config(self, node: str, role: str, common: dict[str, Any], section: dict[str, Any]) -> None:
-        data = {"node": node, **common, "state_dir": str(self.root / "state"), role: section}
+        data = {"node": node, **common, "mqtt": self._mqtt_of(node, common["mqtt"]),
+                "state_dir": str(self.root / "state"), role: section}
         self.configs[node] = write_toml(self.root / f"{node}.toml", data)
 
     def role_of(self, node: str) -> str:
@@ -174,7 +185,7 @@ class Testbed:
         if self.operator is None:
             b = self.cloud_broker or self.broker
             cfg = load_config(None, "operator", environ={}, node="operator", fleet=self.spec.fleet,
-                              mqtt={"host": b.host, "port": b.port})
+                              mqtt=self._mqtt_of("operator", {"host": b.host, "port": b.port, **self.mqtt}))
             self.operator = Transport(cfg).start()
         return self.operator
 

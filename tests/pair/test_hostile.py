@@ -115,12 +115,12 @@ def test_a_node_that_says_it_is_an_edge_is_never_heard_and_reported() -> None:
                         reports={"dev1": Report(samples=10**9)}, missing=(), delta=full_delta(50.0))
     send(fleet, "mallory", "cloud", poison, reliable=True)
     fleet.run_to_end(max_time=600)
+    assert [e["participants"] for e in round_entries(fleet)] == [3, 3]
+    assert_reference(fleet, s, rounds=2)
     assert fleet.drops(node="cloud", reason="not_an_edge")
     (refused,) = fleet.events("role_refused", node="cloud")
     assert refused["sender"] == "mallory" and "edge" in refused["claim"]
     assert "mallory" not in {e for ev in fleet.events("round_started") for e in ev["edges"]}
-    assert [e["participants"] for e in round_entries(fleet)] == [3, 3]
-    assert_reference(fleet, s, rounds=2)
 
 
 def test_a_configured_edge_cannot_report_devices_outside_its_round_nor_more_samples_than_they_declared() -> None:
@@ -137,11 +137,11 @@ def test_a_configured_edge_cannot_report_devices_outside_its_round_nor_more_samp
                            ({"intruder": Report(samples=1)}, full_delta(0.0))):
         send(fleet, "edge2", "cloud", EdgeUpdate(reports=reports, missing=(), delta=delta, **key), reliable=True)
     fleet.run_to_end(max_time=600)
+    assert [e["participants"] for e in round_entries(fleet)] == [3, 3]
+    assert_reference(fleet, s, rounds=2)
     reasons = [d["reason"] for d in fleet.drops(node="cloud")]
     for reason in ("not_in_round", "implausible_samples", "implausible_update"):
         assert reason in reasons, reasons
-    assert [e["participants"] for e in round_entries(fleet)] == [3, 3]
-    assert_reference(fleet, s, rounds=2)
 
 
 def test_a_device_cannot_weigh_more_than_it_trained_on_nor_send_an_implausible_update() -> None:
@@ -154,11 +154,11 @@ def test_a_device_cannot_weigh_more_than_it_trained_on_nor_send_an_implausible_u
                           delta={k: np.zeros_like(v) for k, v in r.base.items()})
     send(fleet, "dev2", "edge1", forged, reliable=True)
     fleet.run_to_end(max_time=600)
-    assert fleet.drops(node="edge1", reason="implausible_samples")
-    assert fleet.events("update_refused", node="edge1", device="dev2")
     entries = round_entries(fleet)
     assert entries[0]["missing"] == ["dev2"] and entries[1]["participants"] == 3
     assert_reference(fleet, s, rounds=[["dev1", "dev3"], ["dev1", "dev2", "dev3"]])
+    assert fleet.drops(node="edge1", reason="implausible_samples")
+    assert fleet.events("update_refused", node="edge1", device="dev2")
 
 
 # ------------------------------------------------------------------------------------------------ finding 3
@@ -167,17 +167,23 @@ def test_a_device_cannot_weigh_more_than_it_trained_on_nor_send_an_implausible_u
 def test_malformed_retained_statuses_are_refused_whole_and_no_round_starts_that_cannot() -> None:
     """Finding 3: ``"cut": "x"`` raised after the round was marked started; ``"edge": ["x"]`` raised in every
     timer. Statuses are typed at the boundary: refused whole, reported, and the run goes on."""
-    s, fleet = fleet3({"max_samples": 1000})
+    s, fleet = fleet3()
     for body in ({"role": "device", "state": "idle", "edge": "edge1", "cut": "x", "samples": 10},
                  {"role": "device", "state": "idle", "edge": ["x"], "samples": 10},
                  {"role": "device", "state": "idle", "edge": "edge1", "samples": -3},
                  {"role": "device", "state": "idle", "edge": "edge1", "labels": "xyz", "samples": 10},
                  {"role": ["edge"], "state": "idle"}):
         status(fleet, "mallory", body)
-    # Well-formed but unusable: more samples than any device may declare.
+    fleet.run_to_end(max_time=600)
+    assert [(e["attempt"], e["participants"]) for e in round_entries(fleet)] == [(0, 3), (0, 3)]
+    assert_reference(fleet, s, rounds=2)
+    assert len(fleet.drops(node="cloud", reason="bad_field")) == 5
+
+
+def test_a_device_declaring_more_samples_than_allowed_is_left_out_and_reported() -> None:
+    s, fleet = fleet3({"max_samples": 1000})
     status(fleet, "greedy", {"role": "device", "state": "idle", "edge": "edge1", "samples": 10**9})
     fleet.run_to_end(max_time=600)
-    assert len(fleet.drops(node="cloud", reason="bad_field")) == 5
     assert fleet.events("role_refused", node="cloud", sender="greedy")
     assert all(set(e["edges"].get("edge1", [])) <= {"dev1", "dev2"} for e in fleet.events("round_started"))
     assert [(e["attempt"], e["participants"]) for e in round_entries(fleet)] == [(0, 3), (0, 3)]
@@ -200,9 +206,9 @@ def test_an_ack_counts_only_from_the_node_the_message_was_sent_to() -> None:
     fleet.send_raw(Envelope(kind="ack", src="mallory", dst="edge1", body={"ids": [env.id.hex()], "of": "delta"},
                             run=env.run, round=env.round))
     fleet.run_to_end(max_time=600)
-    assert fleet.drops(node="edge1", reason="ack_not_from_receiver")
     assert [e["participants"] for e in round_entries(fleet)] == [3, 3]
     assert_reference(fleet, s, rounds=2)
+    assert fleet.drops(node="edge1", reason="ack_not_from_receiver")
 
 
 # ------------------------------------------------------------------------------------------------ finding 6
@@ -227,6 +233,11 @@ def test_a_device_whose_link_returns_after_its_edge_closed_the_round_stops_at_on
 # ------------------------------------------------------------------------------------------------ a stream
 
 
+def raw(fleet: MemoryFleet, src: str, dst: str, kind: str, payload: bytes) -> None:
+    """Bytes that are no message of their kind, as the broker delivers them."""
+    fleet._transmit(Packet(src, dst, kind, payload=payload), fleet.now)
+
+
 def hostile_stream(fleet: MemoryFleet, rng: random.Random, targets: list[str]) -> Iterator[str]:
     """Endless hostile messages over every topic kind to every node, from nodes nobody should listen to: forged
     protocol messages with plausible and implausible fields, acks of unknown ids, commands, statuses, and bytes
@@ -247,9 +258,9 @@ def hostile_stream(fleet: MemoryFleet, rng: random.Random, targets: list[str]) -
             if kind in ("status", "ctl"):
                 fleet._transmit(Packet(src, dst, kind, data=data, retained=kind == "status"), fleet.now)
             else:
-                fleet.send_raw(json.dumps(data).encode(), src=src, dst=dst, kind=kind)
+                raw(fleet, src, dst, kind, json.dumps(data).encode())
         elif rng.random() < 0.2:
-            fleet.send_raw(rng.randbytes(rng.randrange(1, 300)), src=src, dst=dst, kind=kind)
+            raw(fleet, src, dst, kind, rng.randbytes(rng.randrange(1, 300)))
         else:
             p = Plan(run=run, round=rnd, model=MODEL, input_shape=SHAPE, batch_size=20)
             x = np.full((20, *SCHEMA.activation(cut)), rng.choice([0.5, 1e30]), np.float32)
@@ -286,7 +297,7 @@ def test_a_fleet_under_thousands_of_hostile_messages_on_every_kind_completes_eve
         for _ in range(25):
             kinds[next(stream)] += 1
         fleet.run_for(0.02)
-        assert fleet.now < 600, "the run did not complete"
+        assert sum(kinds.values()) < 30_000, "the run did not complete"
     assert sum(kinds.values()) >= 3000 and set(kinds) == set(KINDS), kinds
     assert fleet.events("round_aborted") == [] and fleet.events("quorum_not_met") == []
     assert [(e["attempt"], e["participants"]) for e in round_entries(fleet)] == [(0, 3)] * 3
