@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mqttfl.tools.bench import async_, migration, split, transport
+from mqttfl.tools.bench import async_, migration, resilience, split, transport
 from mqttfl.tools.cli import main
 from mqttfl.tools.testbed import RunFailed
 
@@ -32,6 +32,13 @@ MIGRATION = {"model": "vgg5", "epochs": 10, "per_fraction": {"0.25": FRACTION}, 
              "pause_ms_relay": 93.9, "checkpoint_bytes": 6759224, "saving_p50": 0.331, "saving_p90": 0.494,
              "ideal_p50": 0.3333, "ideal_p90": 0.4737, "lossless": True}
 
+CRASH = {"restart_to_back_s": 2.26, "kill_to_back_s": 3.26, "round_s_undisturbed": 4.0, "round_s_crashed": 5.86,
+         "replayed_steps": 2, "participants": 2, "attempt": 0, "devices": 2}
+RESILIENCE = {"memory": {"rss_baseline_mb": 224.7, "rss_peak_mb": 338.8, "rss_after_mb": 236.1, "held_mb": 96,
+                         "returned_fraction": 0.9, "expired": 3, "memory_released": 3},
+              "model": "mlp", "kill_at": 12, "down_s": 1.0, "resume_every": 4, "resume": CRASH,
+              "rejoin": {**CRASH, "replayed_steps": 48}}
+
 
 def fake_async_run(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     curve = [[1.0, 0.5], [2.0, 0.92 if strategy == "ecofl" else 0.8], [3.0, 0.95]]
@@ -44,8 +51,8 @@ def canned(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if bench == "async":
         monkeypatch.setattr(async_, "run_one", fake_async_run)
     else:
-        result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION}[bench]
-        module = {"transport": transport, "split": split, "migration": migration}[bench]
+        result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION, "resilience": RESILIENCE}[bench]
+        module = {"transport": transport, "split": split, "migration": migration, "resilience": resilience}[bench]
         monkeypatch.setattr(module, "measure", lambda *a, **kw: json.loads(json.dumps(result)))
 
 
@@ -53,7 +60,7 @@ def failing(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*a: Any, **kw: Any) -> Any:
         raise RunFailed({"run": "bench-x", "round": 0, "reason": "round 0: quorum not met in 1 attempts"})
 
-    module = {"split": split, "migration": migration}.get(bench)
+    module = {"split": split, "migration": migration, "resilience": resilience}.get(bench)
     if module is None:
         monkeypatch.setattr(async_, "run_one", fail)
     else:
@@ -68,7 +75,7 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
-@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async"])
+@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "resilience"])
 def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_working_directory(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,7 +106,7 @@ def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
     assert str(Path("bench-results") / "async" / "results.json") in table
 
 
-@pytest.mark.parametrize("bench", ["split", "migration", "async"])
+@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience"])
 def test_a_failed_run_stops_the_bench_with_exit_1_and_says_why(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

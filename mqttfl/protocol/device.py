@@ -487,8 +487,9 @@ class DeviceMachine:
         if snap is None:
             self._send(self.cloud, Restart(run=r.plan.run, round=r.plan.round, migration=self._new_id("m"),
                                            edge=self.edge, source=self.edge))
+            # Everything trained so far this round is trained again from the global model.
             self._do(Emit("round_rejoin", "warning", {"device": self.node, "edge": self.edge, "round": r.plan.round,
-                                                      "reason": f"edge session {msg.session} at step {msg.step}"}))
+                                                      "replayed": r.step, "reason": f"edge session {msg.session}"}))
             self._abort(now, f"{self.edge} lost our session; asked the cloud to restart our part there")
             return
         replayed = r.step - msg.step

@@ -24,6 +24,7 @@ BENCHES = {
     "split": ("mqttfl.tools.bench.split", "monolithic vs split-over-MQTT training of the same batches"),
     "migration": ("mqttfl.tools.bench.migration", "FedFly migration pause and time saved vs restarting"),
     "async": ("mqttfl.tools.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
+    "resilience": ("mqttfl.tools.bench.resilience", "memory returned by expired transfers; an edge killed mid-round"),
 }
 
 
