@@ -18,14 +18,17 @@ Model of the world (what it keeps from the real runtime, and why):
   encoding, the real codec and the typed parser, so a field that does not survive serialisation breaks here
   as it would on the wire (``wire=False`` hands the typed message over instead). Receivers drop ids they
   have seen (``Transport``'s dedupe); reliable messages stay in the sender's outbox and are re-sent every
-  ``resend_after_s`` until acknowledged. The outbox survives a kill (it is on disk in the real runtime).
+  ``resend_after_s`` until their receiver (no other node) acknowledges them. The outbox survives a kill (it is
+  on disk in the real runtime), and so do an edge's saved sessions (``Persist`` with a key), which a
+  restarted edge reads back.
 * Presence is the nodes' retained status: ``SetStatus`` merges into the node's status like
   ``Transport.set_status`` and reaches the cloud as ``StatusSeen``; a killed node's last will says offline;
   a (re)started cloud receives every retained status. The broker keeps a killed node's session: messages for
   it wait and are delivered when it restarts.
 * ``Emit``/``Metrics``/``Drop``/``Count``/``Log``/``RunLog``/``Reply`` are recorded, with the node's name, for
   tests to assert on (``events``, ``metrics``, ``drops``, ``counts``, ...); ``Persist`` keeps the last state
-  (through the state-file serialiser) to rebuild a restarted cloud. Control commands are authorised and
+  (through the state-file serialiser) to rebuild a restarted cloud; ``ReconnectWithin`` is recorded
+  (``reconnect_cap``). Control commands are authorised and
   answered like ``Node.on_ctl``; ``SendCommand`` travels as a ``ctl`` message.
 
 Faults are rules on packets (:class:`Fault`): drop, duplicate, delay or reorder the packets a predicate
