@@ -483,6 +483,13 @@ class DeviceMachine:
         if msg.session == EdgeSession.CLOSED:
             self._abort(now, f"{self.edge} already closed round {r.plan.round}")
             return
+        if msg.session == EdgeSession.RESTORED and msg.step == r.step + 1 and r.down.outstanding:
+            # The edge saved the end of the mini-batch we are finishing, with the gradients it sent for it:
+            # our re-sent activations are answered from them, and we reach its boundary without going back.
+            self._do(Emit("round_resumed", fields={"device": self.node, "edge": self.edge, "round": r.plan.round,
+                                                   "step": msg.step, "replayed": 0}))
+            self._resend(now)
+            return
         snap = r.snaps.rewind(msg.step) if msg.session == EdgeSession.RESTORED else None
         if snap is None:
             self._send(self.cloud, Restart(run=r.plan.run, round=r.plan.round, migration=self._new_id("m"),

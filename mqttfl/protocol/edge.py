@@ -621,7 +621,8 @@ class EdgeMachine:
             optimizer=snap.optimizer if snap else {}, rng=snap.rng if snap else None, expected=s.up.expected,
             steps=s.steps, loss_sum=s.loss_sum, seen=s.seen, n_micro=s.up.n_micro, tag=r.tag,
             deadline_wall=None if r.wall is None else r.deadline + r.wall, declared=r.samples.get(s.device),
-            report=s.report, delta=s.delta)
+            report=s.report, delta=s.delta,
+            grads=[g for k, g in s.up.cache.items() if k[0] == s.up.expected[0] - 1] if snap else [])
         self._do(Persist(saved.to_state(), key=record_key(s.device)))
         s.saved = s.up.expected[0]
 
@@ -693,7 +694,8 @@ class EdgeMachine:
                                  optimizer=saved.optimizer or None, rng=saved.rng))
         return Session(saved.device, saved.plan, saved.cut, sid, base=saved.base,
                        activation=schema.activation(saved.cut) if sid else (),
-                       up=Upstream(expected=saved.expected, n_micro=saved.n_micro), steps=saved.steps,
+                       up=Upstream(expected=saved.expected, n_micro=saved.n_micro,
+                                   cache=OrderedDict((g.key, g) for g in saved.grads)), steps=saved.steps,
                        loss_sum=saved.loss_sum, seen=saved.seen, delta=saved.delta, report=saved.report,
                        saved=saved.expected[0], restored=sid is not None)
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mqttfl.protocol.errors import ProtocolError
-from mqttfl.protocol.messages import Report, RoundTag
+from mqttfl.protocol.messages import Gradients, Report, RoundTag
 from mqttfl.protocol.plan import Plan
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
 from mqttfl.protocol.stage import StageSnapshot
@@ -63,6 +63,9 @@ class SavedSession:
     declared: int | None = None  # the samples the device declared when it joined (the cloud's word)
     report: Report | None = None  # set once the device's delta is in
     delta: State | None = None
+    # The gradients of the mini-batch before ``expected``: the edge may die after saving the boundary but
+    # before the device got the last of them; restored, they answer the device's re-sent activations.
+    grads: list[Gradients] = field(default_factory=list)
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -72,6 +75,7 @@ class SavedSession:
             "n_micro": self.n_micro, "tag": self.tag.to_body() if self.tag else None,
             "deadline_wall": self.deadline_wall, "declared": self.declared,
             "report": self.report.to_body() if self.report else None, "delta": self.delta,
+            "grads": [[g.step, g.micro, g.loss_sum, g.correct, g.g] for g in self.grads],
         }
 
     @classmethod
@@ -95,11 +99,13 @@ class SavedSession:
             expected = (int(d["expected"][0]), int(d["expected"][1]))
             report = Report.from_body(d["report"]) if d["report"] is not None else None
             delta = check_state(d["delta"], schema.specs(), "saved delta") if d["delta"] is not None else None
+            grads = [_gradient(plan, cut, schema, g) for g in d.get("grads", [])]
             out = cls(device=str(d["device"]), plan=plan, cut=cut, base=base, weights=weights, optimizer=optimizer,
                       rng=rng, expected=expected, steps=int(d["steps"]), loss_sum=float(d["loss_sum"]),
                       seen=int(d["seen"]), n_micro=int(d["n_micro"]), tag=RoundTag.from_body(d.get("tag")),
                       deadline_wall=None if d["deadline_wall"] is None else float(d["deadline_wall"]),
-                      declared=None if d["declared"] is None else int(d["declared"]), report=report, delta=delta)
+                      declared=None if d["declared"] is None else int(d["declared"]), report=report, delta=delta,
+                      grads=grads)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ProtocolError("bad_field", f"session record: {type(e).__name__}: {e}") from None
         if expected[1] != 0 or min(expected[0], out.steps, out.seen, out.n_micro) < 0:
@@ -107,6 +113,16 @@ class SavedSession:
         if (report is None) != (delta is None):
             raise ProtocolError("bad_field", "a saved session has both a report and a delta, or neither")
         return out, schema
+
+
+def _gradient(plan: Plan, cut: int, schema: ModelSchema, g: Any) -> Gradients:
+    step, micro, loss_sum, correct, arr = g
+    shape = schema.activation(cut)
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or tuple(arr.shape[1:]) != tuple(shape) \
+            or not np.isfinite(arr).all():
+        raise ProtocolError("bad_shape", "a saved gradient does not fit the model at this cut")
+    return Gradients(run=plan.run, round=plan.round, step=int(step), micro=int(micro), loss_sum=float(loss_sum),
+                     correct=int(correct), g=np.array(arr))
 
 
 def _optimizer(state: Mapping[str, Any], specs: Mapping[str, Any]) -> State:

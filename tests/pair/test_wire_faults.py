@@ -226,6 +226,22 @@ def test_an_edge_killed_mid_round_resumes_its_sessions_and_loses_no_work() -> No
     assert not fleet.nodes["edge1"].keyed, "a reported round leaves nothing saved behind"
 
 
+def test_an_edge_killed_after_saving_a_boundary_but_before_its_last_gradient_arrived_answers_it_from_disk() -> None:
+    """The race: the edge steps and saves boundary 4, but dies before the device gets the gradient that ends
+    mini-batch 3. The device cannot go forward to 4 by itself nor back (the edge is past 3): the saved session
+    carries that mini-batch's gradients, and the restored edge answers the device's re-sent activation."""
+    s, fleet = fleet3({"deadline_s": 20.0, "resume_every": 2})
+    lost = fleet.drop(match("grad", dst="dev1", where=lambda p: p.msg.round == 0 and p.msg.step == 3))
+    fleet.run_until(lambda: lost.hits, max_time=60)
+    fleet.restart("edge1")
+    fleet.run_to_end(max_time=600)
+    assert fleet.events("round_rejoin") == []
+    (dev1,) = fleet.events("round_resumed", device="dev1")
+    assert (dev1["step"], dev1["replayed"]) == (4, 0)
+    assert [(e["round"], e["attempt"], e["participants"]) for e in round_entries(fleet)] == [(0, 0, 3), (1, 0, 3)]
+    assert_reference(fleet, s, rounds=2)
+
+
 def test_an_edge_restarted_without_saved_sessions_has_its_devices_rejoin_the_round_through_the_cloud() -> None:
     """Without saved sessions (resume_every = 0) the restarted edge tells each device it lost its session; the
     device asks the cloud to restart its part there, and the round still completes with every device."""
