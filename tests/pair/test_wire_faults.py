@@ -208,10 +208,23 @@ def test_a_cloud_restarted_after_acknowledging_a_delta_never_reannounces_that_at
     assert_reference(fleet, s, rounds=2)
 
 
-def test_an_edge_killed_mid_round_resumes_its_sessions_and_loses_no_work() -> None:
-    """Finding: an edge killed mid-round lost its devices' work; the round closed at the deadline or retried.
-    Now the restarted edge reads its sessions back, the devices go back to the boundary it saved, and the
-    round completes at its first attempt with every device, on exactly the weights of a run without a crash."""
+def test_an_edge_killed_mid_round_resumes_its_sessions_and_the_round_keeps_every_device() -> None:
+    """Finding 6: an edge killed mid-round lost its devices' work; the round closed at the deadline or was retried.
+    With the defaults (a round here is shorter than resume_every) the edge saved its sessions when the round
+    opened: restarted, it reads them back, its devices replay from there, and the round completes at its
+    first attempt with every device, on exactly the weights of a run without a crash."""
+    s, fleet = fleet3({"deadline_s": 20.0, "quorum": 0.5})
+    fleet.run_until(lambda: (r := fleet.machine("dev1").round) is not None and r.step >= 3, max_time=60)
+    fleet.restart("edge1")
+    fleet.run_to_end(max_time=600)
+    assert fleet.events("quorum_not_met") == [] and fleet.events("devices_missing") == []
+    assert [(e["round"], e["attempt"], e["participants"]) for e in round_entries(fleet)] == [(0, 0, 3), (1, 0, 3)]
+    assert_reference(fleet, s, rounds=2)
+    resumed = {e["device"]: e for e in fleet.events("round_resumed")}
+    assert set(resumed) == {"dev1", "dev2"} and resumed["dev1"]["step"] == 0 and resumed["dev1"]["replayed"] >= 3
+
+
+def test_an_edge_killed_mid_round_resumes_from_the_last_boundary_it_saved_and_loses_no_work() -> None:
     s, fleet = fleet3({"deadline_s": 20.0, "quorum": 0.5, "resume_every": 2})
     fleet.run_until(lambda: (r := fleet.machine("dev1").round) is not None and r.step >= 3, max_time=60)
     assert fleet.nodes["edge1"].keyed, "the edge saved its sessions"

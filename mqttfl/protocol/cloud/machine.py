@@ -76,6 +76,9 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
     "max_versions": (int, lambda v: v >= 0),
     "group_deadline_s": ((int, float), lambda v: v > 0),
     "regroup_every": (int, lambda v: v >= 0),
+    "max_update_norm": ((int, float), lambda v: v >= 0),
+    "max_samples": (int, lambda v: v >= 0),
+    "resume_every": (int, lambda v: v >= 0),
 }
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
