@@ -177,7 +177,8 @@ class SyncRounds:
             return
         r.move(ev.src, msg.edge)
         c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan, cuts={ev.src: c.cut_for(ev.src)},
-                                state=c.global_state)))
+                                      samples={ev.src: r.declared.get(ev.src, c.declared(ev.src))},
+                                      state=c.global_state)))
         c.do(Emit("round_restarted_for_device", "warning", {"device": ev.src, "edge": msg.edge,
                                                             "round": r.plan.round, "source": msg.source}))
 
