@@ -29,7 +29,7 @@ test: setup
 
 # The broker-free tier: the protocol machines wired together in memory on virtual time (tests/pair) and the
 # unit tests that need neither a broker nor agent processes. Under a minute on two cores.
-FAST_TESTS := tests/pair tests/test_aggregate.py tests/test_backend.py tests/test_checkpoint.py \
+FAST_TESTS := tests/pair tests/test_aggregate.py tests/test_backend.py tests/test_checkpoint.py tests/test_inbox.py \
 	tests/test_chunking.py tests/test_configref.py tests/test_encoding.py tests/test_grouping.py tests/test_layers.py tests/test_links.py \
 	tests/test_models.py tests/test_sim.py tests/test_shard.py tests/test_datatool.py tests/test_kept_models.py \
 	tests/test_schedule.py tests/test_split.py tests/test_staleness.py tests/test_strategies.py tests/test_topics.py

@@ -7,15 +7,13 @@ persisted run, builds the initial model and wires machine, torch backend and tra
 from __future__ import annotations
 
 import uuid
-from dataclasses import fields
 from pathlib import Path
 
 from mqttfl.ml.backend import TorchBackend
 from mqttfl.ml.models import initial_state, schema_of
 from mqttfl.ml.shard import open_shard
 from mqttfl.protocol.cloud.machine import CloudMachine
-from mqttfl.protocol.cloud.settings import CloudSettings
-from mqttfl.runtime.config import AgentConfig, CloudRuntime, ConfigError, parse_section
+from mqttfl.runtime.config import AgentConfig, read_cloud_section
 from mqttfl.runtime.node import Node
 from mqttfl.runtime.persist import load_state
 
@@ -23,15 +21,9 @@ STATE_FILE = "cloud.state"
 
 
 def build(cfg: AgentConfig) -> Node:
-    runtime_keys = frozenset(f.name for f in fields(CloudRuntime))
-    rt: CloudRuntime = parse_section(CloudRuntime, {k: v for k, v in cfg.section.items() if k in runtime_keys},
-                                     "cloud")
-    try:
-        settings = CloudSettings.from_section({k: v for k, v in cfg.section.items() if k not in runtime_keys})
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    rt, roles, settings = read_cloud_section(cfg.section)
     restored = load_state(Path(cfg.state_dir) / STATE_FILE) if cfg.state_dir else None
-    machine = CloudMachine(cfg.node, settings=settings, restored=restored, schemas=schema_of,
+    machine = CloudMachine(cfg.node, settings=settings, restored=restored, schemas=schema_of, roles=roles,
                            initial_state=initial_state(settings.training.model_ref, settings.training.seed),
                            run_ids=lambda: f"run-{uuid.uuid4().hex[:8]}")
     test = open_shard(rt.test_data) if rt.test_data else None

@@ -12,11 +12,12 @@ from mqttfl.ml.backend import TorchBackend
 from mqttfl.ml.models import schema_of
 from mqttfl.protocol.edge import EdgeMachine
 from mqttfl.runtime.config import AgentConfig, EdgeSection, parse_section
-from mqttfl.runtime.node import Node
+from mqttfl.runtime.node import Node, load_keyed_states
 
 
 def build(cfg: AgentConfig) -> Node:
     sec: EdgeSection = parse_section(EdgeSection, cfg.section, "edge")
+    # The sessions a killed edge left in its state directory: the rounds in progress resume (edge resume).
     machine = EdgeMachine(cfg.node, schemas=schema_of, cloud=sec.cloud, deadline_fraction=sec.deadline_fraction,
-                          id_prefix=os.urandom(4).hex())
+                          id_prefix=os.urandom(4).hex(), restored=load_keyed_states(cfg.state_dir))
     return Node(cfg, machine, TorchBackend(cfg.node), cloud=sec.cloud)

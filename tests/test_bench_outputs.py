@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mqttfl.tools.bench import async_, data, migration, split, transport
+from mqttfl.tools.bench import async_, data, migration, resilience, split, transport
 from mqttfl.tools.cli import main
 from mqttfl.tools.testbed import RunFailed
 
@@ -36,6 +36,13 @@ DATA = {"csv_rows": 100000, "csv_features": 20, "csv_s": 5.0, "csv_rows_per_s": 
         "png_images_per_s": 1500.0, "shard_rows": 20000, "shard_mb": 234.4, "mapped": EPOCH,
         "whole": {**EPOCH, "anon_mb": 275.0}}
 
+CRASH = {"restart_to_back_s": 2.26, "kill_to_back_s": 3.26, "round_s_undisturbed": 4.0, "round_s_crashed": 5.86,
+         "replayed_steps": 2, "participants": 2, "attempt": 0, "devices": 2}
+RESILIENCE = {"memory": {"rss_baseline_mb": 224.7, "rss_peak_mb": 338.8, "rss_after_mb": 236.1, "held_mb": 96,
+                         "returned_fraction": 0.9, "expired": 3, "memory_released": 3},
+              "model": "mlp", "kill_at": 12, "down_s": 1.0, "resume_every": 4, "resume": CRASH,
+              "rejoin": {**CRASH, "replayed_steps": 48}}
+
 
 def fake_async_run(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     curve = [[1.0, 0.5], [2.0, 0.92 if strategy == "ecofl" else 0.8], [3.0, 0.95]]
@@ -48,8 +55,10 @@ def canned(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if bench == "async":
         monkeypatch.setattr(async_, "run_one", fake_async_run)
     else:
-        result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION, "data": DATA}[bench]
-        module = {"transport": transport, "split": split, "migration": migration, "data": data}[bench]
+        result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION, "data": DATA,
+                  "resilience": RESILIENCE}[bench]
+        module = {"transport": transport, "split": split, "migration": migration, "data": data,
+                  "resilience": resilience}[bench]
         monkeypatch.setattr(module, "measure", lambda *a, **kw: json.loads(json.dumps(result)))
 
 
@@ -57,7 +66,7 @@ def failing(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*a: Any, **kw: Any) -> Any:
         raise RunFailed({"run": "bench-x", "round": 0, "reason": "round 0: quorum not met in 1 attempts"})
 
-    module = {"split": split, "migration": migration}.get(bench)
+    module = {"split": split, "migration": migration, "resilience": resilience}.get(bench)
     if module is None:
         monkeypatch.setattr(async_, "run_one", fail)
     else:
@@ -72,7 +81,7 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
-@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data"])
+@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data", "resilience"])
 def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_working_directory(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,7 +122,7 @@ def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
     assert str(Path("bench-results") / "async" / "results.json") in table
 
 
-@pytest.mark.parametrize("bench", ["split", "migration", "async"])
+@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience"])
 def test_a_failed_run_stops_the_bench_with_exit_1_and_says_why(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

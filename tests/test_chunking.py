@@ -151,7 +151,57 @@ def test_finished_set_is_bounded() -> None:
     r = Reassembler(max_finished=3)
     for _ in range(10):
         _feed_all(r, make_chunks(os.urandom(2 * CHUNK), CHUNK))
-    assert len(r._finished) == 3
+    assert len(r._senders["dev1"].finished) == 3
+
+
+def test_one_sender_exhausts_only_its_own_budget_of_transfers_and_bytes() -> None:
+    """Finding: one sender's 64 never-finished tiny transfers filled the table for everyone."""
+    r = Reassembler(max_transfers=64, sender_transfers=4, max_bytes=64 * CHUNK, sender_bytes=16 * CHUNK)
+    for _ in range(4):
+        r.feed("mallory", make_chunks(os.urandom(2 * CHUNK), CHUNK)[0], 0.0)
+    with pytest.raises(ChunkError) as info:
+        r.feed("mallory", make_chunks(os.urandom(2 * CHUNK), CHUNK)[0], 0.0)
+    assert info.value.code == "sender_budget"
+    r2 = Reassembler(max_bytes=64 * CHUNK, sender_bytes=16 * CHUNK)
+    r2.feed("mallory", make_chunks(os.urandom(10 * CHUNK), CHUNK)[0], 0.0)
+    with pytest.raises(ChunkError) as info:  # free transfers, but its bytes are reserved
+        r2.feed("mallory", make_chunks(os.urandom(10 * CHUNK), CHUNK)[0], 0.0)
+    assert info.value.code == "sender_budget"
+    with pytest.raises(ChunkError) as info:  # larger than any sender may send
+        r2.feed("edge1", make_chunks(os.urandom(20 * CHUNK), CHUNK)[0], 0.0)
+    assert info.value.code == "too_large"
+    payload = os.urandom(10 * CHUNK)
+    assert _feed_all(r, make_chunks(payload, CHUNK), src="edge1") == [payload], "others still get through"
+    assert r.reserved_by("mallory") > 0 and r.reserved_by("edge1") == 0
+
+
+def test_duplicate_frames_never_extend_a_transfers_life() -> None:
+    """Finding: a duplicate frame re-sent every 20 s kept a transfer (and its reservation) open forever."""
+    frames = make_chunks(os.urandom(4 * CHUNK), CHUNK)
+    r = Reassembler(timeout_s=30.0)
+    r.feed("mallory", frames[0], 0.0)
+    for t in (20.0, 29.0):
+        assert r.feed("mallory", frames[0], t) is None
+    assert r.expire(31.0) != [] and r.transfers == 0 and r.bytes_reserved == 0
+
+
+def test_a_trickle_of_new_frames_cannot_keep_a_transfer_alive_past_its_lifetime() -> None:
+    frames = make_chunks(os.urandom(40 * CHUNK), CHUNK)
+    r = Reassembler(timeout_s=10.0, max_life_s=50.0)
+    for i, f in enumerate(frames[:-1]):
+        r.feed("mallory", f, 9.0 * i)
+        if 9.0 * i > 50.0:
+            break
+    assert r.expire(9.0 * 6 + 1) != [] and r.transfers == 0 and r.bytes_held == 0
+
+
+def test_a_sender_churning_through_finished_keys_evicts_only_its_own() -> None:
+    r = Reassembler(max_finished=3)
+    legit = make_chunks(os.urandom(2 * CHUNK), CHUNK)
+    _feed_all(r, legit, src="edge1")
+    for _ in range(10):
+        _feed_all(r, make_chunks(os.urandom(2 * CHUNK), CHUNK), src="mallory")
+    assert r.feed("edge1", legit[0], 1.0) is None and r.transfers == 0, "a late redelivery reopens nothing"
 
 
 def test_same_tid_from_different_senders_are_separate_transfers() -> None:

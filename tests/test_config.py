@@ -81,7 +81,7 @@ BUILD = {"device": build_device, "edge": build_edge, "cloud": build_cloud}
 
 
 def role_config(tmp_path: Path, role: str, section: dict[str, Any], **top: Any) -> Path:
-    base = {"device": DEVICE, "edge": {}, "cloud": {"model": "mlp", "input_shape": [64]}}[role]
+    base = {"device": DEVICE, "edge": {}, "cloud": {"model": "mlp", "input_shape": [64], "edges": ["edge1"]}}[role]
     return write_toml(tmp_path / f"{role}.toml", {"node": f"{role}1", **top, role: {**base, **section}})
 
 

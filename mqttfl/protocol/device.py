@@ -54,6 +54,7 @@ from mqttfl.protocol.events import (
     LinkChanged,
     Log,
     Received,
+    ReconnectWithin,
     Reply,
     Run,
     Send,
@@ -68,6 +69,7 @@ from mqttfl.protocol.messages import (
     Activations,
     Ckpt,
     DeviceUpdate,
+    EdgeSession,
     EvalReport,
     EvaluateModel,
     Expect,
@@ -82,10 +84,12 @@ from mqttfl.protocol.messages import (
     Release,
     Report,
     Restart,
+    Resume,
     TrainRound,
     Transfer,
 )
-from mqttfl.protocol.plan import LabelFormat, Plan, batches_per_epoch, round_steps
+from mqttfl.protocol.plan import LabelFormat, Plan, batches_per_epoch, reconnect_within, round_steps
+from mqttfl.protocol.resume import DeviceSnapshot, Snapshots
 from mqttfl.protocol.schedule import Action, one_f_one_b
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch
 from mqttfl.protocol.status import NodeState
@@ -132,6 +136,8 @@ class DeviceRound:
     migration: Migration | None = None
     meters0: stage.Meters = field(default_factory=stage.Meters)
     delta: dict[str, np.ndarray] | None = None
+    snaps: Snapshots = field(default_factory=lambda: Snapshots(0))  # states at the boundaries the edge saves
+    then_boundary: bool = True  # after a snapshot: the boundary's work (a move) comes next, else just go on
 
 
 class DeviceMachine:
@@ -165,6 +171,7 @@ class DeviceMachine:
         self.previous_edge: str | None = None  # a round announced there before an idle move still counts
         self.idle_move: tuple[MovePath, int] = (MovePath.DIRECT, 0)
         self.migrations: list[dict[str, Any]] = []
+        self.resume_tokens: list[str] = []  # edge restarts already acted on
         self._ids = 0
         self._id_prefix = id_prefix
         self._fx: list[Effect] = []
@@ -231,6 +238,8 @@ class DeviceMachine:
             self._on_train_round(ev, now)
         elif isinstance(msg, Gradients):
             self._on_grad(ev, msg, now)
+        elif isinstance(msg, Resume):
+            self._on_resume(ev, msg, now)
         elif isinstance(msg, Ckpt):
             self._on_ckpt(ev, msg, now)
         elif isinstance(msg, EvaluateModel):
@@ -316,7 +325,11 @@ class DeviceMachine:
             started=now, first_start=first, t_download=t_download, total=round_steps(self.n_samples, plan),
             down=Downstream(self.act_timeout_s))
         self.refused = None
+        if not r.local:  # a device training locally keeps no state at its edge
+            r.snaps = Snapshots(plan.resume_every)
+            r.snaps.keep(0, DeviceSnapshot(None, 0.0, 0, 0))
         self._status(NodeState.TRAINING, round=plan.round, run=plan.run, fingerprint=schema.fingerprint, refused=None)
+        self._do(ReconnectWithin(reconnect_within(plan.deadline_s)))
         self._do(Log("info", "round start", {"round": plan.round, "cut": msg.cut, "steps": r.total}))
         self._run(stage.Measure(r.session))
 
@@ -359,6 +372,11 @@ class DeviceMachine:
             r.delta = delta(ev.result, r.base)
             self._run(stage.Measure(r.session))
             return
+        elif isinstance(job, stage.Snapshot):
+            r.snaps.keep(r.step, DeviceSnapshot(ev.result, r.loss_sum, r.correct, r.seen))
+            if r.then_boundary:
+                self._at_boundary(now)
+                return
         self._advance(now)
 
     def _batch_len(self, r: DeviceRound, step: int) -> int:
@@ -411,6 +429,16 @@ class DeviceMachine:
         assert r is not None
         r.step += 1
         r.actions = []
+        if r.snaps.wanted(r.step) and r.step < r.total:
+            # The edge saves its side of this boundary: keep ours until it holds a later one (edge resume).
+            r.then_boundary = True
+            self._run(stage.Snapshot(r.session))
+            return
+        self._at_boundary(now)
+
+    def _at_boundary(self, now: float) -> None:
+        r = self.round
+        assert r is not None
         # A move waits for a mini-batch boundary (no gradient in flight); one asked at the last boundary
         # happens between rounds. Local training keeps no state at the edge: it moves between rounds too.
         if self.pending_move is not None and not r.local and self.move_at_step <= r.step < r.total:
@@ -433,6 +461,7 @@ class DeviceMachine:
         r.loss_sum += msg.loss_sum
         r.correct += msg.correct
         r.seen += int(r.down.outstanding[msg.key].y.shape[0])
+        r.snaps.edge_saved(msg.saved)
         self._advance(now)
 
     def _resend(self, now: float) -> None:
@@ -497,6 +526,52 @@ class DeviceMachine:
                                             "loss": round(r.loss_sum / max(r.seen, 1), 4)}))
         self._end_round(now)
 
+    # ------------------------------------------------------------------ edge resume (protocol/resume.py)
+    def _on_resume(self, ev: Received, msg: Resume, now: float) -> None:
+        """Our edge restarted (or says our round is over there). Restored: go back to our own state at the
+        boundary it holds and train on from there; lost: ask the cloud to restart our part of the round there;
+        closed: we come too late, stop."""
+        r = self.round
+        if ev.src != self.edge:
+            self._do(Drop("unknown_sender", f"resume from {ev.src}, attached to {self.edge}", ev.src))
+            return
+        if r is None or (msg.run, msg.round, msg.attempt) != r.plan.key or msg.token in self.resume_tokens \
+                or r.local or r.migration is not None:
+            return  # not our round, already acted on, no edge-side state, or a move decides
+        self.resume_tokens = (self.resume_tokens + [msg.token])[-16:]
+        if msg.session == EdgeSession.CLOSED:
+            self._abort(now, f"{self.edge} already closed round {r.plan.round}")
+            return
+        if msg.session == EdgeSession.RESTORED and msg.step == r.step + 1 and r.down.outstanding:
+            # The edge saved the end of the mini-batch we are finishing, with the gradients it sent for it:
+            # our re-sent activations are answered from them, and we reach its boundary without going back.
+            self._do(Emit("round_resumed", fields={"device": self.node, "edge": self.edge, "round": r.plan.round,
+                                                   "step": msg.step, "replayed": 0}))
+            self._resend(now)
+            return
+        snap = r.snaps.rewind(msg.step) if msg.session == EdgeSession.RESTORED else None
+        if snap is None:
+            self._send(self.cloud, Restart(run=r.plan.run, round=r.plan.round, migration=self._new_id("m"),
+                                           edge=self.edge, source=self.edge))
+            # Everything trained so far this round is trained again from the global model.
+            self._do(Emit("round_rejoin", "warning", {"device": self.node, "edge": self.edge, "round": r.plan.round,
+                                                      "replayed": r.step, "reason": f"edge session {msg.session}"}))
+            self._abort(now, f"{self.edge} lost our session; asked the cloud to restart our part there")
+            return
+        replayed = r.step - msg.step
+        self._do(Run(stage.Close(r.session)))
+        r.session = self._new_id("r")
+        r.step, r.loss_sum, r.correct, r.seen = msg.step, snap.loss_sum, snap.correct, snap.seen
+        r.actions, r.pos = [], 0
+        resends, r.down = r.down.resends, Downstream(self.act_timeout_s)
+        r.down.resends = resends
+        st = snap.stage
+        self._do(Emit("round_resumed", fields={"device": self.node, "edge": self.edge, "round": r.plan.round,
+                                               "step": msg.step, "replayed": replayed}))
+        self._run(stage.Open(r.session, r.plan, 0, r.cut, st.weights if st else r.base,
+                             optimizer=(st.optimizer or None) if st else None, rng=st.rng if st else None,
+                             data=True))
+
     def _abort(self, now: float, reason: str) -> None:
         self._do(Emit("round_aborted", "warning", {"reason": reason}),
                  Log("warning", "round aborted", {"reason": reason}))
@@ -505,7 +580,7 @@ class DeviceMachine:
     def _end_round(self, now: float) -> None:
         r = self.round
         assert r is not None
-        self._do(Run(stage.Close(r.session)))
+        self._do(Run(stage.Close(r.session)), ReconnectWithin(None))
         self.round = None
         if self.pending_move is not None:
             self.edge, _ = self.pending_move
@@ -569,6 +644,11 @@ class DeviceMachine:
         self.migrations = (self.migrations + [record])[-50:]
         self._status(NodeState.TRAINING)
         self._do(Emit("migration_done", fields=record), Log("info", "migrated", record))
+        if r.snaps.every > 0 and r.step not in r.snaps.kept:
+            # The destination saved the session as it installed it: keep our side of this boundary too.
+            r.then_boundary = False
+            self._run(stage.Snapshot(r.session))
+            return
         self._advance(now)
 
     def _migration_failed(self, now: float, reason: str) -> None:

@@ -46,7 +46,9 @@ from mqttfl.protocol.events import (
     Event,
     JobDone,
     Log,
+    Persist,
     Received,
+    ReconnectWithin,
     Reply,
     Run,
     Send,
@@ -60,6 +62,7 @@ from mqttfl.protocol.messages import (
     Abort,
     Activations,
     DeviceUpdate,
+    EdgeSession,
     EdgeUpdate,
     EvaluateModel,
     Expect,
@@ -75,18 +78,22 @@ from mqttfl.protocol.messages import (
     Refused,
     Release,
     Report,
+    Resume,
     RoundTag,
     TrainRound,
     Transfer,
 )
-from mqttfl.protocol.plan import Plan
-from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch
+from mqttfl.protocol.plan import Plan, reconnect_within
+from mqttfl.protocol.resume import SavedSession, record_key
+from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch, state_norm
 from mqttfl.protocol.status import NodeState
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
 Key = tuple[int, int]
 RoundKey = tuple[str, int, int]
 EXPECTED_TRANSFERS = 256
+TOLD = 256  # (device, round) pairs already told that this edge holds no session for them
+CLOSED = 64  # rounds this edge finished, remembered to tell a late device so
 
 
 @dataclass
@@ -106,6 +113,13 @@ class Session:
     frozen: str | None = None  # migration id while the device's state is on its way to another edge
     installed_by: str | None = None  # migration id that brought this session here (an abort undoes it)
     closing: tuple[Received, DeviceUpdate] | None = None  # a device delta waiting for the stage's weights
+    refused: str | None = None  # why the device's delta was refused (it counts as missing)
+    saved: int = 0  # the mini-batch boundary this session is saved at (edge resume)
+    restored: bool = False  # read back after a restart: the device has yet to come back to ``up.expected``
+
+    @property
+    def over(self) -> bool:
+        return self.delta is not None or self.refused is not None
 
 
 @dataclass
@@ -118,12 +132,15 @@ class EdgeRound:
     sessions: dict[str, Session] = field(default_factory=dict)
     sent: bool = False
     tag: RoundTag | None = None  # echoed to the cloud (asynchronous groups: group, version)
+    samples: dict[str, int] = field(default_factory=dict)  # what each device declared when it joined
+    wall: float | None = None  # wall clock minus this machine's clock, to save the deadline across a restart
 
 
 class EdgeMachine:
     def __init__(self, node: str, *, schemas: SchemaSource, cloud: str = "cloud", deadline_fraction: float = 0.85,
-                 id_prefix: str = "0") -> None:
+                 id_prefix: str = "0", restored: dict[str, Any] | None = None) -> None:
         self.node, self.cloud = node, cloud
+        self.restored = dict(restored or {})  # saved sessions (key -> record), taken up at Started
         self.schemas = schemas
         self.deadline_fraction = deadline_fraction
         self.rounds: dict[RoundKey, EdgeRound] = {}
@@ -134,6 +151,8 @@ class EdgeMachine:
         self.expected_transfers: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._jobs: dict[stage.Job, tuple[str, Any]] = {}  # job -> (what, context) for results we act on
         self.refused: tuple[str, str] | None = None  # (run, reason) of the last plan refused
+        self.told: OrderedDict[tuple[str, RoundKey], None] = OrderedDict()
+        self.closed: OrderedDict[RoundKey, None] = OrderedDict()
         self._ids = 0
         self._id_prefix = id_prefix
         self._fx: list[Effect] = []
@@ -162,6 +181,8 @@ class EdgeMachine:
                 self._finish_round(r, now, timed_out=True)
         elif isinstance(ev, Started):
             self._do(SetStatus(NodeState.IDLE))
+            if self.restored:
+                self._restore(ev, now)
         elif isinstance(ev, Command):
             self._do(Reply(ev, False, error=f"unknown command {ev.cmd!r}", code="unknown_command"))
         fx, self._fx = self._fx, []
@@ -189,9 +210,10 @@ class EdgeMachine:
         if busy:
             last = busy[-1].plan
             self._do(SetStatus(NodeState.TRAINING, {"round": last.round, "run": last.run,
-                                                    "devices": sorted(self.device_round)}))
+                                                    "devices": sorted(self.device_round)}),
+                     ReconnectWithin(reconnect_within(min(r.plan.deadline_s for r in busy))))
         else:
-            self._do(SetStatus(NodeState.IDLE, {"devices": []}))
+            self._do(SetStatus(NodeState.IDLE, {"devices": []}), ReconnectWithin(None))
 
     def _on_message(self, ev: Received, now: float) -> None:
         msg = ev.msg
@@ -274,12 +296,14 @@ class EdgeMachine:
             if not devices:
                 return
             r.devices.update(devices)
+            r.samples.update(msg.samples)
             # A round opened by a migration holds only edge-side base weights: take the full state now.
             r.global_state.update(state)
         else:
             devices = dict(msg.cuts)
             r = EdgeRound(plan, devices, state, deadline=now + plan.deadline_s * self.deadline_fraction,
-                          started=now, tag=msg.tag)
+                          started=now, tag=msg.tag, samples=dict(msg.samples),
+                          wall=ev.received_at - now if ev.received_at else None)
             self._do(SetTimer(("round", plan.key), r.deadline))
         for device in devices:
             self._leave(device, now)  # a newer round supersedes whatever the device was doing
@@ -287,7 +311,8 @@ class EdgeMachine:
         self.rounds[plan.key] = r
         self._do(Log("info", "round start", {"round": plan.round, "devices": sorted(devices)}))
         for device, cut in devices.items():
-            r.sessions[device] = self._open_session(plan, device, cut, r.global_state, schema)
+            r.sessions[device] = s = self._open_session(plan, device, cut, r.global_state, schema)
+            self._save(r, s)  # boundary 0: a restart right away resumes from the round's start
             dev_keys = schema.keys(0, cut)
             self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
                                              state={k: r.global_state[k] for k in dev_keys}, schema=msg.schema)))
@@ -314,7 +339,8 @@ class EdgeMachine:
         if old_r is not None and not old_r.sent:
             old_r.sessions.pop(device, None)
             self._close(old_s)
-            if not old_r.sessions or all(x.delta is not None for x in old_r.sessions.values()):
+            self._unsave(device)
+            if not old_r.sessions or all(x.over for x in old_r.sessions.values()):
                 self._finish_round(old_r, now)
 
     def _close(self, s: Session | None) -> None:
@@ -326,6 +352,7 @@ class EdgeMachine:
     def _on_act(self, ev: Received, msg: Activations, now: float) -> None:
         r, s = self.session_of(ev.src)
         if r is None or s is None:
+            self._no_session(ev.src, (msg.run, msg.round, msg.attempt))
             self._drop("unknown_sender", f"act from {ev.src}, not in a round here", ev.src)
             return
         if msg.run != r.plan.run or msg.round != r.plan.round or msg.attempt != r.plan.attempt:
@@ -342,6 +369,12 @@ class EdgeMachine:
             # Exactly-once: the device re-sent an act we processed (its link dropped); answer from cache.
             self._do(Send(ev.src, cached), Count("grad_resent"))
             return
+        if s.restored:
+            if msg.key != s.up.expected:
+                # Sent before the device heard that we restarted: tell it again where we stand.
+                self._do(Send(ev.src, self._resume(s, EdgeSession.RESTORED)), Count("resume_sent"))
+                return
+            s.restored = False
         try:
             if msg.key == s.up.expected:
                 check_activation(msg, s.activation, r.plan)
@@ -352,12 +385,13 @@ class EdgeMachine:
         job = stage.Loss(s.sid, msg.step, msg.micro, msg.x, msg.y, msg.batch_size)
         self._run(job, "grad", (s, ev.src))
         if flush:
-            self._run(stage.Step(s.sid))  # one optimizer step per device mini-batch, like the device
+            # One optimizer step per device mini-batch, like the device; then, every resume_every, save it.
+            self._run(stage.Step(s.sid), "step", s)
             s.steps += 1
 
     def _grad_ready(self, s: Session, device: str, job: stage.Loss, res: stage.LossResult) -> None:
         g = Gradients(run=s.plan.run, round=s.plan.round, step=job.step, micro=job.micro, loss_sum=res.loss_sum,
-                      correct=res.correct, g=res.grad)
+                      correct=res.correct, g=res.grad, saved=s.saved)
         self._do(Send(device, g))
         s.up.remember(g)
         s.loss_sum += res.loss_sum
@@ -372,7 +406,7 @@ class EdgeMachine:
                 self._do(Ack(ev))  # a late re-send of a finished round: stop the device re-sending
             self._drop("wrong_round", f"delta from {ev.src} for round {msg.round}", ev.src)
             return
-        if s.delta is not None:
+        if s.over:
             self._do(Ack(ev))
             return
         if s.closing is not None:
@@ -385,8 +419,18 @@ class EdgeMachine:
         try:
             schema = self.schemas(r.plan.model_ref)
             check_state(msg.delta, schema.specs(0, s.cut), f"delta of {ev.src}")
+            declared = r.samples.get(ev.src)
+            if declared is not None and msg.report.samples > declared:
+                raise ProtocolError("implausible_samples", f"{ev.src} reports {msg.report.samples} samples, "
+                                                           f"declared {declared} when it joined")
+            if s.sid is not None and msg.report.samples * r.plan.epochs > s.seen:
+                # A split device's samples all passed through here: no more can have been trained on.
+                raise ProtocolError("implausible_samples", f"{ev.src} reports {msg.report.samples} samples; "
+                                                           f"{s.seen} rows in {r.plan.epochs} epoch(s) came here")
         except (ProtocolError, ValueError) as e:
             self._drop(getattr(e, "code", "bad_field"), str(e), ev.src)
+            if getattr(e, "code", "") == "implausible_samples":
+                self._refuse(r, s, ev, "implausible_samples", now)
             return
         if s.sid is None:
             self._device_done(r, s, ev, msg, {}, now)
@@ -399,12 +443,32 @@ class EdgeMachine:
         full = {k: np.array(v, dtype=np.float32) for k, v in msg.delta.items()}
         if edge_weights:
             full.update(delta({k: edge_weights[k] for k in s.base}, s.base))
+        s.closing = None
+        bound = r.plan.max_update_norm
+        if bound > 0 and set(full) <= set(r.global_state):
+            norm, ref = state_norm(full), state_norm({k: r.global_state[k] for k in full})
+            if not norm <= bound * max(ref, 1e-12):
+                # Implausible: refused, not clipped; robust aggregation rules would weigh such an update instead.
+                self._drop("implausible_update", f"delta of {ev.src} has norm {norm:.4g}, more than {bound:g} x "
+                                                 f"the global model's {ref:.4g}", ev.src)
+                self._refuse(r, s, ev, "implausible_update", now)
+                return
         s.delta = full
         s.report = replace(msg.report, t_upload=ev.transit_s, edge_steps=s.steps)
-        s.closing = None
+        self._save(r, s)  # acknowledged below: a restarted edge must still have it
         self._do(Ack(ev), Log("info", "device done", {"device": ev.src, "round": r.plan.round,
                                                        "samples": msg.report.samples}))
-        if all(x.delta is not None for x in r.sessions.values()):
+        if all(x.over for x in r.sessions.values()):
+            self._finish_round(r, now)
+
+    def _refuse(self, r: EdgeRound, s: Session, ev: Received, reason: str, now: float) -> None:
+        """The device's update is refused for good: acknowledged (re-sending changes nothing), and the device
+        counts as missing from this round."""
+        s.refused = reason
+        s.closing = None
+        self._do(Ack(ev), Emit("update_refused", "warning", {"device": ev.src, "round": r.plan.round,
+                                                             "reason": reason}))
+        if all(x.over for x in r.sessions.values()):
             self._finish_round(r, now)
 
     def _finish_round(self, r: EdgeRound, now: float, timed_out: bool = False) -> None:
@@ -412,6 +476,9 @@ class EdgeMachine:
             return
         r.sent = True
         self.rounds.pop(r.plan.key, None)
+        self.closed[r.plan.key] = None
+        while len(self.closed) > CLOSED:
+            self.closed.popitem(last=False)
         for d in r.sessions:
             if self.device_round.get(d) == r.plan.key:
                 self.device_round.pop(d)
@@ -428,7 +495,9 @@ class EdgeMachine:
         update = EdgeUpdate(run=r.plan.run, round=r.plan.round, attempt=r.plan.attempt,
                             reports={d: s.report for d, s in done.items() if s.report is not None},
                             missing=missing, delta=delta, edge_time_s=now - r.started, tag=r.tag)
-        self._do(Send(self.cloud, update, reliable=True))
+        self._do(Send(self.cloud, update, reliable=True))  # in the outbox on disk before the sessions go
+        for d in r.sessions:
+            self._unsave(d)
         self.rounds_done += 1
         self._do(Log("info", "round sent", {"round": r.plan.round, "devices": sorted(done), "missing": list(missing)}))
         for s in r.sessions.values():
@@ -455,6 +524,17 @@ class EdgeMachine:
         elif what == "snapshot":
             s, msg, device = ctx
             self._send_checkpoint(s, msg, device, ev.result)
+        elif what == "step":
+            stepped: Session = ctx
+            every = stepped.plan.resume_every
+            if every > 0 and stepped.up.expected[0] % every == 0 and stepped.sid is not None \
+                    and self._current(stepped):
+                self._run(stage.Snapshot(stepped.sid), "save", stepped)
+        elif what == "save":
+            saving: Session = ctx
+            r, current = self.session_of(saving.device)
+            if r is not None and current is saving and saving.up.at_boundary:
+                self._save(r, saving, ev.result)
 
     # ------------------------------------------------------------------ migration (FedFly)
     def _reply(self, device: str, msg: Any) -> None:
@@ -542,6 +622,7 @@ class EdgeMachine:
         r.sessions[device] = session
         r.devices[device] = cut
         self.device_round[device] = plan.key
+        self._save(r, session, stage.StageSnapshot(ck.weights, ck.optimizer, ck.rng))
         self._reply(device, Ready(migration=mid, checkpoint_bytes=msg.checkpoint_bytes, step=ck.expected[0]))
         self._set_status()
         self._do(Log("info", "migration installed", {"device": device, "migration": mid, "step": ck.expected[0]}))
@@ -579,12 +660,108 @@ class EdgeMachine:
         self._close(r.sessions.pop(device, None))
         r.devices.pop(device, None)
         self.device_round.pop(device, None)
+        self._unsave(device)
         self._do(Log("info", "device left", {"device": device, "migration": mid}))
         if not r.sessions:
             self.rounds.pop(r.plan.key, None)  # nothing left to report for this round here
             self._set_status()
-        elif all(x.delta is not None for x in r.sessions.values()):
+        elif all(x.over for x in r.sessions.values()):
             self._finish_round(r, now)
+
+    # ------------------------------------------------------------------ edge resume (protocol/resume.py)
+    def _current(self, s: Session) -> bool:
+        return self.session_of(s.device)[1] is s
+
+    def _save(self, r: EdgeRound, s: Session, snap: stage.StageSnapshot | None = None) -> None:
+        """Write the session at its current boundary (``snap``: the stage's state there; None: the session has
+        not stepped since it opened, or holds no stage)."""
+        if r.plan.resume_every <= 0 or r.sent:
+            return
+        if snap is None and s.sid is not None and s.steps > 0 and s.delta is None:
+            return  # its weights moved on since the last save; the next boundary saves them
+        saved = SavedSession(
+            device=s.device, plan=s.plan, cut=s.cut, base=s.base, weights=snap.weights if snap else None,
+            optimizer=snap.optimizer if snap else {}, rng=snap.rng if snap else None, expected=s.up.expected,
+            steps=s.steps, loss_sum=s.loss_sum, seen=s.seen, n_micro=s.up.n_micro, tag=r.tag,
+            deadline_wall=None if r.wall is None else r.deadline + r.wall, declared=r.samples.get(s.device),
+            report=s.report, delta=s.delta,
+            grads=[g for k, g in s.up.cache.items() if k[0] == s.up.expected[0] - 1] if snap else [])
+        self._do(Persist(saved.to_state(), key=record_key(s.device)))
+        s.saved = s.up.expected[0]
+
+    def _unsave(self, device: str) -> None:
+        self._do(Persist(None, key=record_key(device)))
+
+    def _resume(self, s: Session, session: EdgeSession) -> Resume:
+        return Resume(run=s.plan.run, round=s.plan.round, attempt=s.plan.attempt, step=s.up.expected[0],
+                      session=session, token=self._id_prefix)
+
+    def _no_session(self, device: str, key: RoundKey) -> None:
+        """A device trains a round this edge holds nothing of: it closed here (the device comes back too late),
+        or this edge lost it in a restart. Say so once, so the device stops waiting."""
+        if (device, key) in self.told or not key[0]:
+            return
+        self.told[(device, key)] = None
+        while len(self.told) > TOLD:
+            self.told.popitem(last=False)
+        session = EdgeSession.CLOSED if key in self.closed else EdgeSession.LOST
+        self._do(Send(device, Resume(run=key[0], round=key[1], attempt=key[2], step=0, session=session,
+                                     token=self._id_prefix)), Count(f"resume_{session}"))
+
+    def _restore(self, ev: Started, now: float) -> None:
+        """After a restart: take up the sessions saved before, and tell each device where its session stands."""
+        records, self.restored = self.restored, {}
+        resumed: dict[str, int] = {}
+        for key, record in sorted(records.items()):
+            try:
+                saved, schema = SavedSession.from_state(record, self.schemas)
+            except ProtocolError as e:
+                self._do(Drop(e.code, f"saved session {key} not restored: {e}", self.node),
+                         Persist(None, key=key))
+                continue
+            deadline = now + saved.plan.deadline_s * self.deadline_fraction
+            if saved.deadline_wall is not None and ev.wall:
+                deadline = now + (saved.deadline_wall - ev.wall)
+            if deadline <= now or saved.device in self.device_round:
+                self._do(Persist(None, key=key))  # its round is over by now
+                continue
+            r = self.rounds.get(saved.plan.key)
+            if r is None:
+                r = self.rounds[saved.plan.key] = EdgeRound(
+                    saved.plan, {}, {}, deadline=deadline, started=now, tag=saved.tag,
+                    wall=None if not ev.wall else ev.wall - now)
+                self._do(SetTimer(("round", saved.plan.key), r.deadline))
+            s = self._restore_session(saved, schema)
+            r.sessions[saved.device] = s
+            r.devices[saved.device] = saved.cut
+            r.global_state.update(saved.base)
+            if saved.declared is not None:
+                r.samples[saved.device] = saved.declared
+            self.device_round[saved.device] = saved.plan.key
+            resumed[saved.device] = saved.expected[0]
+            if not s.over and s.sid is not None:
+                self._do(Send(saved.device, self._resume(s, EdgeSession.RESTORED)))
+        if resumed:
+            self._do(Emit("edge_resumed", fields={"devices": resumed}),
+                     Log("info", "sessions restored", {"devices": resumed}))
+            self._set_status()
+        for r in list(self.rounds.values()):
+            if r.sessions and all(x.over for x in r.sessions.values()):
+                self._finish_round(r, now)
+
+    def _restore_session(self, saved: SavedSession, schema: ModelSchema) -> Session:
+        sid = None
+        if saved.cut < schema.n_blocks and saved.delta is None:
+            sid = self._new_sid(saved.device)
+            self._run(stage.Open(sid, saved.plan, saved.cut, schema.n_blocks, saved.weights or saved.base,
+                                 optimizer=saved.optimizer or None, rng=saved.rng))
+        return Session(saved.device, saved.plan, saved.cut, sid, base=saved.base,
+                       activation=schema.activation(saved.cut) if sid else (),
+                       up=Upstream(expected=saved.expected, n_micro=saved.n_micro,
+                                   cache=OrderedDict((g.key, g) for g in saved.grads)), steps=saved.steps,
+                       loss_sum=saved.loss_sum, seen=saved.seen, delta=saved.delta, report=saved.report,
+                       saved=saved.expected[0], restored=sid is not None)
+
 
 
 def check_activation(msg: Activations, shape: tuple[int, ...], plan: Plan) -> None:

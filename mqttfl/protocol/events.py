@@ -21,7 +21,10 @@ from mqttfl.protocol.status import Presence
 
 @dataclass(frozen=True, eq=False)
 class Started:
-    """The node is connected and subscribed (a restarted node gets this after restoring its state)."""
+    """The node is connected and subscribed (a restarted node gets this after restoring its state). ``wall``:
+    the wall clock then, so a restored machine can place times it saved before (an edge's round deadline)."""
+
+    wall: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,9 +116,11 @@ class Run:
 
 @dataclass(frozen=True, eq=False)
 class Persist:
-    """Write this state atomically; a restarted node is built from the last one."""
+    """Write this state atomically; a restarted node is built from the last one. ``key`` names one of several
+    independent states (an edge's sessions, one per device); ``state`` None removes that one."""
 
-    state: dict[str, Any]
+    state: dict[str, Any] | None
+    key: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,8 +206,17 @@ class SendCommand:
     args: dict[str, Any]
 
 
+@dataclass(frozen=True, eq=False)
+class ReconnectWithin:
+    """While the link is down, try again at least this often (None: the configured backoff). A node in a round
+    must be back before its peers give up on it (docs/design.md, "Transport")."""
+
+    seconds: float | None
+
+
 Effect = (Send | Ack | SetTimer | CancelTimer | Run | Persist | RunLog | SaveModel | SetStatus | Emit | Metrics | Drop
-          | Count | Reply | Log | SendCommand)
+          | Count
+          | Reply | Log | SendCommand | ReconnectWithin)
 
 
 class CommandError(Exception):

@@ -61,6 +61,14 @@ class MovePath(StrEnum):
     RESTART = "restart"  # no state moves: the round starts over at the destination (FedFly's baseline)
 
 
+class EdgeSession(StrEnum):
+    """What an edge holds of a device's round after it restarted (``Resume``)."""
+
+    RESTORED = "restored"  # read back from disk at a mini-batch boundary: go back there and train on
+    LOST = "lost"  # nothing: the edge lost it (no saved session); the device asks the cloud to restart its part
+    CLOSED = "closed"  # the edge already reported the round: the device comes too late and stops
+
+
 class RoundKind(StrEnum):
     """What an asynchronous group round is for (docs/async.md)."""
 
@@ -184,10 +192,13 @@ class OpenRound(Message):
     state: State
     tag: RoundTag | None = None
     schema: Description = ()
+    samples: dict[str, int] = field(default_factory=dict)  # what each device declared when it joined
 
     def body(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_body(), "devices": {d: {"cut": c} for d, c in self.cuts.items()},
-                "tag": self.tag.to_body() if self.tag else None, "schema": _rows(self.schema)}
+        return {"plan": self.plan.to_body(), "tag": self.tag.to_body() if self.tag else None,
+                "devices": {d: {"cut": c, **({"samples": self.samples[d]} if d in self.samples else {})}
+                            for d, c in self.cuts.items()},
+                "schema": _rows(self.schema)}
 
     def tensors(self) -> State:
         return dict(self.state)
@@ -198,11 +209,14 @@ class OpenRound(Message):
         devices = _get(body, "devices")
         if not isinstance(devices, Mapping):
             raise ProtocolError("bad_field", "devices must be a map")
-        cuts = {}
+        cuts, samples = {}, {}
         for d, c in devices.items():
             validated = id_field({"d": d}, "d")
-            cuts[validated] = int_field(c if isinstance(c, Mapping) else {}, "cut", low=1)
-        return cls(run=run, round=round, plan=plan, cuts=cuts, state=dict(tensors),
+            entry = c if isinstance(c, Mapping) else {}
+            cuts[validated] = int_field(entry, "cut", low=1)
+            if "samples" in entry:
+                samples[validated] = int_field(entry, "samples")
+        return cls(run=run, round=round, plan=plan, cuts=cuts, state=dict(tensors), samples=samples,
                    tag=RoundTag.from_body(body.get("tag")), schema=parse_description(body.get("schema", [])))
 
 
@@ -276,13 +290,15 @@ class Gradients(Message):
     loss_sum: float
     correct: int
     g: np.ndarray
+    saved: int = 0  # the edge holds this session on disk at this mini-batch boundary (edge resume)
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.step, self.micro)
 
     def body(self) -> dict[str, Any]:
-        return {"step": self.step, "micro": self.micro, "loss_sum": self.loss_sum, "correct": self.correct}
+        return {"step": self.step, "micro": self.micro, "loss_sum": self.loss_sum, "correct": self.correct,
+                "saved": self.saved}
 
     def tensors(self) -> State:
         return {"g": self.g}
@@ -291,7 +307,29 @@ class Gradients(Message):
     def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Gradients:
         return cls(run=run, round=round, step=int_field(body, "step"), micro=int_field(body, "micro"),
                    loss_sum=float_field(body, "loss_sum"), correct=int_field(body, "correct"),
-                   g=tensor(tensors, "g"))
+                   g=tensor(tensors, "g"), saved=int_field(body, "saved", 0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resume(Message):
+    """edge -> device: where the edge's copy of the device's round stands, when it is not where the device
+    thinks (docs/design.md, "Edge resume"): restored from disk at mini-batch boundary ``step`` after a restart,
+    lost, or closed. ``token`` names the edge's life, so a device acts on each restart once."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "resume"
+    attempt: int
+    step: int
+    session: EdgeSession
+    token: str
+
+    def body(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "step": self.step, "session": str(self.session), "token": self.token}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Resume:
+        return cls(run=run, round=round, attempt=int_field(body, "attempt"), step=int_field(body, "step"),
+                   session=enum_field(body, "session", EdgeSession), token=str_field(body, "token", max_len=64))
 
 
 @dataclass(frozen=True)
@@ -627,8 +665,9 @@ class Restart(Ckpt):
 
 MESSAGES: dict[tuple[str, str], type[Message]] = {
     (c.kind, str(c.op)): c
-    for c in (OpenRound, TrainRound, Activations, Gradients, DeviceUpdate, EdgeUpdate, Expect, Freeze, Frozen,
-              Transfer, Ready, Release, Abort, Leave, Nothing, Refused, Restart, OpenEval, EvaluateModel, EvalReport)
+    for c in (OpenRound, TrainRound, Resume, Activations, Gradients, DeviceUpdate, EdgeUpdate, Expect, Freeze,
+              Frozen, Transfer, Ready, Release, Abort, Leave, Nothing, Refused, Restart, OpenEval, EvaluateModel,
+              EvalReport)
 }
 
 

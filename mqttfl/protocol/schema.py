@@ -14,6 +14,7 @@ refused with the first difference (:meth:`ModelSchema.difference`).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,3 +165,8 @@ def check_state(state: Mapping[str, Any], expected: Mapping[str, TensorSpec], wh
             raise ProtocolError("non_finite", f"{what}: {k} has NaN/Inf")
         out[k] = np.array(v, dtype=np.float32)
     return out
+
+
+def state_norm(state: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of a state taken as one vector (accumulated in float64: a huge value reads as huge, not inf)."""
+    return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values()))

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mqttfl.protocol.cloud.roles import ROLE_KEYS, Roles
+from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.wire.codec import Limits
 from mqttfl.wire.topics import validate_id
 
 # [limits] keys an operator may set (sizes in bytes or elements); the rest of Limits stays fixed.
 LIMIT_KEYS = ("max_message_bytes", "max_tensor_elements", "max_total_elements", "max_tensors", "max_json_bytes")
+MIB = 1024 * 1024
 
 ENV_PREFIX = "MQTTFL_"
 # MQTTFL_* variables that are not config keys: MQTTFL_CONFIG names the file itself (the agents' --config default).
@@ -62,6 +65,45 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """``[limits]`` budgets of inbound data, overall and per sender (docs/operations.md, "Budgets").
+
+    What a node holds of messages it has not yet handed to its machine: received messages waiting in the queue
+    (``FairInbox``) and partly received chunked messages (``Reassembler``, counted at their declared size).
+    Each is bounded by ``memory_bytes`` overall and by ``sender_bytes`` per sender, so one sender can exhaust
+    only its own share. Defaults depend on the role: a device is a small board."""
+
+    memory_bytes: int = field(default=512 * MIB, metadata={"doc": (
+        "inbound data a node may hold before use: queued messages, and again partial chunked messages (at their "
+        "declared size), each at most this many bytes")})
+    sender_bytes: int = field(default=128 * MIB, metadata={"doc": (
+        "the same per sender; also the largest chunked message this node accepts from one sender")})
+    sender_transfers: int = field(default=16, metadata={"doc": "partial chunked messages open per sender"})
+    sender_queue: int = field(default=1024, metadata={"doc": "messages queued per sender before its next ones "
+                                                             "are dropped"})
+    sender_rate: float = field(default=2000.0, metadata={"doc": (
+        "messages per second per sender (a token bucket holding two seconds' worth); more are dropped")})
+    transfer_idle_s: float = field(default=60.0, metadata={"doc": (
+        "a partial chunked message without a new chunk for this long is dropped and its memory freed")})
+
+    def problems(self) -> list[str]:
+        out = [f"[limits] {f.name} must be > 0" for f in fields(self) if not getattr(self, f.name) > 0]
+        if self.sender_bytes > self.memory_bytes:
+            out.append("[limits] sender_bytes must not exceed memory_bytes")
+        return out
+
+
+# The defaults by role. A device hears its edge (gradients, its model part, a relayed checkpoint of a few MB)
+# and little else; an edge hears its devices' activations and the cloud's model; the cloud every edge's delta.
+ROLE_BUDGETS: dict[str, Budget] = {
+    "device": Budget(memory_bytes=64 * MIB, sender_bytes=32 * MIB, sender_transfers=4, sender_queue=256),
+    "edge": Budget(),
+    "cloud": Budget(memory_bytes=1024 * MIB, sender_bytes=512 * MIB),
+}
+BUDGET_KEYS = tuple(f.name for f in fields(Budget))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     node: str
     role: str
@@ -72,6 +114,7 @@ class AgentConfig:
     operators: tuple[str, ...] = ("operator",)
     section: Mapping[str, Any] = field(default_factory=dict)  # the role's own section ([device], [edge], [cloud])
     limits: Limits = field(default_factory=Limits)  # [limits]: what this node accepts from the wire
+    budget: Budget = field(default_factory=Budget)  # [limits]: how much of it, overall and per sender
 
 
 AGENT_ROLES = ("device", "edge", "cloud")
@@ -162,13 +205,9 @@ class CloudRuntime:
         return [] if self.keep_models >= 0 else ["[cloud] keep_models must be >= 0"]
 
 
-def parse_section(cls: type, values: Mapping[str, Any], name: str, *, extra: frozenset[str] = frozenset()) -> Any:
-    """A section dataclass from its TOML table: unknown keys and wrong types are refused by name.
-    Keys in ``extra`` belong to another reader of the same section and are skipped here."""
+def _typed(cls: type, values: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The values of the keys ``cls`` declares, each checked against the field's type."""
     known = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(known) - extra
-    if unknown:
-        raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}; known: {sorted(set(known) | extra)}")
     kw = {}
     for key, value in values.items():
         if key not in known:
@@ -182,7 +221,34 @@ def parse_section(cls: type, values: Mapping[str, Any], name: str, *, extra: fro
         if not ok:
             raise ConfigError(f"[{name}] {key} must be {want}, got {type(value).__name__} {value!r}")
         kw[key] = float(value) if want == "float" else value
-    section = cls(**kw)
+    return kw
+
+
+def read_cloud_section(section: Mapping[str, Any]) -> tuple[CloudRuntime, Roles, CloudSettings]:
+    """``[cloud]`` in its three parts: the runtime's keys, who is what (``Roles``: read at every start, never
+    persisted with a run), and the run's settings. ConfigError names a bad key."""
+    runtime_keys = frozenset(f.name for f in fields(CloudRuntime))
+    rt: CloudRuntime = parse_section(CloudRuntime, {k: v for k, v in section.items() if k in runtime_keys}, "cloud")
+    try:
+        settings = CloudSettings.from_section({k: v for k, v in section.items()
+                                               if k not in runtime_keys and k not in ROLE_KEYS})
+        roles = Roles.from_section(section)
+        bad = roles.problems()
+        if bad:
+            raise ValueError("; ".join(bad))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return rt, roles, settings
+
+
+def parse_section(cls: type, values: Mapping[str, Any], name: str, *, extra: frozenset[str] = frozenset()) -> Any:
+    """A section dataclass from its TOML table: unknown keys and wrong types are refused by name.
+    Keys in ``extra`` belong to another reader of the same section and are skipped here."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known - extra
+    if unknown:
+        raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}; known: {sorted(known | extra)}")
+    section = cls(**_typed(cls, values, name))
     bad = section.problems()
     if bad:
         raise ConfigError("; ".join(bad))
@@ -283,12 +349,17 @@ def load_config(
     control = data.get("control", {})
     operators = tuple(control.get("operators", ("operator",)))
     limits_section = dict(data.get("limits", {}))
-    unknown = set(limits_section) - set(LIMIT_KEYS)
+    unknown = set(limits_section) - set(LIMIT_KEYS) - set(BUDGET_KEYS)
     if unknown:
-        raise ConfigError(f"[limits]: unknown keys {sorted(unknown)}; known: {list(LIMIT_KEYS)}")
+        raise ConfigError(f"[limits]: unknown keys {sorted(unknown)}; known: {[*LIMIT_KEYS, *BUDGET_KEYS]}")
+    budget_section = {k: limits_section.pop(k) for k in BUDGET_KEYS if k in limits_section}
     for k, v in limits_section.items():
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"[limits] {k} must be a positive integer")
+    budget = replace(ROLE_BUDGETS.get(role, Budget()), **_typed(Budget, budget_section, "limits"))
+    bad = budget.problems()
+    if bad:
+        raise ConfigError("; ".join(bad))
     known_top = {"node", "fleet", "state_dir", "log_level", "mqtt", "limits", "control", role}
     unknown_top = set(data) - known_top
     if role in AGENT_ROLES and unknown_top:
@@ -312,4 +383,5 @@ def load_config(
         operators=operators,
         section=dict(data.get(role, {})),
         limits=Limits(**limits_section),
+        budget=budget,
     )

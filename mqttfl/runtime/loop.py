@@ -99,7 +99,7 @@ class MachineRunner:
         elif isinstance(fx, E.Reply):
             self.reply(fx.to.src, fx.to.id, fx.to.cmd, fx.ok, fx.result, fx.error, fx.code)
         elif isinstance(fx, E.Persist):
-            self.persist(fx.state)
+            self.persist(fx.state, fx.key)
         elif isinstance(fx, E.RunLog):
             self.run_log(fx.entry)
         elif isinstance(fx, E.SaveModel):
@@ -108,6 +108,8 @@ class MachineRunner:
             self.log(fx.level, fx.message, fx.fields)
         elif isinstance(fx, E.SendCommand):
             self.send_command(fx.dst, fx.cmd, fx.args)
+        elif isinstance(fx, E.ReconnectWithin):
+            self.reconnect_within(fx.seconds)
         else:
             raise TypeError(f"unknown effect {fx!r}")
 
@@ -179,7 +181,10 @@ class MachineRunner:
               code: str = "") -> None:
         raise NotImplementedError
 
-    def persist(self, state: dict[str, Any]) -> None:
+    def persist(self, state: dict[str, Any] | None, key: str = "") -> None:
+        raise NotImplementedError
+
+    def reconnect_within(self, seconds: float | None) -> None:
         raise NotImplementedError
 
     def run_log(self, entry: dict[str, Any]) -> None:

@@ -18,15 +18,18 @@ Model of the world (what it keeps from the real runtime, and why):
   encoding, the real codec and the typed parser, so a field that does not survive serialisation breaks here
   as it would on the wire (``wire=False`` hands the typed message over instead). Receivers drop ids they
   have seen (``Transport``'s dedupe); reliable messages stay in the sender's outbox and are re-sent every
-  ``resend_after_s`` until acknowledged. The outbox survives a kill (it is on disk in the real runtime).
+  ``resend_after_s`` until their receiver (no other node) acknowledges them. The outbox survives a kill (it is
+  on disk in the real runtime), and so do an edge's saved sessions (``Persist`` with a key), which a
+  restarted edge reads back.
 * Presence is the nodes' retained status: ``SetStatus`` merges into the node's status like
   ``Transport.set_status`` and reaches the cloud as ``StatusSeen``; a killed node's last will says offline;
   a (re)started cloud receives every retained status. The broker keeps a killed node's session: messages for
   it wait and are delivered when it restarts.
 * ``Emit``/``Metrics``/``Drop``/``Count``/``Log``/``RunLog``/``SaveModel``/``Reply`` are recorded, with the
   node's name, for tests to assert on (``events``, ``metrics``, ``drops``, ``counts``, ``models``, ...);
-  ``Persist`` keeps the last state (through the state-file serialiser) to rebuild a restarted cloud. Control
-  commands are authorised and answered like ``Node.on_ctl``; ``SendCommand`` travels as a ``ctl`` message.
+  ``Persist`` keeps the last state (through the state-file serialiser) to rebuild a restarted cloud;
+  ``ReconnectWithin`` is recorded (``reconnect_cap``). Control commands are authorised and answered like
+  ``Node.on_ctl``; ``SendCommand`` travels as a ``ctl`` message.
 
 Faults are rules on packets (:class:`Fault`): drop, duplicate, delay or reorder the packets a predicate
 (:func:`match`) selects, a given number of times; ``kill``/``restart`` take nodes down and up. Chunking, the
@@ -60,6 +63,7 @@ from mqttfl.ml.shard import label_counts, label_format
 from mqttfl.protocol import events as E
 from mqttfl.protocol import stage
 from mqttfl.protocol.cloud.machine import CloudMachine
+from mqttfl.protocol.cloud.roles import ROLE_KEYS, Roles
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.device import DeviceMachine
 from mqttfl.protocol.edge import EdgeMachine
@@ -164,6 +168,8 @@ class SimNode(MachineRunner):
     will: dict[str, Any] = field(default_factory=dict)
     queued: list[Packet] = field(default_factory=list)  # the broker's session while the node is down
     persisted: bytes | None = None
+    keyed: dict[str, bytes] = field(default_factory=dict)  # Persist(state, key): an edge's sessions
+    reconnect_cap: float | None = None  # the last ReconnectWithin (link changes are not modelled)
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     commanders: set[str] = field(default_factory=set)
 
@@ -217,8 +223,18 @@ class SimNode(MachineRunner):
         body.update({"result": result} if ok else {"error": error, "code": code})
         self.fleet.replies.append(self.fleet._json(body))
 
-    def persist(self, state: dict[str, Any]) -> None:
-        self.persisted = dumps(state)  # the state-file format: what does not serialise fails here
+    def persist(self, state: dict[str, Any] | None, key: str = "") -> None:
+        # The state-file format: what does not serialise fails here.
+        if not key:
+            if state is not None:
+                self.persisted = dumps(state)
+        elif state is None:
+            self.keyed.pop(key, None)
+        else:
+            self.keyed[key] = dumps(state)
+
+    def reconnect_within(self, seconds: float | None) -> None:
+        self.reconnect_cap = seconds
 
     def run_log(self, entry: dict[str, Any]) -> None:
         self.fleet.runlogs[self.name].append(self.fleet._json(entry))
@@ -308,14 +324,17 @@ class MemoryFleet:
 
     def add_cloud(self, name: str = "cloud", *, test: Dataset | None = None, compute_s: Compute | None = None,
                   **section: Any) -> None:
-        """``section``: the ``[cloud]`` keys (model, input_shape, rounds, mode, ...)."""
-        settings = CloudSettings.from_section(section)
+        """``section``: the ``[cloud]`` keys (model, input_shape, rounds, mode, ..., edges, devices). Without
+        ``edges`` the cloud trusts the edges added to this fleet, as an operator would configure it."""
+        settings = CloudSettings.from_section({k: v for k, v in section.items() if k not in ROLE_KEYS})
+        configured = Roles.from_section(section) if "edges" in section else None
         init = initial_state(settings.training.model_ref, settings.training.seed)
         runs = itertools.count(1)
 
         def make(node: SimNode) -> Machine:
             restored = loads(node.persisted) if node.persisted is not None else None
-            return CloudMachine(name, settings=settings, initial_state=init, schemas=schema_of,
+            roles = configured or Roles(edges=tuple(sorted(n.name for n in self.nodes.values() if n.role == "edge")))
+            return CloudMachine(name, settings=settings, initial_state=init, schemas=schema_of, roles=roles,
                                 run_ids=lambda: f"run-{next(runs)}", restored=restored)
 
         self._add(name, "cloud", make, lambda: TorchBackend(name, test=test), compute_s)
@@ -323,8 +342,10 @@ class MemoryFleet:
 
     def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None,
                  schemas: Callable[[Any], Any] = schema_of) -> None:
+        """A restarted edge reads back the sessions it saved (edge resume), as the edge agent does."""
         self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schemas, cloud=self.cloud or "cloud",
-                                                      deadline_fraction=deadline_fraction, id_prefix=self._prefix()),
+                                                      deadline_fraction=deadline_fraction, id_prefix=self._prefix(),
+                                                      restored={k: loads(v) for k, v in n.keyed.items()}),
                   lambda: TorchBackend(name), compute_s)
 
     def add_device(self, name: str, *, edge: str, data: Dataset, share_labels: bool = True,
@@ -354,7 +375,7 @@ class MemoryFleet:
         fleet = cls(**fleet_kw)
         runtime_keys = {f.name for f in fields(CloudRuntime)}
         section = {"model": spec.model, "input_shape": list(spec.input_shape), "min_devices": len(spec.devices),
-                   **{k: v for k, v in spec.cloud.items() if k not in runtime_keys}}
+                   "edges": spec.edges, **{k: v for k, v in spec.cloud.items() if k not in runtime_keys}}
         fleet.add_cloud(test=test, **section)
         for e in spec.edges:
             fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k == "deadline_fraction"})
@@ -413,7 +434,7 @@ class MemoryFleet:
         n.status = {"state": "starting", **n.machine.presence()}
         n.will = self._json({**self._status_body(n), "state": "offline"})
         self._publish_status(n)
-        n.feed(E.Started())
+        n.feed(E.Started(wall=n.clock))
         if n.name == self.cloud:
             for other, data in self.retained.items():  # what the broker hands a new subscriber
                 if other != n.name:
@@ -686,8 +707,12 @@ class MemoryFleet:
             return
         if env.kind == "ack":
             for key in env.body.get("ids", []):
-                if n.outbox.pop(str(key), None) is not None:
+                entry = n.outbox.get(str(key))
+                if entry is not None and entry.dst == p.src:  # only the receiver may say it applied it
+                    del n.outbox[str(key)]
                     n.counts["acked"] += 1
+                elif entry is not None:
+                    self._drop(n, "ack_not_from_receiver", f"{p.src} acknowledged {key} sent to {entry.dst}", p.src)
             return
         try:
             typed = parse(env.kind, env.run, env.round, env.body, decode_tensors(env.body, env.tensors))

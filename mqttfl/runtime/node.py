@@ -34,7 +34,7 @@ from mqttfl.runtime.config import AgentConfig
 from mqttfl.runtime.log import get_logger
 from mqttfl.runtime.loop import Backend, Machine, MachineRunner
 from mqttfl.runtime.outbox import Outbox
-from mqttfl.runtime.persist import save_state
+from mqttfl.runtime.persist import load_state, save_state
 from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.wire.codec import CodecError
@@ -57,6 +57,31 @@ def lock_state_dir(path: Path, node: str) -> Any:
         f.close()
         raise ValueError(f"another agent already runs as {node!r} with state directory {path}") from None
     return f
+
+
+KEYED_DIR = "keyed"
+
+
+def keyed_state_path(state_dir: Path | None, key: str) -> Path | None:
+    """Where a machine's state named ``key`` lives (an edge's sessions, one per device); None without a state
+    directory. Keys are node ids with a prefix, so they are safe file names."""
+    if state_dir is None or not key or "/" in key or key.startswith("."):
+        return None
+    return state_dir / KEYED_DIR / f"{key}.state"
+
+
+def load_keyed_states(state_dir: str | Path | None) -> dict[str, Any]:
+    """Every keyed state a previous life of this node left (``Persist(state, key)``); a file that cannot be read
+    is skipped (the machine validates what it gets)."""
+    out: dict[str, Any] = {}
+    if not state_dir:
+        return out
+    for path in sorted((Path(state_dir) / KEYED_DIR).glob("*.state")):
+        try:
+            out[path.stem] = load_state(path)
+        except Exception:  # noqa: BLE001  a torn or foreign file: the machine starts without it
+            continue
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -108,7 +133,7 @@ class Node(MachineRunner):
             # Open our session at the other sites now: what is sent to us there before we arrive is kept.
             if not self.transport.visit(*broker):
                 self.logger.warning("site broker unreachable", broker=f"{broker[0]}:{broker[1]}")
-        self.feed(E.Started())
+        self.feed(E.Started(wall=time.time()))
         sdnotify.ready()
         self.logger.info("ready")
         try:
@@ -233,9 +258,21 @@ class Node(MachineRunner):
             self.transport.send_json("reply", dst, body)
         self.logger.info("ctl", cmd=cmd, src=dst, ok=ok)
 
-    def persist(self, state: dict[str, Any]) -> None:
-        if self.state_path is not None:
-            save_state(self.state_path, state)
+    def persist(self, state: dict[str, Any] | None, key: str = "") -> None:
+        if not key:
+            if self.state_path is not None and state is not None:
+                save_state(self.state_path, state)
+            return
+        path = keyed_state_path(self.state_dir, key)
+        if path is None:
+            return
+        if state is None:
+            path.unlink(missing_ok=True)
+        else:
+            save_state(path, state)
+
+    def reconnect_within(self, seconds: float | None) -> None:
+        self.transport.set_reconnect_cap(seconds)
 
     def run_log(self, entry: dict[str, Any]) -> None:
         if self.runlog is not None:

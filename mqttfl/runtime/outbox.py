@@ -16,6 +16,8 @@ from pathlib import Path
 import msgpack
 
 from mqttfl.runtime.persist import atomic_write
+from mqttfl.wire.topics import TopicError
+from mqttfl.wire.topics import parse as parse_topic
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,19 @@ class Outbox:
         atomic_write(self._path(key), msgpack.packb({"topic": topic, "payload": payload, "created": now}))
         self._index[key] = (topic, now, now)
 
-    def ack(self, key: str) -> bool:
-        if key not in self._index:
+    def destination(self, key: str) -> str | None:
+        """The node the entry was sent to (the only one whose ack counts)."""
+        entry = self._index.get(key)
+        if entry is None:
+            return None
+        try:
+            return parse_topic(entry[0]).dst
+        except TopicError:
+            return None
+
+    def ack(self, key: str, by: str | None = None) -> bool:
+        """Forget an entry its receiver applied; ``by``: the acknowledging node, which must be the receiver."""
+        if key not in self._index or (by is not None and self.destination(key) != by):
             return False
         self._index.pop(key)
         self._path(key).unlink(missing_ok=True)

@@ -17,8 +17,9 @@ retained status with a last will carrying the boot number, and jittered exponent
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import itertools
-import queue
 import random
 import socket
 import ssl
@@ -36,6 +37,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqttfl.runtime.config import AgentConfig
+from mqttfl.runtime.inbox import FairInbox
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.persist import atomic_write
 from mqttfl.wire.chunking import ChunkError, Reassembler, is_chunk_frame, make_chunks
@@ -93,6 +95,35 @@ def next_boot(state_dir: str | Path | None) -> int:
     return n
 
 
+def _load_libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def release_memory() -> bool:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; False where there is none).
+
+    Chunks are ~1 MiB buffers; once glibc has freed one mmapped buffer it serves later ones from its heap, where
+    a freed buffer stays part of the process. Measured: three never-completed transfers left 40-60 MB of RSS
+    behind after they expired, until a trim (docs/operations.md, "Budgets")."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def sender_of(raw_topic: str) -> str:
+    """The sender level of a raw topic without validating it (the network thread's cheap look)."""
+    levels = raw_topic.split("/")
+    return levels[4] if len(levels) == 6 else "?"
+
+
 def _covers(general: str, specific: str) -> bool:
     g, s = general.split("/"), specific.split("/")
     for i, level in enumerate(g):
@@ -141,10 +172,18 @@ class Transport:
         self.first_boot = self.boot == 1
         self.stats: collections.Counter[str] = collections.Counter()
         self._stats_lock = threading.Lock()
-        self._raw: queue.Queue[tuple[str, bytes | bytearray, bool, float]] = queue.Queue(maxsize=cfg.mqtt.inbox_size)
+        b = cfg.budget
+        # Fair across senders, bounded per sender (docs/design.md, "Trust"): one node flooding this one
+        # fills and loses only its own queue.
+        self._raw = FairInbox(max_messages=cfg.mqtt.inbox_size, max_bytes=b.memory_bytes,
+                              sender_messages=b.sender_queue, sender_bytes=b.sender_bytes, sender_rate=b.sender_rate)
+        self._refused: collections.Counter[tuple[str, str]] = collections.Counter()  # (src, reason), network thread
         self._links: collections.deque[LinkChange] = collections.deque(maxlen=64)
         # A transfer may not hold more than one whole message may be (the codec's cap applies after it).
-        self._reassembler = Reassembler(timeout_s=60.0, max_bytes=self.limits.max_message_bytes)
+        self._reassembler = Reassembler(
+            timeout_s=b.transfer_idle_s, max_bytes=min(b.memory_bytes, self.limits.max_message_bytes),
+            sender_bytes=min(b.sender_bytes, self.limits.max_message_bytes), sender_transfers=b.sender_transfers)
+        self.reconnect_cap: float | None = None  # set while the node takes part in a round (set_reconnect_cap)
         self._recent = RecentIds(20_000)
         self._acked = RecentIds(20_000)
         self._seq = itertools.count(1)
@@ -310,20 +349,35 @@ class Transport:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._backoff()
 
-    def _backoff(self) -> None:
-        # paho's backoff has no jitter: a fleet reconnecting after a broker restart would stampede.
+    def backoff_delay(self) -> float:
+        """The next reconnect delay: exponential from reconnect_min_s up to the cap, times a jitter in [0.5, 1].
+        The cap is ``reconnect_max_s``, or less while the node takes part in a round (``reconnect_cap``), so a
+        device whose link comes back returns before its edge gives up on it (docs/design.md, "Transport")."""
         m = self.cfg.mqtt
-        self._attempt += 1
-        delay = min(m.reconnect_max_s, m.reconnect_min_s * 2 ** min(self._attempt - 1, 16))
-        delay *= random.uniform(0.5, 1.0)
+        cap = m.reconnect_max_s if self.reconnect_cap is None else min(m.reconnect_max_s, self.reconnect_cap)
+        delay = min(cap, m.reconnect_min_s * 2 ** min(self._attempt - 1, 16))
+        return delay * random.uniform(0.5, 1.0)
+
+    def set_reconnect_cap(self, seconds: float | None) -> None:
+        self.reconnect_cap = seconds
+        if not self.connected:  # already waiting: the next attempt comes no later than the new cap
+            self._backoff(again=True)
+
+    def _backoff(self, again: bool = False) -> None:
+        # paho's backoff has no jitter: a fleet reconnecting after a broker restart would stampede.
+        if not again:
+            self._attempt += 1
+        delay = self.backoff_delay()
         self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            self._raw.put_nowait((msg.topic, msg.payload, bool(msg.retain), time.monotonic()))
-        except queue.Full:
-            # Bounded by design; the protocols above recover by acknowledgement and re-send.
-            self._count("drop_inbox_full")
+        src = sender_of(msg.topic)
+        reason = self._raw.put(src, (msg.topic, msg.payload, bool(msg.retain), time.monotonic()), len(msg.payload))
+        if reason is not None:
+            # Bounded by design; the protocols above recover by acknowledgement and re-send. Counted here,
+            # reported from the agent's thread (report_refused).
+            with self._stats_lock:
+                self._refused[(src, reason)] += 1
 
     def count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -342,13 +396,10 @@ class Transport:
         """Next valid message, or None when the timeout passes. Bad input is dropped and reported."""
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
-            remaining = deadline - time.monotonic()
-            try:
-                raw_topic, payload, retained, received = (
-                    self._raw.get(timeout=remaining) if remaining > 0 else self._raw.get_nowait()
-                )
-            except queue.Empty:
+            raw = self._raw.get(max(0.0, deadline - time.monotonic()))
+            if raw is None:
                 return None
+            raw_topic, payload, retained, received = raw
             item = self._process(raw_topic, payload, retained, received)
             if item is not None:
                 return item
@@ -378,7 +429,7 @@ class Transport:
             return Inbound(t, None, data, retained, received)
         try:
             if is_chunk_frame(payload):
-                self._reassembler.expire(received)
+                self._expire(received)
                 whole = self._reassembler.feed(t.src, payload, received)
                 if whole is None:
                     return None
@@ -406,14 +457,37 @@ class Transport:
         ids = env.body.get("ids", [])
         if self.outbox is None or not isinstance(ids, list):
             return
-        for key in ids:
-            if isinstance(key, str) and self.outbox.ack(key):
+        for key in ids[:256]:
+            if not isinstance(key, str):
+                continue
+            if self.outbox.ack(key, by=env.src):
                 self._count("acked")
+            elif key in self.outbox:
+                # Only the node the message went to may say it applied it (docs/design.md, "Trust").
+                self.drop("ack_not_from_receiver", f"{env.src} acknowledged {key} sent to "
+                                                   f"{self.outbox.destination(key)}", env.src)
 
-    def drop(self, reason: str, detail: str, where: str = "") -> None:
+    def _expire(self, now: float) -> None:
+        held = self._reassembler.bytes_held
+        expired = self._reassembler.expire(now)
+        for src, _ in expired:
+            self.drop("expired", f"a partial chunked message from {src} got no new chunk for "
+                                 f"{self._reassembler.timeout_s:.0f}s", src)
+        if expired and held - self._reassembler.bytes_held >= 1024 * 1024 and release_memory():
+            self._count("memory_released")
+
+    def report_refused(self) -> None:
+        """Count and report what the network thread refused since the last call: one event per sender and
+        reason, with how many (a flood costs a few events a second, not one per message)."""
+        with self._stats_lock:
+            refused, self._refused = self._refused, collections.Counter()
+        for (src, reason), n in sorted(refused.items()):
+            self.drop(reason, f"{n} message(s) from {src}", src, n=n)
+
+    def drop(self, reason: str, detail: str, where: str = "", n: int = 1) -> None:
         """Count a dropped message and report it on the event topic (rate-limited against floods)."""
-        self._count("dropped")
-        self._count(f"drop_{reason}")
+        self._count("dropped", n)
+        self._count(f"drop_{reason}", n)
         if self.log is not None:
             self.log.warning("message dropped", reason=reason, detail=detail[:300], topic=where)
         now = time.monotonic()
@@ -495,8 +569,9 @@ class Transport:
         return dict(self._status)
 
     def housekeeping(self, now: float, *, resend_after: float = 5.0) -> int:
-        """Expire stale partial transfers and re-send outbox entries not yet acknowledged."""
-        self._reassembler.expire(now)
+        """Expire stale partial transfers, report refusals, re-send outbox entries not yet acknowledged."""
+        self._expire(now)
+        self.report_refused()
         if self.outbox is None or not self.connected:
             return 0
         due = self.outbox.due(now, resend_after)

@@ -28,6 +28,7 @@ BENCHES = {
     "migration": ("mqttfl.tools.bench.migration", "FedFly migration pause and time saved vs restarting"),
     "async": ("mqttfl.tools.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
     "data": ("mqttfl.tools.bench.data", "mqttfl data throughput and a device's memory with a memory-mapped shard"),
+    "resilience": ("mqttfl.tools.bench.resilience", "memory returned by expired transfers; an edge killed mid-round"),
 }
 
 

@@ -12,11 +12,14 @@ from dataclasses import MISSING, Field, fields
 from typing import Any
 
 from mqttfl.fl.strategies import StrategyParams
+from mqttfl.protocol.cloud.roles import Roles
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.plan import Training
 from mqttfl.runtime.config import (
     LIMIT_KEYS,
+    ROLE_BUDGETS,
     AgentConfig,
+    Budget,
     CloudRuntime,
     ConfigError,
     DeviceSection,
@@ -24,6 +27,7 @@ from mqttfl.runtime.config import (
     MqttConfig,
     load_config,
     parse_section,
+    read_cloud_section,
 )
 from mqttfl.wire.codec import Limits
 
@@ -62,17 +66,26 @@ def _rows(dc: type, reader: str, *, skip: tuple[str, ...] = ()) -> list[tuple[st
             for f in fields(dc) if f.name not in skip]
 
 
+def _by_role(name: str) -> str:
+    """A [limits] budget's default, which depends on the node's role."""
+    values = {role: getattr(b, name) for role, b in ROLE_BUDGETS.items()}
+    if len(set(values.values())) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{role} {v}" for role, v in values.items())
+
+
 def sections() -> dict[str, list[tuple[str, str, str, str, str]]]:
     """Every section's keys: (key, type, default, meaning, who reads it)."""
     limits = Limits()
     return {
         "top level": TOP_LEVEL,
         "[mqtt]": _rows(MqttConfig, "all", skip=("password",)),
-        "[limits]": [(k, "int", str(getattr(limits, k)), LIMIT_DOCS[k], "all") for k in LIMIT_KEYS],
+        "[limits]": [*[(k, "int", str(getattr(limits, k)), LIMIT_DOCS[k], "all") for k in LIMIT_KEYS],
+                     *[(f.name, str(f.type), _by_role(f.name), f.metadata["doc"], "all") for f in fields(Budget)]],
         "[control]": CONTROL,
         "[device]": _rows(DeviceSection, "device"),
         "[edge]": _rows(EdgeSection, "edge"),
-        "[cloud]": [*_rows(CloudRuntime, "cloud"),
+        "[cloud]": [*_rows(CloudRuntime, "cloud"), *_rows(Roles, "cloud"),
                     *_rows(CloudSettings, "cloud", skip=("training", "params")),
                     *_rows(Training, "cloud; sent to every edge and device in the round plan"),
                     *_rows(StrategyParams, "cloud")],
@@ -101,12 +114,7 @@ def check(role: str, path: str) -> str:
     elif role == "edge":
         parse_section(EdgeSection, cfg.section, "edge")
     elif role == "cloud":
-        runtime = frozenset(f.name for f in fields(CloudRuntime))
-        parse_section(CloudRuntime, {k: v for k, v in cfg.section.items() if k in runtime}, "cloud")
-        try:
-            CloudSettings.from_section({k: v for k, v in cfg.section.items() if k not in runtime})
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        read_cloud_section(cfg.section)
     return f"{path}: a valid {role} config for node {cfg.node} in fleet {cfg.fleet}"
 
 

@@ -44,8 +44,8 @@ def toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):  # an inline table inside a section (edge_brokers)
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, dict):  # an inline table inside a section ([cloud] devices, [device] edge_brokers)
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -125,7 +125,11 @@ class Testbed:
     def __init__(self, root: Path, spec: FleetSpec, *, broker: Broker | None = None,
                  data: tuple[Dataset, Dataset] | None = None, cloud_broker: Broker | None = None,
                  site_brokers: dict[str, Broker] | None = None, auth: dict[str, dict[str, Any]] | None = None,
-                 ) -> None:
+                 mqtt: dict[str, Any] | None = None, credentials: Path | None = None) -> None:
+        """``site_brokers``: the broker of each edge or device not on ``broker`` (several sites); ``auth``: [mqtt]
+        credentials per node; ``mqtt``: [mqtt] keys for every node (``tls``, ``ca_file`` for a production broker);
+        ``credentials``: a folder of ``<node>.password`` files (broker_config/add-node.sh), one per node and the
+        operator."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.spec = spec
@@ -135,10 +139,10 @@ class Testbed:
         # Scale-out (docs/operations.md, "Several sites"): edges and devices on a site broker,
         # the cloud on its own broker, bridged.
         self.cloud_broker = cloud_broker
-        # Several sites: the broker of each edge or device not on ``broker``; ``auth``: [mqtt] credentials per
-        # node (the cloud and "operator" on a password-protected cloud broker).
         self.site_brokers = dict(site_brokers or {})
         self.auth = dict(auth or {})
+        self.mqtt = dict(mqtt or {})
+        self.credentials = credentials
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
         self.operator: Transport | None = None
@@ -160,7 +164,7 @@ class Testbed:
         common = {"fleet": self.spec.fleet, "log_level": "info", "control": {"operators": ["operator"]}}
         cloud = {"model": self.spec.model, "input_shape": list(self.spec.input_shape),
                  "test_data": str(self.root / "data" / "test.npz"), "min_devices": len(self.spec.devices),
-                 **self.spec.cloud}
+                 "edges": self.spec.edges, **self.spec.cloud}
         self._config("cloud", "cloud", common, cloud)
         for e in self.spec.edges:
             self._config(e, "edge", common, dict(self.spec.edge_extra))
@@ -176,10 +180,17 @@ class Testbed:
             return self.cloud_broker or self.broker
         return self.site_brokers.get(node, self.broker)
 
-    def _config(self, node: str, role: str, common: dict[str, Any], section: dict[str, Any]) -> None:
+    def mqtt_of(self, node: str) -> dict[str, Any]:
+        """The [mqtt] section of a node (or the operator): its site's broker, shared keys, its credentials."""
         b = self.broker_of(node)
-        mqtt = {"host": b.host, "port": b.port, **self.auth.get(node, {})}
-        data = {"node": node, **common, "mqtt": mqtt, "state_dir": str(self.root / "state"), role: section}
+        mqtt = {"host": b.host, "port": b.port, **self.mqtt, **self.auth.get(node, {})}
+        if self.credentials is not None:
+            mqtt["password_file"] = str(self.credentials / f"{node}.password")
+        return mqtt
+
+    def _config(self, node: str, role: str, common: dict[str, Any], section: dict[str, Any]) -> None:
+        data = {"node": node, **common, "mqtt": self.mqtt_of(node), "state_dir": str(self.root / "state"),
+                role: section}
         self.configs[node] = write_toml(self.root / f"{node}.toml", data)
 
     def role_of(self, node: str) -> str:
@@ -204,9 +215,8 @@ class Testbed:
 
     def connect_operator(self) -> Transport:
         if self.operator is None:
-            b = self.broker_of("operator")
             cfg = load_config(None, "operator", environ={}, node="operator", fleet=self.spec.fleet,
-                              mqtt={"host": b.host, "port": b.port, **self.auth.get("operator", {})})
+                              mqtt=self.mqtt_of("operator"))
             self.operator = Transport(cfg).start()
         return self.operator
 

@@ -12,11 +12,15 @@ topic::
 
 Theory of operation of :class:`Reassembler`: transfers are keyed by ``(src, tid)`` where ``src`` comes from
 the topic, which the broker authenticates, so one sender cannot disturb another's transfers. A transfer
-reserves its declared ``total`` when its first frame arrives; admission fails (``too_large``) if that would
-exceed ``max_bytes`` or ``max_transfers``, so memory is bounded by declarations, not by how many frames
-eventually arrive. Any error discards the transfer and releases its memory. Finished keys (completed or
-failed) are remembered in a bounded FIFO so that QoS 1 redeliveries arriving late are ignored instead of
-opening a partial transfer that could only expire. Time is a parameter; nothing here reads a clock.
+reserves its declared ``total`` when its first frame arrives; admission fails if that would exceed the
+sender's own budget (``sender_bytes``, ``sender_transfers``: code ``sender_budget``) or the whole budget
+(``max_bytes``, ``max_transfers``: ``too_large``), so memory is bounded by declarations, not by how many
+frames eventually arrive, and one sender can exhaust only its own share (docs/design.md, "Trust"). Only a
+frame that brings new data keeps a transfer alive: a duplicate never extends its life, and no transfer lives
+longer than ``max_life_s`` whatever arrives. Any error discards the transfer and releases its memory.
+Finished keys (completed or failed) are remembered per sender in a bounded FIFO so that QoS 1 redeliveries
+arriving late are ignored instead of opening a partial transfer that could only expire; a sender churning
+through keys evicts only its own. Time is a parameter; nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -81,10 +85,20 @@ def is_chunk_frame(frame: bytes | bytearray | memoryview) -> bool:
 class _Transfer:
     n: int
     total: int
-    last_seen: float
+    started: float
+    last_seen: float  # the last frame that brought new data
     chunks: dict[int, bytes] = field(default_factory=dict)
     held: int = 0
     sha256: bytes | None = None
+
+
+@dataclass
+class _Sender:
+    """What one sender holds: its open transfers' declared bytes, and its recently finished keys."""
+
+    reserved: int = 0
+    transfers: int = 0
+    finished: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
 
 @dataclass(frozen=True)
@@ -144,7 +158,8 @@ def _parse_frame(frame: bytes | bytearray | memoryview) -> _Frame:
 
 
 class Reassembler:
-    """Reassembles chunked payloads per ``(src, tid)`` within fixed memory and transfer-count bounds."""
+    """Reassembles chunked payloads per ``(src, tid)`` within fixed memory and transfer-count bounds, overall and
+    per sender."""
 
     def __init__(
         self,
@@ -153,13 +168,21 @@ class Reassembler:
         timeout_s: float = 30.0,
         max_transfers: int = 64,
         max_finished: int = 1024,
+        sender_bytes: int | None = None,
+        sender_transfers: int | None = None,
+        max_life_s: float | None = None,
+        max_senders: int = 4096,
     ) -> None:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_transfers = max_transfers
         self.max_finished = max_finished
+        self.sender_bytes = max_bytes if sender_bytes is None else sender_bytes
+        self.sender_transfers = max_transfers if sender_transfers is None else sender_transfers
+        self.max_life_s = 10 * timeout_s if max_life_s is None else max_life_s
+        self.max_senders = max_senders  # senders remembered (their finished keys); the idle ones go first
         self._open: dict[tuple[str, bytes], _Transfer] = {}
-        self._finished: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._senders: OrderedDict[str, _Sender] = OrderedDict()
         self._reserved = 0
         self._held = 0
 
@@ -177,6 +200,23 @@ class Reassembler:
     def transfers(self) -> int:
         return len(self._open)
 
+    def reserved_by(self, src: str) -> int:
+        """Declared bytes of ``src``'s open transfers; what ``sender_bytes`` bounds."""
+        s = self._senders.get(src)
+        return s.reserved if s is not None else 0
+
+    def _sender(self, src: str) -> _Sender:
+        s = self._senders.get(src)
+        if s is None:
+            s = self._senders[src] = _Sender()
+            while len(self._senders) > self.max_senders:
+                victim = next((k for k, v in self._senders.items() if v.transfers == 0 and k != src), None)
+                if victim is None:
+                    break
+                del self._senders[victim]
+        self._senders.move_to_end(src)
+        return s
+
     def feed(self, src: str, frame: bytes | bytearray | memoryview, now: float) -> bytes | None:
         """Add one frame; return the whole payload once complete and verified, else None.
 
@@ -184,23 +224,24 @@ class Reassembler:
         """
         f = _parse_frame(frame)
         key = (src, f.tid)
-        if key in self._finished:
+        sender = self._sender(src)
+        if f.tid in sender.finished:
             return None
         t = self._open.get(key)
         if t is None:
-            t = self._admit(key, f, now)
+            t = self._admit(key, sender, f, now)
         elif f.n != t.n or f.total != t.total:
             self._close(key)
             raise ChunkError(
                 "inconsistent",
                 f"transfer from {src!r}: chunk says {f.n} chunks/{f.total} bytes, earlier {t.n}/{t.total}",
             )
-        t.last_seen = now
         if f.i in t.chunks:
-            return None
+            return None  # a duplicate: ignored, and it does not keep the transfer alive
         if t.held + len(f.data) > t.total:
             self._close(key)
             raise ChunkError("inconsistent", f"transfer from {src!r}: chunks exceed its {t.total} bytes")
+        t.last_seen = now
         t.chunks[f.i] = f.data
         t.held += len(f.data)
         self._held += len(f.data)
@@ -211,13 +252,26 @@ class Reassembler:
         return self._complete(key, t)
 
     def expire(self, now: float) -> list[tuple[str, bytes]]:
-        """Drop transfers idle for more than ``timeout_s``; return their keys."""
-        stale = [key for key, t in self._open.items() if now - t.last_seen > self.timeout_s]
+        """Drop transfers idle for more than ``timeout_s`` or older than ``max_life_s``; return their keys."""
+        stale = [key for key, t in self._open.items()
+                 if now - t.last_seen > self.timeout_s or now - t.started > self.max_life_s]
         for key in stale:
             self._close(key)
         return stale
 
-    def _admit(self, key: tuple[str, bytes], f: _Frame, now: float) -> _Transfer:
+    def _admit(self, key: tuple[str, bytes], sender: _Sender, f: _Frame, now: float) -> _Transfer:
+        src = key[0]
+        if f.total > min(self.max_bytes, self.sender_bytes):
+            self._remember(key)
+            raise ChunkError("too_large", f"transfer of {f.total} bytes from {src!r} exceeds what this node takes "
+                                          f"from one sender ({min(self.max_bytes, self.sender_bytes)} bytes)")
+        if sender.transfers >= self.sender_transfers or sender.reserved + f.total > self.sender_bytes:
+            self._remember(key)
+            raise ChunkError(
+                "sender_budget",
+                f"transfer of {f.total} bytes from {src!r} would exceed its budget ({sender.transfers} open, "
+                f"{sender.reserved} of {self.sender_bytes} bytes reserved, cap {self.sender_transfers} transfers)",
+            )
         if len(self._open) >= self.max_transfers:
             self._remember(key)
             raise ChunkError("too_large", f"{len(self._open)} transfers open, cap {self.max_transfers}")
@@ -225,12 +279,14 @@ class Reassembler:
             self._remember(key)
             raise ChunkError(
                 "too_large",
-                f"transfer of {f.total} bytes from {key[0]!r} would exceed the {self.max_bytes}-byte buffer "
+                f"transfer of {f.total} bytes from {src!r} would exceed the {self.max_bytes}-byte buffer "
                 f"({self._reserved} reserved)",
             )
-        t = _Transfer(n=f.n, total=f.total, last_seen=now)
+        t = _Transfer(n=f.n, total=f.total, started=now, last_seen=now)
         self._open[key] = t
         self._reserved += f.total
+        sender.reserved += f.total
+        sender.transfers += 1
         return t
 
     def _complete(self, key: tuple[str, bytes], t: _Transfer) -> bytes:
@@ -249,11 +305,16 @@ class Reassembler:
         if t is not None:
             self._reserved -= t.total
             self._held -= t.held
+            s = self._senders.get(key[0])
+            if s is not None:
+                s.reserved -= t.total
+                s.transfers -= 1
             t.chunks.clear()
         self._remember(key)
 
     def _remember(self, key: tuple[str, bytes]) -> None:
-        self._finished[key] = None
-        self._finished.move_to_end(key)
-        while len(self._finished) > self.max_finished:
-            self._finished.popitem(last=False)
+        finished = self._sender(key[0]).finished
+        finished[key[1]] = None
+        finished.move_to_end(key[1])
+        while len(finished) > self.max_finished:
+            finished.popitem(last=False)

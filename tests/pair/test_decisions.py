@@ -22,6 +22,7 @@ from mqttfl.ml.models import build_model, model_state, schema_of
 from mqttfl.protocol import stage
 from mqttfl.protocol.checkpoint import EdgeCheckpoint
 from mqttfl.protocol.cloud.machine import CloudMachine
+from mqttfl.protocol.cloud.roles import Roles
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.device import ACT_TIMER, DeviceMachine
 from mqttfl.protocol.edge import EdgeMachine
@@ -65,6 +66,7 @@ from mqttfl.wire.codec import Envelope, decode, encode
 from tests.pair.common import MODEL, SCHEMA, SHAPE
 
 CUT = 2
+ROLES = Roles(edges=("edge1", "edge2"))
 _ids = itertools.count(1)
 
 
@@ -129,6 +131,19 @@ def device_update(attempt: int) -> DeviceUpdate:
                         delta={k: np.zeros_like(v) for k, v in device_part().items()})
 
 
+def acts_for(samples: int, attempt: int = 0) -> list[Activations]:
+    """A split device's activations for one epoch of ``samples`` (batches of 8): what the edge must have seen
+    before it believes a report of that many samples."""
+    rng = np.random.default_rng(samples)
+    out = []
+    for step, start in enumerate(range(0, samples, 8)):
+        n = min(8, samples - start)
+        out.append(Activations(run="r", round=0, step=step, micro=0, n_micro=1, batch_size=n, attempt=attempt,
+                               x=rng.standard_normal((n, *SCHEMA.activation(CUT))).astype(np.float32),
+                               y=np.arange(n, dtype=np.int64) % 10))
+    return out
+
+
 def transfer(device: str, mid: str, *, path: MovePath = MovePath.RELAY, source: str = "edge1") -> Transfer:
     edge_part = {k: v for k, v in global_state().items() if k in SCHEMA.keys(CUT)}
     ck = EdgeCheckpoint(device=device, migration=mid, plan=plan(), cut=CUT, weights=edge_part, optimizer={},
@@ -159,6 +174,8 @@ def test_a_delta_of_an_earlier_attempt_is_acknowledged_but_never_applied(edge2: 
     assert s is not None and s.delta is None, "attempt 0's delta must not stand in for attempt 1's"
     assert [a.received for a in fx if isinstance(a, Ack)] == [stale], "acknowledged: the device stops re-sending"
     assert [d.reason for d in fx if isinstance(d, Drop)] == ["wrong_round"]
+    for act in acts_for(10, attempt=1):
+        edge2(received("dev1", "edge2", act))
     fx = edge2(received("dev1", "edge2", device_update(attempt=1), reliable=True))
     assert s.delta is not None
     (up,) = sends(fx, EdgeUpdate, "cloud")
@@ -232,11 +249,12 @@ def cloud_machine(**section: Any) -> CloudMachine:
     settings = CloudSettings.from_section({"model": MODEL, "input_shape": list(SHAPE), "run": "r",
                                            "deadline_s": 60.0, **section})
     return CloudMachine("cloud", settings=settings, initial_state=global_state(), schemas=schema_of,
-                        run_ids=lambda: "r-new")
+                        run_ids=lambda: "r-new", roles=ROLES)
 
 
 def see(cloud: Driver, node: str, role: str, edge: str | None = None) -> None:
-    cloud(StatusSeen(Presence(node=node, role=role, state="idle", boot=1, edge=edge)))
+    samples = 40 if role == "device" else None
+    cloud(StatusSeen(Presence(node=node, role=role, state="idle", boot=1, edge=edge, samples=samples)))
 
 
 def test_only_the_edge_a_device_is_assigned_to_can_report_it_missing() -> None:
@@ -267,15 +285,15 @@ def test_the_cloud_persists_each_attempt_before_announcing_it() -> None:
     round of a run (before anything was committed)."""
     cloud = Driver(cloud_machine())
     see(cloud, "edge1", "edge")
-    fx = cloud(StatusSeen(Presence(node="dev1", role="device", state="idle", boot=1, edge="edge1")))
+    fx = cloud(StatusSeen(Presence(node="dev1", role="device", state="idle", boot=1, edge="edge1", samples=40)))
     kinds = [type(e).__name__ for e in fx if isinstance(e, (Persist, Send))]
     assert kinds[:2] == ["Persist", "Send"], kinds
     (saved,) = [e.state for e in fx if isinstance(e, Persist)]
     restarted = CloudMachine("cloud", settings=cloud.machine.config, initial_state=global_state(),
-                             schemas=schema_of, run_ids=lambda: "r-new", restored=saved)
+                             schemas=schema_of, run_ids=lambda: "r-new", restored=saved, roles=ROLES)
     again = Driver(restarted)
     again(StatusSeen(Presence(node="edge1", role="edge", state="idle", boot=1)))
-    fx = again(StatusSeen(Presence(node="dev1", role="device", state="idle", boot=1, edge="edge1")))
+    fx = again(StatusSeen(Presence(node="dev1", role="device", state="idle", boot=1, edge="edge1", samples=40)))
     (opened,) = sends(fx, OpenRound, "edge1")
     assert (opened.plan.run, opened.plan.round, opened.plan.attempt) == ("r", 0, 1)
 

@@ -130,6 +130,7 @@ class AsyncGroups:
 
     # ------------------------------------------------------------------ fleet
     def on_status(self, p: Presence, was: Presence | None) -> None:
+        """A configured (or enrolled) node's status, in its authorised role; the cloud passes no other."""
         for r in self.open.values():
             if p.refuses(r.plan.run):  # it will not report: its group round need not wait for the deadline
                 r.give_up([p.node] if p.role == "device" else r.edges.get(p.node, []))
@@ -236,7 +237,8 @@ class AsyncGroups:
         for d, p in sorted(devices.items()):
             by_edge.setdefault(str(p.edge), []).append(d)
         tag = RoundTag(group=group, version=self.completed, base=self.strategy.version, kind=kind)
-        r = CloudRound(plan, by_edge, started=now, deadline=now + deadline_s, tag=tag)
+        r = CloudRound(plan, by_edge, started=now, deadline=now + deadline_s, tag=tag,
+                       declared={d: c.declared(d) for d in devices})
         self.open[rid] = r
         c.announce(plan, by_edge, tag)
         c.do(SetTimer(("deadline", plan.key), r.deadline),
@@ -249,14 +251,18 @@ class AsyncGroups:
     # ------------------------------------------------------------------ deltas
     def on_update(self, ev: Received, msg: EdgeUpdate, now: float) -> None:
         c = self.cloud
+        if not c.is_edge(ev.src):
+            c.drop("not_an_edge", f"delta from {ev.src}, which is not a configured edge", ev.src)
+            return
         r = self.open.get(msg.round)
         known = msg.run == c.settings.run and msg.round < self.next_round
         if r is not None and msg.run == c.settings.run and ev.src in r.edges:
             if not r.applied(msg) and not any(e == ev.src for e, _ in r.reports):
                 try:
-                    c.check_update(ev.src, msg)
+                    c.check_update(ev.src, msg, r)
                 except ProtocolError as e:
                     c.drop(e.code, str(e), ev.src)
+                    c.do(Ack(ev))
                     return
                 r.add(ev.src, msg)
             c.do(Ack(ev))
@@ -278,7 +284,7 @@ class AsyncGroups:
             c.drop("wrong_round", f"late delta from {ev.src} for round {msg.round}", ev.src)
             return
         try:
-            delta = c.check_update(ev.src, msg)
+            delta = c.check_update(ev.src, msg, None)
         except ProtocolError as e:
             c.drop(e.code, str(e), ev.src)
             return

@@ -32,12 +32,16 @@ from mqttfl.protocol import stage
 from mqttfl.protocol.cloud import fedeval
 from mqttfl.protocol.cloud.context import Policy
 from mqttfl.protocol.cloud.groups import AsyncGroups
+from mqttfl.protocol.cloud.roles import Roles
+from mqttfl.protocol.cloud.rounds import CloudRound
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.cloud.sync import SyncRounds
 from mqttfl.protocol.control import arg, check_id
+from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.events import (
     Command,
     CommandError,
+    Count,
     Drop,
     Effect,
     Emit,
@@ -61,7 +65,7 @@ from mqttfl.protocol.events import (
 )
 from mqttfl.protocol.messages import EdgeUpdate, EvalReport, MovePath, OpenRound, Restart, RoundTag
 from mqttfl.protocol.plan import BEST_METRIC, Plan, round_lr
-from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
+from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, state_norm
 from mqttfl.protocol.status import NodeState, Presence
 
 STATE_FORMAT = 2
@@ -85,6 +89,9 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
     "sample_fraction": ((int, float), lambda v: 0 < v <= 1),
     "sample_size": (int, lambda v: v >= 0),
     "fed_eval_every": (int, lambda v: v >= 0),
+    "max_update_norm": ((int, float), lambda v: v >= 0),
+    "max_samples": (int, lambda v: v >= 0),
+    "resume_every": (int, lambda v: v >= 0),
 }
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
@@ -92,8 +99,10 @@ SchemaSource = Callable[[ModelRef], ModelSchema]
 
 class CloudMachine:
     def __init__(self, node: str, *, settings: CloudSettings, initial_state: dict[str, np.ndarray],
-                 schemas: SchemaSource, run_ids: Callable[[], str], restored: dict[str, Any] | None = None) -> None:
+                 schemas: SchemaSource, run_ids: Callable[[], str], roles: Roles,
+                 restored: dict[str, Any] | None = None) -> None:
         self.node = node
+        self.roles = roles  # who is an edge, and which devices may use which edges: configuration, not statuses
         self.config = settings  # the config file's settings: new-run starts from these
         self.initial_state = initial_state
         self.schemas = schemas
@@ -104,6 +113,8 @@ class CloudMachine:
         self.history: list[dict[str, Any]] = []
         self.fleet: dict[str, Presence] = {}
         self.last_seen: dict[str, float] = {}
+        self.joined: dict[str, tuple[int, int]] = {}  # device -> (boot, samples it declared when it came online)
+        self.refused_claims: dict[str, tuple[int, str]] = {}  # node -> (boot, claim) already reported
         self.elapsed0 = 0.0  # run time before this process (restored)
         self.run_started = 0.0
         self.resumed = False
@@ -245,14 +256,26 @@ class CloudMachine:
     def committing(self) -> bool:
         return self._committing is not None
 
+    def role_of(self, node: str) -> str | None:
+        """What ``node`` is by configuration ("Trust"): an edge only if ``[cloud] edges`` says so; a device if
+        the devices table lists it, or (open enrolment, no table) if it says so and is no configured edge."""
+        if self.roles.is_edge(node):
+            return "edge"
+        if self.roles.devices:
+            return "device" if node in self.roles.devices else None
+        p = self.fleet.get(node)
+        return "device" if p is not None and p.role == "device" else None
+
     def online(self, role: str) -> dict[str, Presence]:
-        return {n: p for n, p in self.fleet.items() if p.role == role and p.online}
+        return {n: p for n, p in self.fleet.items() if p.online and self.role_of(n) == role}
 
     def eligible(self) -> dict[str, Presence]:
-        """Online devices whose edge is online, unless either refused this run (another model, unfit data)."""
+        """Online devices attached to an online edge they may use, with a usable sample count, unless either
+        refused this run (another model, unfit data)."""
         run = self.settings.run
         edges = {e for e, p in self.online("edge").items() if not p.refuses(run)}
-        return {d: p for d, p in self.online("device").items() if p.edge in edges and not p.refuses(run)}
+        return {d: p for d, p in self.online("device").items()
+                if p.edge in edges and self.roles.may_use(d, p.edge) and self.declared(d) > 0 and not p.refuses(run)}
 
     def may_begin(self, devices: dict[str, Presence], now: float) -> bool:
         """Whether the first round of the run may start with these eligible devices: at least ``min_devices``,
@@ -283,7 +306,15 @@ class CloudMachine:
         return False
 
     def is_edge(self, node: str) -> bool:
-        return self.fleet.get(node) is not None and self.fleet[node].role == "edge"
+        return self.roles.is_edge(node)
+
+    def may_use(self, device: str, edge: str) -> bool:
+        return self.roles.may_use(device, edge)
+
+    def declared(self, device: str) -> int:
+        """The sample count the device declared when it came online (this boot); 0 when unusable."""
+        joined = self.joined.get(device)
+        return joined[1] if joined is not None else 0
 
     def cut_for(self, device: str) -> int:
         p = self.fleet.get(device)
@@ -303,17 +334,41 @@ class CloudMachine:
         return Plan.of(t, run=self.settings.run, round=round, attempt=attempt, **changes)
 
     def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None) -> None:
-        """Open the round at each edge with its devices, their cuts and the global model."""
+        """Open the round at each edge with its devices, their cuts, their declared sample counts and the
+        global model."""
         for edge, devs in by_edge.items():
             self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
-                                          cuts={d: self.cut_for(d) for d in devs}, state=self.global_state,
+                                          cuts={d: self.cut_for(d) for d in devs},
+                                          samples={d: self.declared(d) for d in devs}, state=self.global_state,
                                           schema=self.schema.describe())))
 
-    def check_update(self, src: str, msg: EdgeUpdate) -> dict[str, np.ndarray] | None:
-        """The update's delta, checked against the global model (None when it carries no samples)."""
+    def check_update(self, src: str, msg: EdgeUpdate, r: CloudRound | None) -> dict[str, np.ndarray] | None:
+        """The update's delta, checked before anything of it is used (None when it carries no samples):
+        from a configured edge; reports only for devices of the round (``r``; None: a late update of a closed
+        round, checked against what the devices declared) that this edge may report, with at most the samples
+        each declared; the delta against the model's schema and, when ``max_update_norm`` is set, its norm
+        against the global model's. ProtocolError names what is wrong."""
+        if not self.is_edge(src):
+            raise ProtocolError("not_an_edge", f"{src} is not a configured edge ([cloud] edges)")
+        for d, rep in msg.reports.items():
+            if r is not None and not r.may_report(d, src, self.fleet.get(d)):
+                raise ProtocolError("not_in_round", f"{src} reports {d}, which is not in this round at {src}")
+            if not self.roles.may_use(d, src):
+                raise ProtocolError("not_in_round", f"{d} may not train through {src}")
+            cap = r.declared.get(d, 0) if r is not None and r.declared else self.declared(d)
+            if rep.samples > cap:
+                raise ProtocolError("implausible_samples", f"{src} reports {rep.samples} samples for {d}, which "
+                                                           f"declared {cap}")
         if msg.samples <= 0:
             return None
-        return check_state(msg.delta, self.schema.specs(), f"delta of {src}")
+        delta = check_state(msg.delta, self.schema.specs(), f"delta of {src}")
+        bound = self.settings.training.max_update_norm
+        if bound > 0:
+            norm, ref = state_norm(delta), state_norm(self.global_state)
+            if not norm <= bound * max(ref, 1e-12):
+                raise ProtocolError("implausible_update", f"delta of {src} has norm {norm:.4g}, more than "
+                                                          f"{bound:g} x the global model's {ref:.4g}")
+        return delta
 
     def commit(self, new_state: dict[str, np.ndarray], entry: dict[str, Any], now: float,
                then: Callable[[], None] | None = None) -> None:
@@ -434,7 +489,39 @@ class CloudMachine:
                                                                if e == p.node]
                 for d in behind:
                     self.fed_eval.expected.pop(d, None)
-        self.policy.on_status(p, was)
+        role = self.role_of(p.node)
+        if p.role != (role or "") and p.online:
+            self._refuse_claim(p, f"role {p.role or '(none)'}", f"says it is {p.role or 'nothing'}, configured as "
+                                                                 f"{role or 'nothing'}")
+        if role == "device" and p.online:
+            self._join(p)
+            if p.edge is not None and not self.roles.may_use(p.node, p.edge):
+                self._refuse_claim(p, f"edge {p.edge}", f"attached to {p.edge}, which it may not use")
+        if role is not None:  # policies hear of configured (or enrolled) nodes only, in their authorised role
+            self.policy.on_status(replace(p, role=role), was)
+
+    def _join(self, p: Presence) -> None:
+        """A device's sample count is the one it declared when it came online (docs/design.md, "Trust")."""
+        joined = self.joined.get(p.node)
+        if joined is not None and joined[0] == p.boot:
+            if p.samples != joined[1]:
+                self._refuse_claim(p, f"samples {p.samples}", f"now says {p.samples} samples, declared "
+                                                              f"{joined[1]} when it joined")
+            return
+        samples = p.samples or 0
+        cap = self.settings.max_samples
+        if cap and samples > cap:
+            self._refuse_claim(p, f"samples {samples}", f"declares {samples} samples, more than max_samples {cap}")
+            samples = 0
+        self.joined[p.node] = (p.boot, samples)
+
+    def _refuse_claim(self, p: Presence, claim: str, detail: str) -> None:
+        """Report once per boot and claim what a status says that the configuration does not allow."""
+        if self.refused_claims.get(p.node) == (p.boot, claim):
+            return
+        self.refused_claims[p.node] = (p.boot, claim)
+        self._do(Emit("role_refused", "warning", {"sender": p.node, "claim": claim, "detail": detail}),
+                 Count("role_refused"), Log("warning", "status claim refused", {"node": p.node, "detail": detail}))
 
     # ------------------------------------------------------------------ commands
     def _on_command(self, ev: Command, now: float) -> None:
@@ -527,7 +614,8 @@ class CloudMachine:
         return {**self._state_reply(), "previous": previous}
 
     def cmd_fleet(self, args: dict[str, Any], now: float) -> Any:
-        return {n: {**asdict(p), "seen_s_ago": round(now - self.last_seen.get(n, now), 1)}
+        return {n: {**asdict(p), "authorised": self.role_of(n), "declared_samples": self.joined.get(n, (0, None))[1],
+                    "seen_s_ago": round(now - self.last_seen.get(n, now), 1)}
                 for n, p in sorted(self.fleet.items())}
 
     def cmd_history(self, args: dict[str, Any], now: float) -> Any:
@@ -545,10 +633,10 @@ class CloudMachine:
         edge = check_id(arg(args, "edge", str), "edge")
         path = arg(args, "path", str, default="direct", check=lambda v: v in set(MovePath))
         at_step = arg(args, "at_step", int, default=0, check=lambda v: v >= 0)
-        if device not in self.fleet or self.fleet[device].role != "device":
+        if device not in self.fleet or self.role_of(device) != "device":
             raise CommandError(f"unknown device {device!r}", "unknown_node")
-        if not self.is_edge(edge):
-            raise CommandError(f"unknown edge {edge!r}", "unknown_node")
+        if not self.roles.may_use(device, edge):
+            raise CommandError(f"{edge!r} is not an edge {device} may use ([cloud] edges, devices)", "unknown_node")
         self._do(SendCommand(device, "move", {"edge": edge, "path": path, "at_step": at_step}))
         return {"forwarded": True, "device": device, "edge": edge, "path": path}
 

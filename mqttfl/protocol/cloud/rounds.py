@@ -13,6 +13,7 @@ from typing import Any
 from mqttfl.fl.strategies import Update
 from mqttfl.protocol.messages import EdgeUpdate, Report, RoundTag
 from mqttfl.protocol.plan import Plan
+from mqttfl.protocol.status import Presence
 
 
 @dataclass
@@ -27,6 +28,7 @@ class CloudRound:
     reports: list[tuple[str, EdgeUpdate]] = field(default_factory=list)
     accounted: set[str] = field(default_factory=set)  # devices some edge reported done or missing
     eligible: int = 0  # devices that could have taken part (client sampling picked the round's devices from these)
+    declared: dict[str, int] = field(default_factory=dict)  # device -> samples it declared when it joined
 
     @property
     def expected(self) -> set[str]:
@@ -49,6 +51,13 @@ class CloudRound:
     def give_up(self, devices: list[str]) -> None:
         """These devices will not report (they refused the run): they count as missing at once."""
         self.accounted |= set(devices) & self.expected
+
+    def may_report(self, device: str, edge: str, presence: Presence | None) -> bool:
+        """A device of this round, reported by the edge it was announced at, or by the one its own status says it
+        moved to during the round (a migration the cloud hears of from the device, never from an edge)."""
+        if device not in self.expected:
+            return False
+        return device in self.edges.get(edge, []) or (presence is not None and presence.edge == edge)
 
     def applied(self, update: EdgeUpdate) -> bool:
         """Whether some device of this report was already counted from an earlier report."""
@@ -74,13 +83,15 @@ class CloudRound:
 
     def to_saved(self, now: float) -> dict[str, Any]:
         return {"plan": self.plan.to_body(), "edges": self.edges, "elapsed": now - self.started,
-                "remaining": max(0.0, self.deadline - now), "tag": self.tag.to_body() if self.tag else None}
+                "remaining": max(0.0, self.deadline - now), "tag": self.tag.to_body() if self.tag else None,
+                "declared": dict(self.declared)}
 
     @classmethod
     def from_saved(cls, d: dict[str, Any], now: float, grace_s: float = 1.0) -> CloudRound:
         return cls(Plan.from_body(d["plan"]), {str(e): [str(x) for x in ds] for e, ds in d["edges"].items()},
                    started=now - float(d["elapsed"]), deadline=now + float(d["remaining"]) + grace_s,
-                   tag=RoundTag.from_body(d.get("tag")))
+                   tag=RoundTag.from_body(d.get("tag")),
+                   declared={str(k): int(v) for k, v in d.get("declared", {}).items()})
 
 
 def device_costs(reports: dict[str, Report], t_global: float, edge_of: dict[str, str]) -> dict[str, dict[str, Any]]:

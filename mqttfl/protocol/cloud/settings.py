@@ -47,6 +47,9 @@ class CloudSettings:
     fed_eval_every: int = field(default=0, metadata={"doc": (
         "sync: every this many rounds (and after the last), devices with eval_data evaluate the global model and "
         "the cloud reports the weighted result beside its own (federated evaluation); 0: never")})
+    max_samples: int = field(default=0, metadata={"doc": (
+        "a device declaring more samples than this when it joins is left out of rounds (0: no cap); a report "
+        "never counts more samples than its device declared")})
     cut: int = field(default=-1, metadata={"doc": (
         "split point for devices that set none: blocks [0, cut) on the device; -1: the model's default")})
     autostart: bool = field(default=True, metadata={"doc": (
@@ -89,6 +92,8 @@ class CloudSettings:
             out.append("rounds, max_versions and regroup_every must be >= 0")
         if not 0 < self.quorum <= 1:
             out.append("quorum must be in (0, 1]")
+        if self.max_samples < 0:
+            out.append("max_samples must be >= 0")
         if self.max_attempts < 1 or self.min_devices < 1 or self.num_groups < 1 or self.profile_rounds < 1:
             out.append("max_attempts, min_devices, num_groups and profile_rounds must be >= 1")
         if self.cut == 0 or self.cut < -1:

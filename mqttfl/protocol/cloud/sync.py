@@ -94,7 +94,7 @@ class SyncRounds:
         for d in sampled:
             by_edge.setdefault(str(devices[d].edge), []).append(d)
         self.current = CloudRound(plan, by_edge, started=now, deadline=now + plan.deadline_s,
-                                  eligible=len(devices))
+                                  eligible=len(devices), declared={d: c.declared(d) for d in sampled})
         # This attempt is on disk before it is announced: a cloud restarted during the round opens the next
         # attempt, never this one again (devices ignore the announcement of an attempt they finished).
         c.persist(now)
@@ -109,9 +109,11 @@ class SyncRounds:
     def on_update(self, ev: Received, msg: EdgeUpdate, now: float) -> None:
         c = self.cloud
         r = self.current
-        is_edge = r is not None and (ev.src in r.edges or c.is_edge(ev.src))
-        if r is None or not is_edge or msg.run != r.plan.run or msg.round != r.plan.round \
-                or msg.attempt != r.plan.attempt:
+        if not c.is_edge(ev.src):
+            # Only configured edges report; a node's own claim to be one counts for nothing ("Trust").
+            c.drop("not_an_edge", f"delta from {ev.src}, which is not a configured edge", ev.src)
+            return
+        if r is None or msg.run != r.plan.run or msg.round != r.plan.round or msg.attempt != r.plan.attempt:
             if r is None or msg.round <= self.completed or msg.run != c.settings.run:
                 c.do(Ack(ev))  # stale re-send: acknowledge so the edge stops, apply nothing
             c.drop("wrong_round", f"delta from {ev.src} for {msg.run}/{msg.round}", ev.src)
@@ -120,9 +122,10 @@ class SyncRounds:
             c.do(Ack(ev))  # these devices were already applied from an earlier report
             return
         try:
-            c.check_update(ev.src, msg)
+            c.check_update(ev.src, msg, r)
         except ProtocolError as e:
             c.drop(e.code, str(e), ev.src)
+            c.do(Ack(ev))  # refused for good: the same bytes again would be refused again
             return
         r.add(ev.src, msg)
         c.do(Ack(ev))
@@ -181,12 +184,13 @@ class SyncRounds:
         if r is None or msg.run != r.plan.run or msg.round != r.plan.round or ev.src not in r.expected:
             c.drop("wrong_round", f"restart request from {ev.src} for round {msg.round}", ev.src)
             return
-        if not c.is_edge(msg.edge):
-            c.drop("unknown_node", f"restart at unknown edge {msg.edge!r}", ev.src)
+        if not c.may_use(ev.src, msg.edge):
+            c.drop("unknown_node", f"restart at {msg.edge!r}, not an edge {ev.src} may use", ev.src)
             return
         r.move(ev.src, msg.edge)
         c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan, cuts={ev.src: c.cut_for(ev.src)},
-                                state=c.global_state, schema=c.schema.describe())))
+                                      samples={ev.src: r.declared.get(ev.src, c.declared(ev.src))},
+                                      state=c.global_state, schema=c.schema.describe())))
         c.do(Emit("round_restarted_for_device", "warning", {"device": ev.src, "edge": msg.edge,
                                                             "round": r.plan.round, "source": msg.source}))
 
