@@ -98,7 +98,7 @@ def test_a_users_model_and_csv_train_in_a_fleet_and_the_exported_model_scores_wh
     # The [cloud] keys mqttfl data printed, and the run's choices.
     cloud = {**meta["cloud"], "model": "greenhouse.models:classifier", "rounds": 6, "optimizer": "adam", "lr": 0.01,
              "batch_size": 32, "seed": 2, "sample_size": 3, "fed_eval_every": 3, "min_devices": 2,
-             "wait_for": list(DEVICES), "keep_models": 2, "run": "greenhouse-1"}
+             "wait_for": list(DEVICES), "keep_models": 2, "run": "greenhouse-1", "edges": ["edge1", "edge2"]}
     tb.configs["cloud"] = write_toml(root / "cloud.toml", {"node": "cloud", **common, "cloud": cloud})
     for e in ("edge1", "edge2"):
         tb.configs[e] = write_toml(root / f"{e}.toml", {"node": e, **common, "edge": {}})
