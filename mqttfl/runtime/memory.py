@@ -70,7 +70,8 @@ from mqttfl.runtime.loop import Machine, MachineRunner
 from mqttfl.runtime.persist import dumps, loads
 from mqttfl.wire.codec import CodecError, Envelope, decode, decode_json, encode, encode_json
 from mqttfl.wire.dedupe import RecentIds
-from mqttfl.wire.encoding import decode_tensors, encode_tensors
+from mqttfl.wire import encoding
+from mqttfl.wire.encoding import decode_tensors
 
 Compute = float | Callable[[stage.Job], float]
 LIVELOCK_STEPS = 100_000  # things done at one virtual instant before the fleet calls it a livelock
@@ -178,7 +179,7 @@ class SimNode(MachineRunner):
         return super().run_job(job)
 
     def send(self, dst: str, fx: E.Send) -> None:
-        self.fleet._send(self, dst, fx.msg, fx.reliable, fx.encoding)
+        self.fleet._send(self, dst, fx)
 
     def ack(self, received: E.Received) -> None:
         self.acked.seen(received.id)
@@ -256,6 +257,7 @@ class MemoryFleet:
                  operators: tuple[str, ...] = ("operator",)) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
+        encoding.seed(seed)  # stochastic rounding (int8) reproducible per seed, like everything else here
         self.latency_s = latency_s
         self.compute_s = compute_s
         self.resend_after_s = resend_after_s
@@ -567,9 +569,9 @@ class MemoryFleet:
             n.counts["tx_bytes"] += len(p.payload)
         return p
 
-    def _send(self, n: SimNode, dst: str, msg: Message, reliable: bool, encoding: str) -> None:
-        body, tensors = msg.to_wire()
-        tensors = encode_tensors(encoding, body, tensors)
+    def _send(self, n: SimNode, dst: str, fx: E.Send) -> None:
+        msg, reliable = fx.msg, fx.reliable
+        body, tensors = n.wire_form(fx)
         if reliable:
             body["reliable"] = True
         p = self._packet(n, self._envelope(n, msg.kind, dst, body, tensors, msg.run, msg.round), msg, reliable)
