@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from mqttfl.protocol.errors import ProtocolError
+from mqttfl.protocol.plan import check_encodings
 from mqttfl.wire.topics import TopicError, validate_id
 
 
@@ -43,6 +44,7 @@ class Presence:
     cut: int | None = None
     samples: int | None = None
     labels: tuple[int, ...] | None = None
+    encodings: tuple[tuple[str, str], ...] = ()  # a device's own tensor encodings (kind, name), over the plan's
 
     @property
     def online(self) -> bool:
@@ -76,5 +78,7 @@ def parse_status(src: str, data: Mapping[str, Any]) -> Presence:
             raise ProtocolError("bad_field", "status field 'labels' must be a list of counts")
         labels = tuple(labels)
     cut = opt_int("cut", -1)
+    encodings = tuple(sorted(check_encodings(data.get("encodings") or {}, "status field 'encodings'").items()))
     return Presence(node=src, role=role, state=state, boot=opt_int("boot", 0) or 0, edge=edge,
-                    cut=None if cut is None or cut < 0 else cut, samples=opt_int("samples", 0), labels=labels)
+                    cut=None if cut is None or cut < 0 else cut, samples=opt_int("samples", 0), labels=labels,
+                    encodings=encodings)

@@ -17,6 +17,7 @@ from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.events import Effect, Received
 from mqttfl.protocol.messages import EdgeUpdate, Restart, RoundTag
 from mqttfl.protocol.plan import Plan
+from mqttfl.protocol.schema import ModelSchema
 from mqttfl.protocol.status import Presence
 
 
@@ -24,6 +25,7 @@ class Cloud(Protocol):
     settings: CloudSettings
     global_state: dict[str, np.ndarray]
     fleet: dict[str, Presence]
+    schema: ModelSchema
 
     @property
     def running(self) -> bool: ...
@@ -43,9 +45,13 @@ class Cloud(Protocol):
 
     def plan(self, round: int, attempt: int, **changes: Any) -> Plan: ...
 
-    def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None) -> None: ...
+    def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None,
+                 partial: dict[str, list[str]] | None = None) -> None: ...
 
-    def check_update(self, src: str, msg: EdgeUpdate) -> dict[str, np.ndarray] | None: ...
+    def check_update(self, src: str, msg: EdgeUpdate, keys: list[str] | None = None
+                     ) -> dict[str, np.ndarray] | None: ...
+
+    def encodings_for(self, device: str) -> dict[str, str]: ...
 
     def commit(self, new_state: dict[str, np.ndarray], entry: dict[str, Any], now: float,
                then: Callable[[], None] | None = None) -> None: ...

@@ -228,17 +228,38 @@ class CloudMachine:
     def plan(self, round: int, attempt: int, **changes: Any) -> Plan:
         return Plan.of(self.settings.training, run=self.settings.run, round=round, attempt=attempt, **changes)
 
-    def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None) -> None:
-        """Open the round at each edge with its devices, their cuts and the global model."""
-        for edge, devs in by_edge.items():
-            self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
-                                          cuts={d: self.cut_for(d) for d in devs}, state=self.global_state)))
+    def encodings_for(self, device: str) -> dict[str, str]:
+        """A device's own tensor encodings (its status says them), over the plan's."""
+        p = self.fleet.get(device)
+        return dict(p.encodings) if p is not None else {}
 
-    def check_update(self, src: str, msg: EdgeUpdate) -> dict[str, np.ndarray] | None:
-        """The update's delta, checked against the global model (None when it carries no samples)."""
+    def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None,
+                 partial: dict[str, list[str]] | None = None) -> None:
+        """Open the round at each edge with its devices, their cuts and encodings, and the global model (only
+        the layers in ``partial[edge]`` for an edge that keeps a copy of the rest: FedLAMA)."""
+        for edge, devs in by_edge.items():
+            keys = (partial or {}).get(edge)
+            state = self.global_state if keys is None else {k: self.global_state[k] for k in keys}
+            encodings = {d: e for d in devs if (e := self.encodings_for(d))}
+            self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
+                                          cuts={d: self.cut_for(d) for d in devs}, state=state,
+                                          encodings=encodings, partial=keys is not None),
+                          encoding=plan.model_encoding))
+
+    def check_update(self, src: str, msg: EdgeUpdate, keys: list[str] | None = None
+                     ) -> dict[str, np.ndarray] | None:
+        """The update's delta (None when it carries no samples), checked, like each device's when the edge
+        forwarded them, against the global model: exactly ``keys`` (all of the model's by default), the model's
+        shapes, finite values. ProtocolError when anything is off."""
         if msg.samples <= 0:
             return None
-        return check_state(msg.delta, self.schema.specs(), f"delta of {src}")
+        specs = self.schema.specs()
+        if keys is not None:
+            specs = {k: specs[k] for k in keys}
+        checked: dict[str, np.ndarray] = {}
+        for who, d in (msg.deltas or {src: msg.delta}).items():
+            checked = check_state(d, specs, f"delta of {who}")
+        return checked
 
     def commit(self, new_state: dict[str, np.ndarray], entry: dict[str, Any], now: float,
                then: Callable[[], None] | None = None) -> None:
