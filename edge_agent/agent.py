@@ -18,5 +18,5 @@ from mqttfl.runtime.node import Node
 def build(cfg: AgentConfig) -> Node:
     sec: EdgeSection = parse_section(EdgeSection, cfg.section, "edge")
     machine = EdgeMachine(cfg.node, schemas=schema_of, cloud=sec.cloud, deadline_fraction=sec.deadline_fraction,
-                          id_prefix=os.urandom(4).hex())
+                          id_prefix=os.urandom(4).hex(), delta_encoding=sec.delta_encoding)
     return Node(cfg, machine, TorchBackend(cfg.node), cloud=sec.cloud)

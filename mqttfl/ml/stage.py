@@ -77,6 +77,27 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
     return int((logits.detach().argmax(dim=1) == y).sum())
 
 
+class Proximal:
+    """FedProx's proximal term (Li et al., arXiv 1812.06127): the local objective gains (mu / 2)|w - w0|^2, w0
+    the round's starting weights, so every step adds mu (w - w0) to the gradient. Each side of a split adds it
+    for its own parameters: the term is a sum over parameters, so the two halves make the whole model's."""
+
+    def __init__(self, params: Iterable[tuple[str, torch.nn.Parameter]], mu: float,
+                 anchor: Mapping[str, np.ndarray] | None = None) -> None:
+        self.mu = mu
+        self.pairs = [(p, torch.from_numpy(np.array(anchor[n], dtype=np.float32)) if anchor is not None
+                       else p.detach().clone()) for n, p in params if p.requires_grad]
+
+    def add_to_grads(self) -> None:
+        with torch.no_grad():
+            for p, w0 in self.pairs:
+                term = self.mu * (p.detach() - w0)
+                if p.grad is None:
+                    p.grad = term
+                else:
+                    p.grad.add_(term)
+
+
 def _step(optimizer: torch.optim.Optimizer | None) -> None:
     if optimizer is not None:
         optimizer.step()
@@ -86,9 +107,10 @@ def _step(optimizer: torch.optim.Optimizer | None) -> None:
 class Stage:
     """Blocks ``[start, stop)`` with their optimizer; forward and backward by micro-batch key."""
 
-    def __init__(self, part: Part, optimizer: torch.optim.Optimizer | None) -> None:
+    def __init__(self, part: Part, optimizer: torch.optim.Optimizer | None, proximal: Proximal | None = None) -> None:
         self.part = part
         self.optimizer = optimizer
+        self.proximal = proximal
         self._stash: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (input, output)
         self.peak_stash = 0
 
@@ -142,6 +164,8 @@ class Stage:
         """One optimizer step for the mini-batch (flush), then clear the grads."""
         if self._stash:
             raise RuntimeError(f"step() with {len(self._stash)} micro-batch(es) still in flight")
+        if self.proximal is not None:
+            self.proximal.add_to_grads()
         _step(self.optimizer)
 
     # ------------------------------------------------------------------ state
@@ -171,9 +195,11 @@ class Stage:
 class LocalTrainer:
     """Unsplit training with the same micro-batch cut: classic FL (cut = end) and the reference for tests."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 proximal: Proximal | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.proximal = proximal
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1) -> StepResult:
         self.model.train()
@@ -185,6 +211,8 @@ class LocalTrainer:
             loss.backward()
             loss_total += float(loss_sum.detach())
             correct += _correct(logits, ym)
+        if self.proximal is not None:
+            self.proximal.add_to_grads()
         _step(self.optimizer)
         return StepResult(loss_total, correct, batch)
 

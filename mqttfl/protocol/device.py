@@ -83,7 +83,7 @@ from mqttfl.protocol.messages import (
     TrainRound,
     Transfer,
 )
-from mqttfl.protocol.plan import Plan, batches_per_epoch, round_steps
+from mqttfl.protocol.plan import Plan, batches_per_epoch, check_encodings, round_steps
 from mqttfl.protocol.schedule import Action, one_f_one_b
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
 from mqttfl.protocol.status import NodeState
@@ -179,7 +179,10 @@ class DeviceMachine:
         self._ids = 0
         self._id_prefix = id_prefix
         self._fx: list[Effect] = []
-        self.encodings = {k: v for k, v in (encodings or {}).items() if v}  # over the plan's
+        try:
+            self.encodings = check_encodings(encodings or {}, "device encodings")  # over the plan's
+        except ProtocolError as e:
+            raise ValueError(str(e)) from None
         self.topk_ratio = topk_ratio  # 0: the plan's
         # Attack emulation for tests and benchmarks ([device] attack_scale): the delta is multiplied by this
         # before it is sent, as a poisoning participant would.

@@ -554,7 +554,8 @@ class EdgeMachine:
             return
         self._leave(device, now)
         sid = self._new_sid(device)
-        self._run(stage.Open(sid, plan, cut, schema.n_blocks, ck.weights, optimizer=ck.optimizer, rng=ck.rng))
+        self._run(stage.Open(sid, plan, cut, schema.n_blocks, ck.weights, optimizer=ck.optimizer, rng=ck.rng,
+                             anchor=ck.base))
         session = Session(device, plan, cut, sid, base=dict(ck.base), activation=schema.activation(cut),
                           up=Upstream(expected=ck.expected, n_micro=ck.n_micro), steps=ck.steps,
                           loss_sum=ck.loss_sum, seen=ck.seen, installed_by=mid)

@@ -316,20 +316,23 @@ class MemoryFleet:
         self._add(name, "cloud", make, lambda: TorchBackend(name, test=test), compute_s)
         self.cloud = name
 
-    def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None) -> None:
+    def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None,
+                 delta_encoding: str = "") -> None:
         self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schema_of, cloud=self.cloud or "cloud",
-                                                      deadline_fraction=deadline_fraction, id_prefix=self._prefix()),
+                                                      deadline_fraction=deadline_fraction, id_prefix=self._prefix(),
+                                                      delta_encoding=delta_encoding),
                   lambda: TorchBackend(name), compute_s)
 
     def add_device(self, name: str, *, edge: str, data: Dataset, share_labels: bool = True,
                    compute_s: Compute | None = None, slowdown: float = 1.0, **machine_kw: Any) -> None:
-        """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s)."""
+        """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s, encodings, ...)."""
         labels = label_histogram(data.labels()).tolist() if share_labels else None
 
         def make(node: SimNode) -> Machine:
-            # A restarted device starts from its configured edge, as a restarted agent reads its config.
+            # A restarted device starts from its configured edge and its persisted state, as an agent does.
+            restored = loads(node.persisted) if node.persisted is not None else None
             return DeviceMachine(name, edge=edge, cloud=self.cloud or "cloud", n_samples=len(data), labels=labels,
-                                 schemas=schema_of, id_prefix=self._prefix(), **machine_kw)
+                                 schemas=schema_of, id_prefix=self._prefix(), restored=restored, **machine_kw)
 
         self._add(name, "device", make, lambda: TorchBackend(name, data=data), compute_s, slowdown)
 
@@ -344,13 +347,18 @@ class MemoryFleet:
                    **{k: v for k, v in spec.cloud.items() if k not in runtime_keys}}
         fleet.add_cloud(test=test, **section)
         for e in spec.edges:
-            fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k == "deadline_fraction"})
+            fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k in ("deadline_fraction",
+                                                                                   "delta_encoding")})
         for d, e in sorted(spec.devices.items()):
             extra = dict(spec.device_extra.get(d, {}))
             for runtime_only in ("threads", "step_delay_s", "data", "edge", "cloud"):
                 extra.pop(runtime_only, None)
             if extra.get("cut", -1) <= 0:
                 extra.pop("cut", None)
+            # [device] encoding keys as the agent reads them: one map of the device's own choices.
+            encodings = {k[: -len("_encoding")]: extra.pop(k) for k in list(extra) if k.endswith("_encoding")}
+            if encodings:
+                extra["encodings"] = {k: v for k, v in encodings.items() if v}
             fleet.add_device(d, edge=e, data=shards[d], **extra)
         return fleet
 
