@@ -339,7 +339,10 @@ class DPFedAvg(SyncStrategy):
         step = privacy.gaussian_sum(clipped, self.clip, self.noise, expected, self.rng,
                                     frozenset(k for k in model if k not in self.buffers))
         self.accountant.step(q, self.noise)
-        self.last_report = {"epsilon": round(self.accountant.spent(), 6), "delta": self.accountant.delta,
+        spent = self.accountant.spent()
+        # No noise, no privacy: epsilon is infinite, reported as null (JSON has no infinity).
+        self.last_report = {"epsilon": round(spent, 6) if np.isfinite(spent) else None,
+                            "delta": self.accountant.delta,
                             "noise_multiplier": self.noise, "clip_norm": self.clip, "sampling_rate": round(q, 6),
                             "clipped": int(n_clipped), "dp_rounds": self.accountant.rounds}
         return step
