@@ -15,6 +15,7 @@ leave done, failed and stopped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
@@ -281,8 +282,10 @@ class CloudMachine:
         res: stage.EvalResult | None = ev.result if ev.error is None else None
         if ev.error is not None:
             self._do(Emit("evaluation_failed", "error", {"error": ev.error[:300]}))
-        entry["accuracy"] = None if res is None or res.accuracy is None else round(float(res.accuracy), 5)
-        entry["loss"] = None if res is None or res.loss is None else round(float(res.loss), 5)
+        # A diverged model evaluates to an infinite loss: reported as null (JSON has no infinity, and metrics
+        # that fail to encode would be lost).
+        entry["accuracy"] = _finite(None if res is None else res.accuracy)
+        entry["loss"] = _finite(None if res is None else res.loss)
         entry["wall_s"] = round(self.elapsed(now), 3)
         self.history.append(entry)
         del self.history[:-HISTORY]
@@ -434,6 +437,10 @@ COMMANDS: dict[str, Callable[[CloudMachine, dict[str, Any], float], Any]] = {
     "resume": CloudMachine.cmd_resume, "set": CloudMachine.cmd_set, "new-run": CloudMachine.cmd_new_run,
     "fleet": CloudMachine.cmd_fleet, "history": CloudMachine.cmd_history, "move": CloudMachine.cmd_move,
 }
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(float(v), 5)
 
 
 def _with_run(s: CloudSettings, run: str) -> CloudSettings:
