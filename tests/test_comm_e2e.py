@@ -12,6 +12,7 @@ import numpy as np
 from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
 from mqttfl.fl.fedopt import ServerOptimizer
 from mqttfl.tools import testbed
+from mqttfl.tools.bench import comm
 from mqttfl.tools.broker import Broker
 from mqttfl.tools.testbed import FleetSpec, make_shards
 from tests.helpers import schema
@@ -22,17 +23,14 @@ MLP = {"model": "mlp", "input_shape": (64,)}
 BASE = {"batch_size": 64, "lr": 0.05, "momentum": 0.9, "seed": 7}
 
 
-def run(root: Path, broker: Broker, spec: FleetSpec, status_of: tuple[str, ...] = ()
-        ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(persisted cloud state, round metrics, the transport counters of ``status_of`` at the end)."""
-    data = digits(spec.input_shape)
-    with testbed.Testbed(root, spec, broker=broker, data=data) as tb:
+def run(root: Path, broker: Broker, spec: FleetSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(persisted cloud state, round metrics)."""
+    with testbed.Testbed(root, spec, broker=broker, data=digits(spec.input_shape)) as tb:
         tb.prepare()
         tb.start()
         tb.wait_event("run_complete", 150)
-        counters = {n: tb.ctl(n, "status")["result"]["transport"] for n in status_of}
         metrics = tb.round_metrics()
-    return cloud_state(root), metrics, counters
+    return cloud_state(root), metrics
 
 
 def test_a_compressed_split_round_moves_a_quarter_of_the_bytes_and_still_trains(tmp_path: Path, broker: Broker,
@@ -41,8 +39,12 @@ def test_a_compressed_split_round_moves_a_quarter_of_the_bytes_and_still_trains(
                      cloud={**BASE, "rounds": 2, "act_encoding": "int8", "grad_encoding": "int8",
                             "model_encoding": "fp16"},
                      device_extra={"dev2": {"act_encoding": "int8c"}})
-    state, metrics, counters = run(tmp_path, broker, spec, ("dev1", "dev2", "edge1"))
+    # The measuring core of `mqttfl bench comm`'s real-process sections.
+    result = comm.real_run(tmp_path, broker, spec, digits((64,)), 150)
+    state, metrics, counters = cloud_state(tmp_path), result["metrics"], result["nodes"]
     assert state["round"] == 2 and all(m["participants"] == 2 for m in metrics)
+    assert result["rounds"] == 2 and result["enc_bytes_act"] <= 0.3 * result["raw_bytes_act"]
+    assert result["bytes_per_round"] > result["enc_bytes_act"] / 2
     for dev in ("dev1", "dev2"):
         c = counters[dev]
         assert c["enc_bytes_act"] <= 0.3 * c["raw_bytes_act"]
@@ -60,7 +62,7 @@ def test_fedlama_with_phi_one_ends_on_fedavgs_model_to_the_last_bit(tmp_path: Pa
     for name, extra in (("fedavg", {}), ("fedlama", {"fedlama_phi": 1})):
         spec = FleetSpec(devices={"dev1": "edge1", "dev2": "edge1"}, **MLP, fleet=f"{fleet}-{name}",
                          cloud={**BASE, "rounds": 3, **extra}, device_extra={"dev2": {"cut": n_blocks}})
-        state, metrics, _ = run(tmp_path / name, broker, spec)
+        state, metrics = run(tmp_path / name, broker, spec)
         models.append(state["global"])
         if extra:
             assert [m["fedlama"]["traffic_ratio"] for m in metrics] == [1.0, 1.0, 1.0]
@@ -75,7 +77,7 @@ def test_fedadam_steps_the_aggregated_delta_with_moments_carried_across_rounds(t
     spec = FleetSpec(devices={"dev1": "edge1", "dev2": "edge2"}, **MLP, fleet=fleet,
                      cloud={**BASE, "rounds": 3, "strategy": "fedadam", "server_lr": 0.02},
                      device_extra={"dev2": {"cut": n_blocks}})
-    state, _, _ = run(tmp_path, broker, spec)
+    state, _ = run(tmp_path, broker, spec)
     train = digits((64,))[0]
     shards = make_shards(spec, train)
     g = initial_global(spec)
@@ -98,7 +100,7 @@ def test_krum_drops_a_poisoning_device_and_keeps_the_honest_devices_model(tmp_pa
                      # dev4 is the attack emulation: its delta, scaled by -10, is what a poisoning client sends.
                      device_extra={**{d: {"cut": n_blocks} for d in devices}, "dev4": {"cut": n_blocks,
                                                                                       "attack_scale": -10.0}})
-    state, metrics, _ = run(tmp_path, broker, spec)
+    state, metrics = run(tmp_path, broker, spec)
     selected = [m["aggregation"]["selected"] for m in metrics]
     assert all("dev4" in m["aggregation"]["rejected"] and len(s) == 2 for m, s in zip(metrics, selected, strict=True))
     # The model is FedAvg over the devices Krum kept, round by round: nothing of the attacker.

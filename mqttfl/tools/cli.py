@@ -24,6 +24,7 @@ BENCHES = {
     "split": ("mqttfl.tools.bench.split", "monolithic vs split-over-MQTT training of the same batches"),
     "migration": ("mqttfl.tools.bench.migration", "FedFly migration pause and time saved vs restarting"),
     "async": ("mqttfl.tools.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
+    "comm": ("mqttfl.tools.bench.comm", "compression on the wire, FedLAMA and server strategies"),
 }
 
 
