@@ -68,9 +68,9 @@ from mqttfl.protocol.status import parse_status
 from mqttfl.runtime.config import CloudRuntime
 from mqttfl.runtime.loop import Machine, MachineRunner
 from mqttfl.runtime.persist import dumps, loads
+from mqttfl.wire import encoding
 from mqttfl.wire.codec import CodecError, Envelope, decode, decode_json, encode, encode_json
 from mqttfl.wire.dedupe import RecentIds
-from mqttfl.wire import encoding
 from mqttfl.wire.encoding import decode_tensors
 
 Compute = float | Callable[[stage.Job], float]

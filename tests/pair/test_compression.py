@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mqttfl.protocol.messages import Activations, DeviceUpdate, EdgeUpdate, Gradients, OpenRound, TrainRound
+from mqttfl.protocol.messages import Activations, DeviceUpdate, Gradients, OpenRound, TrainRound
 from mqttfl.runtime.memory import MemoryFleet
 from tests.pair.common import N_BLOCKS, fleet_of, initial_global, max_abs_diff, reference_global, spec
 

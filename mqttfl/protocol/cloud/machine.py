@@ -54,6 +54,7 @@ from mqttfl.protocol.messages import EdgeUpdate, MovePath, OpenRound, Restart, R
 from mqttfl.protocol.plan import Plan
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state
 from mqttfl.protocol.status import NodeState, Presence
+from mqttfl.wire.encoding import ALLOWED as ENCODINGS_ALLOWED
 
 STATE_FORMAT = 2
 HISTORY = 1000  # rounds kept in memory; the run log keeps everything
@@ -73,6 +74,9 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
     "max_versions": (int, lambda v: v >= 0),
     "group_deadline_s": ((int, float), lambda v: v > 0),
     "regroup_every": (int, lambda v: v >= 0),
+    # Tensor encodings per kind (docs/algorithms.md, "Compression"): from the next round on.
+    **{f"{kind}_encoding": (str, lambda v, kind=kind: v in ENCODINGS_ALLOWED[kind]) for kind in ENCODINGS_ALLOWED},
+    "topk_ratio": ((int, float), lambda v: 0 < v <= 1),
 }
 
 SchemaSource = Callable[[ModelRef], ModelSchema]

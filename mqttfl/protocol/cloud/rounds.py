@@ -63,7 +63,8 @@ class CloudRound:
         out = []
         for edge, u in self.reports:
             if u.deltas:
-                out += [Update(d, u.deltas[d], u.reports[d].samples, steps=u.reports[d].steps) for d in sorted(u.deltas)]
+                out += [Update(d, u.deltas[d], u.reports[d].samples, steps=u.reports[d].steps)
+                        for d in sorted(u.deltas)]
             elif u.delta and u.samples > 0:
                 out.append(Update(edge, u.delta, u.samples))
         return out

@@ -321,13 +321,13 @@ def _svg(panels: list[tuple[str, list[tuple[str, float, Any]]]], curves: dict[st
     for i, (title, rows) in enumerate(panels):
         x0 = i * w
         parts.append(f'<text x="{x0 + 10}" y="16">{title}</text>')
-        tops = [max((abs(r[j] or 0.0) for r in rows), default=1.0) or 1.0 for j in (1, 2)]
+        tops = [max((abs(float(r[j] or 0.0)) for r in rows), default=1.0) or 1.0 for j in (1, 2)]
         bw = (w - 2 * m) / max(len(rows), 1)
         for k, row in enumerate(rows):
             for j in (1, 2):
-                v = row[j]
-                if v is None:
+                if row[j] is None:
                     continue
+                v = float(row[j])
                 bh = (h - 2 * m - 30) * abs(v) / tops[j - 1]
                 bx = x0 + m + k * bw + (j - 1) * bw / 2
                 parts.append(f'<rect x="{bx:.1f}" y="{h - m - bh:.1f}" width="{bw / 2 - 2:.1f}" height="{bh:.1f}" '
