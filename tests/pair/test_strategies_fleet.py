@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mqttfl.protocol.messages import EdgeUpdate, TrainRound
+from mqttfl.protocol.events import Received
+from mqttfl.protocol.messages import EdgeUpdate, Report, TrainRound
 from mqttfl.runtime.memory import MemoryFleet
 from tests.pair.common import N_BLOCKS, fleet_of, initial_global, max_abs_diff, reference_global, round_entries, spec
 
@@ -95,3 +96,18 @@ def test_server_optimizer_and_privacy_state_survive_a_cloud_restart() -> None:
         entries = round_entries(fleet)
         if strategy == "dpfedavg":
             assert entries[-1]["aggregation"]["dp_rounds"] == 3
+
+
+def test_the_cloud_refuses_an_edge_mean_when_the_rule_needs_each_devices_delta() -> None:
+    s = spec({"dev1": "edge1"}, cloud={"strategy": "median", "rounds": 1, "autostart": False},
+             device_extra={"dev1": {"cut": N_BLOCKS}})
+    fleet = fleet_of(s)
+    fleet.run_until(lambda: fleet.machine("cloud").eligible(), max_time=60)
+    fleet.command("cloud", "start")
+    fleet.run_until(lambda: fleet.machine("cloud").policy.current is not None, max_time=60)
+    plan = fleet.machine("cloud").policy.current.plan
+    mean = EdgeUpdate(run=plan.run, round=plan.round, attempt=plan.attempt, missing=(),
+                      reports={"dev1": Report(samples=10)},
+                      delta={k: np.zeros_like(v) for k, v in fleet.global_state().items()})
+    fleet.inject("cloud", Received("edge1", mean))
+    assert [d["reason"] for d in fleet.drops(node="cloud")] == ["bad_field"]

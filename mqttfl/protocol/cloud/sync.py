@@ -122,6 +122,9 @@ class SyncRounds:
             c.check_update(ev.src, msg, keys=r.plan.due(c.schema.keys()) if r.plan.fedlama else None)
             if msg.deltas and r.plan.preaggregate:
                 raise ProtocolError("bad_field", "per-device deltas in a round whose strategy pre-aggregates")
+            if not msg.deltas and not r.plan.preaggregate and msg.samples > 0:
+                # A robust rule must see every device: a mean would hide a poisoning one.
+                raise ProtocolError("bad_field", "a pre-aggregated delta in a round whose strategy needs each device's")
         except ProtocolError as e:
             c.drop(e.code, str(e), ev.src)
             return

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk-ratio", type=float, default=0.01, help="fraction of a delta top-k sends")
     p.add_argument("--lama-rounds", type=int, default=30, help="rounds of the FedLAMA runs")
     p.add_argument("--lama-devices", type=int, default=16, help="devices of the FedLAMA runs")
-    p.add_argument("--strategy-rounds", type=int, default=20, help="rounds of the strategy runs")
+    p.add_argument("--strategy-rounds", type=int, default=40, help="rounds of the strategy runs")
     p.add_argument("--attack-scale", type=float, default=-10.0, help="the poisoning device's delta factor")
     p.add_argument("--small", action="store_true", help="every section at a toy size (tests)")
     add_out_argument(p, "comm")
