@@ -116,3 +116,16 @@ def test_the_residual_survives_a_device_restart_and_stays_with_a_moving_device()
     # after the move the edges average other groups of devices); without its residual it does not.
     assert max_abs_diff(restarted_and_moved(True).global_state(), plain.global_state()) <= 1e-6
     assert max_abs_diff(restarted_and_moved(False).global_state(), plain.global_state()) > 1e-4
+
+
+def test_an_operator_switches_compression_on_in_a_running_fleet() -> None:
+    fleet = fleet_of(spec({"dev1": "edge1"}, cloud={"rounds": 3}), start=False)
+    acts = sent(fleet, Activations)
+    fleet.start()
+    fleet.run_until(lambda: fleet.machine("cloud").policy.completed >= 1, max_time=600)
+    reply = fleet.command("cloud", "set", act_encoding="int8", grad_encoding="fp16")
+    assert reply["ok"], reply
+    assert not fleet.command("cloud", "set", act_encoding="topk")["ok"]  # a kind's encodings only
+    fleet.run_to_end(max_time=600)
+    by_round = {p.msg.round: p.env.body.get("enc", "none") for p in acts.hits}
+    assert by_round[0] == "none" and by_round[2] == "int8"

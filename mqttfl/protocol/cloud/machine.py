@@ -75,7 +75,7 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
     "group_deadline_s": ((int, float), lambda v: v > 0),
     "regroup_every": (int, lambda v: v >= 0),
     # Tensor encodings per kind (docs/algorithms.md, "Compression"): from the next round on.
-    **{f"{kind}_encoding": (str, lambda v, kind=kind: v in ENCODINGS_ALLOWED[kind]) for kind in ENCODINGS_ALLOWED},
+    **{f"{kind}_encoding": (str, ENCODINGS_ALLOWED[kind].__contains__) for kind in ENCODINGS_ALLOWED},
     "topk_ratio": ((int, float), lambda v: 0 < v <= 1),
 }
 
