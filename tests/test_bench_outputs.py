@@ -77,7 +77,7 @@ def failing(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*a: Any, **kw: Any) -> Any:
         raise RunFailed({"run": "bench-x", "round": 0, "reason": "round 0: quorum not met in 1 attempts"})
 
-    module = {"split": split, "migration": migration}.get(bench)
+    module = {"split": split, "migration": migration, "comm": comm}.get(bench)
     if module is None:
         monkeypatch.setattr(async_, "run_one", fail)
     else:
@@ -137,7 +137,7 @@ def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
     assert str(Path("bench-results") / "async" / "results.json") in table
 
 
-@pytest.mark.parametrize("bench", ["split", "migration", "async"])
+@pytest.mark.parametrize("bench", ["split", "migration", "async", "comm"])
 def test_a_failed_run_stops_the_bench_with_exit_1_and_says_why(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
