@@ -7,9 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqttfl.fl.fedlama import FedLAMA, discrepancy
+from mqttfl.fl.fedlama import FedLAMA
 
 SHAPES = {"conv.weight": (4, 3), "conv.bias": (3,), "norm.weight": (3,), "fc.weight": (3, 2), "fc.bias": (2,)}
+
+
+def discrepancy(global_l, client_ls, tau_l):
+    """d_l = (1/m)·Σ_i ‖u_l − x_l^i‖² / (τ_l·dim_l), as the paper defines it."""
+    u = np.asarray(global_l, np.float64)
+    total = sum(float(np.sum((u - np.asarray(x, np.float64)) ** 2)) for x in client_ls)
+    return total / len(client_ls) / (tau_l * max(1, u.size))
 
 
 def simulate(shapes, targets, steps, average_now, lr=0.3):

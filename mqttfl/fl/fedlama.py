@@ -17,7 +17,8 @@ Biases and normalisation parameters always keep τ′ [paper]: they are small, s
 and they drift fast under non-IID data. The same active clients should train through a whole window [code];
 that is the caller's schedule, not this class's.
 
-Pure: ``step`` is a count of local steps handed in by the caller; there is no clock and no I/O.
+Pure: ``step`` is a count of local steps handed in by the caller; there is no clock and no I/O. The cloud
+measures d_l from its edges' sums (``mqttfl.protocol.cloud.layerwise``) and hands it to ``observe``.
 """
 
 from __future__ import annotations
@@ -38,17 +39,6 @@ def default_is_weight(name: str, shape: tuple[int, ...]) -> bool:
     """Weight layers are the parameters with two or more dimensions (linear, conv, embedding); biases and
     norm scales/shifts are 1-D."""
     return len(shape) >= 2
-
-
-def discrepancy(global_l: np.ndarray, client_ls: Sequence[np.ndarray], tau_l: int) -> float:
-    """d_l = (1/m)·Σ_i ‖u_l − x_l^i‖² / (τ_l·dim_l) for the average ``global_l`` and the m clients' copies."""
-    if not client_ls:
-        raise ValueError("discrepancy needs at least one client copy")
-    if tau_l < 1:
-        raise ValueError(f"tau_l must be >= 1, got {tau_l}")
-    u = np.asarray(global_l, np.float64)
-    total = sum(float(np.sum((u - np.asarray(x, np.float64)) ** 2)) for x in client_ls)
-    return total / len(client_ls) / (tau_l * max(1, u.size))
 
 
 class FedLAMA:
@@ -181,4 +171,4 @@ class FedLAMA:
         self.last_order = [str(n) for n in d["last_order"]]
 
 
-__all__ = ["FedLAMA", "default_is_weight", "discrepancy"]
+__all__ = ["FedLAMA", "default_is_weight"]

@@ -37,6 +37,10 @@ class LayerWise:
         relaxed = tuple(sorted((k, t) for k, t in self.sched.intervals.items() if t != 1))
         return {"fedlama": True, "intervals": relaxed}
 
+    def due(self, round: int) -> list[str]:
+        """The layers aggregated at the end of ``round`` (what every update of that round must carry)."""
+        return self.sched.due(round + 1)
+
     def partial(self, edges: Iterable[str]) -> dict[str, list[str]]:
         """Edges that get only the layers aggregated last round (the others get the whole model)."""
         if self.synced is None:
@@ -59,7 +63,7 @@ class LayerWise:
         dims = {k: int(np.prod(s)) for k, s in self.shapes.items()}
         return {"phi": self.sched.phi, "synced": len(keys), "layers": len(self.shapes), "adjusted": adjusted,
                 "elements_synced": sum(dims[k] for k in keys), "elements_total": sum(dims.values()),
-                "intervals": {k: t for k, t in self.sched.intervals.items() if t != 1},
+                "intervals": {k: self.sched.intervals[k] for k in self.sched.relaxed()},
                 "traffic_ratio": round(self.sched.traffic_ratio(), 6),
                 "discrepancy": {k: float(f"{v:.6g}") for k, v in discrepancy.items()},
                 "layer_syncs": dict(self.syncs)}

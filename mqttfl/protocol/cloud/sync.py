@@ -119,7 +119,7 @@ class SyncRounds:
             c.do(Ack(ev))  # these devices were already applied from an earlier report
             return
         try:
-            c.check_update(ev.src, msg, keys=r.plan.due(c.schema.keys()) if r.plan.fedlama else None)
+            c.check_update(ev.src, msg, keys=self.lama.due(r.plan.round) if self.lama is not None else None)
             if msg.deltas and r.plan.preaggregate:
                 raise ProtocolError("bad_field", "per-device deltas in a round whose strategy pre-aggregates")
             if not msg.deltas and not r.plan.preaggregate and msg.samples > 0:
