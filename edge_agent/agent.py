@@ -19,5 +19,6 @@ def build(cfg: AgentConfig) -> Node:
     sec: EdgeSection = parse_section(EdgeSection, cfg.section, "edge")
     # The sessions a killed edge left in its state directory: the rounds in progress resume (edge resume).
     machine = EdgeMachine(cfg.node, schemas=schema_of, cloud=sec.cloud, deadline_fraction=sec.deadline_fraction,
-                          id_prefix=os.urandom(4).hex(), restored=load_keyed_states(cfg.state_dir))
+                          id_prefix=os.urandom(4).hex(), restored=load_keyed_states(cfg.state_dir),
+                          delta_encoding=sec.delta_encoding)
     return Node(cfg, machine, TorchBackend(cfg.node), cloud=sec.cloud)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mqttfl.tools.bench import async_, data, migration, resilience, split, transport
+from mqttfl.tools.bench import async_, comm, data, migration, resilience, split, transport
 from mqttfl.tools.cli import main
 from mqttfl.tools.testbed import RunFailed
 
@@ -44,6 +44,30 @@ RESILIENCE = {"memory": {"rss_baseline_mb": 224.7, "rss_peak_mb": 338.8, "rss_af
               "rejoin": {**CRASH, "replayed_steps": 48}}
 
 
+def _real(acc: float, per_round: int, delta: int) -> dict[str, Any]:
+    return {"accuracy": acc, "rounds": 10, "bytes_per_round": per_round, "round_s": 1.4, "tx_bytes": per_round * 5,
+            "rx_bytes": per_round * 5, "raw_bytes_act": 100, "enc_bytes_act": 25, "raw_bytes_delta": 1000,
+            "enc_bytes_delta": delta}
+
+
+def _sim(acc: float, total: int) -> dict[str, Any]:
+    curve = [[1, total // 2, acc - 0.1], [2, total, acc]]
+    return {"accuracy": acc, "outcome": "run_complete", "rounds": 2, "bytes": total, "curve": curve,
+            "fedlama": [1.0, 0.6], "bytes_to_target": total}
+
+
+COMM = {
+    "split": {"none": _real(0.95, 4_000_000, 1000), "fp16": _real(0.95, 2_000_000, 1000),
+              "int8": _real(0.945, 1_050_000, 1000)},
+    "delta": {"none": _real(0.98, 100, 1_000_000), "fp16": _real(0.98, 100, 500_000),
+              "int8": _real(0.98, 100, 250_000), "topk": _real(0.972, 100, 26_000)},
+    "fedlama": {"fedavg": _sim(0.93, 1000), "phi2": _sim(0.93, 800), "phi4": _sim(0.93, 700)},
+    "strategies": {"clean": {"fedavg": _sim(0.96, 1), "krum": _sim(0.95, 1)},
+                   "attack": {"fedavg": _sim(0.1, 1), "krum": _sim(0.95, 1)}, "devices": 8,
+                   "partition": "dirichlet:0.5", "attack_scale": -10.0, "params": {}},
+}
+
+
 def fake_async_run(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     curve = [[1.0, 0.5], [2.0, 0.92 if strategy == "ecofl" else 0.8], [3.0, 0.95]]
     return {"time_to_target_s": 2.0 if strategy == "ecofl" else 3.0, "final_accuracy": 0.95, "best_accuracy": 0.95,
@@ -56,9 +80,9 @@ def canned(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(async_, "run_one", fake_async_run)
     else:
         result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION, "data": DATA,
-                  "resilience": RESILIENCE}[bench]
+                  "resilience": RESILIENCE, "comm": COMM}[bench]
         module = {"transport": transport, "split": split, "migration": migration, "data": data,
-                  "resilience": resilience}[bench]
+                  "resilience": resilience, "comm": comm}[bench]
         monkeypatch.setattr(module, "measure", lambda *a, **kw: json.loads(json.dumps(result)))
 
 
@@ -66,7 +90,7 @@ def failing(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*a: Any, **kw: Any) -> Any:
         raise RunFailed({"run": "bench-x", "round": 0, "reason": "round 0: quorum not met in 1 attempts"})
 
-    module = {"split": split, "migration": migration, "resilience": resilience}.get(bench)
+    module = {"split": split, "migration": migration, "resilience": resilience, "comm": comm}.get(bench)
     if module is None:
         monkeypatch.setattr(async_, "run_one", fail)
     else:
@@ -81,7 +105,7 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
-@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data", "resilience"])
+@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data", "resilience", "comm"])
 def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_working_directory(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,10 +115,11 @@ def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_w
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((out / "results.json").read_text()) == printed
     files = {p.name for p in out.iterdir()}
-    if bench == "async":
+    if bench in ("async", "comm"):
         # PNG with matplotlib, else the hand-written SVG; the JSON names where it went.
         (plot,) = files - {"results.json"}
-        assert plot in ("async_accuracy.png", "async_accuracy.svg") and printed["plot"] == str(out / plot)
+        stem = {"async": "async_accuracy", "comm": "comm"}[bench]
+        assert plot in (f"{stem}.png", f"{stem}.svg") and printed["plot"] == str(out / plot)
         assert (out / plot).stat().st_size > 0
     else:
         assert files == {"results.json"}
@@ -111,6 +136,19 @@ def test_the_data_bench_measures_at_a_tiny_size(tmp_path: Path, capsys: pytest.C
     assert r["whole"]["anon_mb"] > r["mapped"]["anon_mb"] + 0.5 * r["shard_mb"]
 
 
+def test_comm_summarises_every_figure_the_issue_asks_for(cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    canned("comm", monkeypatch)
+    assert main(["bench", "comm", "--json", "--out", str(tmp_path / "c")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["split_int8_bytes_ratio"] == pytest.approx(1_050_000 / 4_000_000)
+    assert r["split_int8_acc_delta"] == pytest.approx(-0.005)
+    assert r["delta_topk_bytes_ratio"] == pytest.approx(0.026) and r["delta_topk_acc_delta"] == pytest.approx(-0.008)
+    assert r["fedlama_bytes_ratio"] == pytest.approx(0.8) and r["fedlama_acc_delta"] == 0.0
+    assert r["robust_acc_under_attack"] == 0.95 and r["robust_best"] == "krum"
+    assert r["targets"] == {"split_int8": True, "fedlama_phi2": False, "delta_topk": True, "robust": True}
+
+
 def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
         cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     canned("async", monkeypatch)
@@ -122,7 +160,7 @@ def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
     assert str(Path("bench-results") / "async" / "results.json") in table
 
 
-@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience"])
+@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience", "comm"])
 def test_a_failed_run_stops_the_bench_with_exit_1_and_says_why(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,3 +30,12 @@ def test_sim_is_deterministic_for_a_seed(capsys: pytest.CaptureFixture[str]) -> 
     main(args)
     second = json.loads(capsys.readouterr().out)
     assert first["history"] == second["history"] and first["messages"] == second["messages"]
+
+
+def test_sim_takes_any_cloud_and_device_key(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["sim", "--devices", "4", "--model", "cnn", "--rounds", "2", "--cut", "4", "--json",
+               "--cloud", "fedlama_phi=2", "--cloud", "strategy=trimmed", "--device", "delta_encoding=int8"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["outcome"] == "run_complete" and len(out["history"]) == 2
+    with pytest.raises(SystemExit):
+        main(["sim", "--cloud", "no-equals-sign"])

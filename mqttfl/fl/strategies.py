@@ -4,8 +4,14 @@ Theory of operation. The cloud owns the global model and hands updates to a :cla
 never holds a broker, a clock or a thread, only what its rule needs between updates, and ``state_dict``
 makes that survive a restart. Two families share the interface:
 
-- *synchronous* strategies close a round: ``aggregate(model, updates)`` returns the next global model from
-  every update of the round (FedAvg);
+- *synchronous* strategies close a round: ``aggregate(model, updates, info)`` returns the next global model
+  from every update of the round (FedAvg, FedProx, FedAdam/FedYogi/FedAdagrad, FedNova, median, trimmed
+  mean, Krum, norm clipping, DP-FedAvg). The updates of a round share one key set, a subset of the model's
+  (FedLAMA aggregates some layers only); the other layers stay as they are. ``preaggregate`` says whether an
+  edge may send its devices' sample-weighted mean (rules that are linear in the deltas) or must forward each
+  device's delta (robust rules, FedNova, DP); ``prox_mu`` is the proximal weight local training adds (FedProx);
+  ``buffers`` are the keys of non-trainable float buffers (BatchNorm statistics), which adaptive and noisy
+  rules leave to the plain mean; ``last_report`` says what the rule did (selected, clipped, privacy spent);
 - *asynchronous* strategies take one update at a time: ``submit(model, update)`` returns ``(model,
   advanced)``; ``version`` counts the global models produced and increments exactly when ``advanced`` is
   True. An update's staleness is ``version - update.base_version`` at arrival. The cloud feeds them the
@@ -32,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mqttfl.fl import fedopt, privacy, robust
 from mqttfl.fl.aggregate import AggregationError, apply_delta, cast_like, weighted_average
 from mqttfl.fl.staleness import StalenessFn, polynomial
 from mqttfl.fl.staleness import by_name as staleness_by_name
@@ -54,10 +61,19 @@ class Update:
     num_samples: int
     base_version: int = 0
     group: int | None = None
+    steps: int = 0  # local optimizer steps (FedNova); 0 when unknown (an edge's mean)
 
     def __post_init__(self) -> None:
         if self.num_samples < 0:
             raise UpdateRejected(f"{self.client}: num_samples must be >= 0, got {self.num_samples}")
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """What a synchronous rule may know of the round besides its updates."""
+
+    expected: int  # clients the round was announced to (DP-FedAvg divides by it, fixed in advance)
+    population: int  # clients the server knows (the sampling rate of the privacy accountant)
 
 
 class Grouping(StrEnum):
@@ -88,6 +104,23 @@ def _check_delta(model: State, upd: Update) -> None:
             raise UpdateRejected(f"{upd.client}: {k} has shape {np.shape(upd.delta[k])}, model {np.shape(m)}")
 
 
+def _check_round(model: State, updates: Sequence[Update]) -> list[str]:
+    """The key set every update of a synchronous round shares (a subset of the model's, in its order)."""
+    if not updates:
+        raise UpdateRejected("nothing to aggregate")
+    keys = set(updates[0].delta)
+    for u in updates:
+        if set(u.delta) != keys:
+            raise UpdateRejected(f"{u.client}: keys differ from {updates[0].client}'s in the same round")
+        extra = keys - set(model)
+        if extra:
+            raise UpdateRejected(f"{u.client}: keys the model lacks {sorted(extra)[:3]}")
+        for k in keys:
+            if np.shape(u.delta[k]) != np.shape(model[k]):
+                raise UpdateRejected(f"{u.client}: {k} has shape {np.shape(u.delta[k])}, model {np.shape(model[k])}")
+    return [k for k in model if k in keys]
+
+
 def _staleness(version: int, upd: Update) -> int:
     tau = version - upd.base_version
     if tau < 0:
@@ -107,8 +140,12 @@ class Strategy:
     synchronous = True
     grouping = Grouping.ONE
     version = 0
+    preaggregate = True
+    prox_mu = 0.0
+    buffers: frozenset[str] = frozenset()
+    last_report: dict[str, Any] = {}
 
-    def aggregate(self, model: State, updates: Sequence[Update]) -> State:
+    def aggregate(self, model: State, updates: Sequence[Update], info: RoundInfo | None = None) -> State:
         raise TypeError(f"{self.name} is asynchronous: submit updates one at a time")
 
     def submit(self, model: State, upd: Update) -> tuple[State, bool]:
@@ -132,17 +169,191 @@ class Strategy:
 # ------------------------------------------------------------------------------------------------ FedAvg
 
 
-class FedAvg(Strategy):
+class SyncStrategy(Strategy):
+    """A synchronous rule: ``combine`` turns the round's updates into one delta over their keys."""
+
+    def aggregate(self, model: State, updates: Sequence[Update], info: RoundInfo | None = None) -> State:
+        keys = _check_round(model, updates)
+        counted = [u for u in updates if u.num_samples > 0]
+        if not counted:
+            raise UpdateRejected("no update carries samples")
+        self.last_report = {}
+        step = self.combine({k: model[k] for k in keys}, counted, info or RoundInfo(len(updates), len(updates)))
+        new = dict(model)
+        new.update(apply_delta({k: model[k] for k in keys}, step))
+        self.version += 1
+        return new
+
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        raise NotImplementedError
+
+
+class FedAvg(SyncStrategy):
     """FedAvg (McMahan et al., arXiv 1602.05629): x <- x + sum_i n_i delta_i / sum_i n_i."""
 
     name = "fedavg"
 
-    def aggregate(self, model: State, updates: Sequence[Update]) -> State:
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        return mean_delta(updates)
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al., arXiv 1812.06127): FedAvg's aggregation; each client minimises
+    F_i(w) + (mu / 2) |w - w_global|^2 (the plan carries mu; local training adds the term). mu = 0 is FedAvg."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float) -> None:
+        if not mu >= 0:
+            raise ValueError(f"mu must be >= 0, got {mu}")
+        self.prox_mu = mu
+
+
+class FedOpt(SyncStrategy):
+    """FedAdam / FedYogi / FedAdagrad (``mqttfl.fl.fedopt``) over the round's sample-weighted mean delta;
+    BatchNorm statistics take the plain mean. The optimiser's state is part of ``state_dict``."""
+
+    def __init__(self, variant: str, lr: float, beta1: float, beta2: float, tau: float) -> None:
+        self.name = f"fed{variant}"
+        self.opt = fedopt.ServerOptimizer(variant, lr, beta1, beta2, tau)
+
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        mean = mean_delta(updates)
+        step = self.opt.step({k: v for k, v in mean.items() if k not in self.buffers})
+        return {k: step.get(k, mean[k]) for k in mean}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        super().load_state_dict(d)
+        self.opt.load_state_dict(d["opt"])
+
+
+class FedNova(SyncStrategy):
+    """FedNova (``mqttfl.fl.fedopt.nova``): deltas normalised by each device's local steps."""
+
+    name = "fednova"
+    preaggregate = False
+
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        if not any(u.steps > 0 for u in updates):
+            raise UpdateRejected("FedNova needs each device's local steps")
+        return fedopt.nova([u.delta for u in updates], [float(u.num_samples) for u in updates],
+                           [u.steps for u in updates])
+
+
+class Median(SyncStrategy):
+    """Coordinate-wise median of the devices' deltas (unweighted)."""
+
+    name = "median"
+    preaggregate = False
+
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        return robust.coordinate_median([u.delta for u in updates])
+
+
+class TrimmedMean(SyncStrategy):
+    """Coordinate-wise trimmed mean: drop the ``beta`` fraction of largest and of smallest values."""
+
+    name = "trimmed"
+    preaggregate = False
+
+    def __init__(self, beta: float) -> None:
+        if not 0 <= beta < 0.5:
+            raise ValueError(f"trim_beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        self.last_report = {"trimmed_each_end": robust.trimmed_count(len(updates), self.beta)}
+        return robust.trimmed_mean([u.delta for u in updates], self.beta)
+
+
+class Krum(SyncStrategy):
+    """(Multi-)Krum: the ``m`` updates with the lowest Krum scores (tolerating ``f`` attackers), averaged by
+    samples. [choice] The paper averages the selected updates equally; weighting them by samples makes m = n
+    exactly FedAvg."""
+
+    name = "krum"
+    preaggregate = False
+
+    def __init__(self, f: int, m: int) -> None:
+        if f < 0 or m < 1:
+            raise ValueError(f"krum_f must be >= 0 and krum_m >= 1, got {f}, {m}")
+        self.f, self.m = f, m
+
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        chosen = robust.krum_select([u.delta for u in updates], self.f, self.m)
+        self.last_report = {"selected": sorted(updates[i].client for i in chosen),
+                            "rejected": sorted(u.client for i, u in enumerate(updates) if i not in chosen)}
+        return mean_delta([updates[i] for i in chosen])
+
+
+class NormClipping(SyncStrategy):
+    """Each delta scaled to norm at most C, then FedAvg. C = ``clip_norm``, or when 0 the median norm of the
+    round's deltas [choice: no tuning, and one scaled update cannot move a median]."""
+
+    name = "clip"
+    preaggregate = False
+
+    def __init__(self, c: float) -> None:
+        if not c >= 0:
+            raise ValueError(f"clip_norm must be >= 0, got {c}")
+        self.c = c
+
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        norms = [robust.norm(u.delta) for u in updates]
+        c = self.c or float(np.median(norms))
+        clipped = []
         for u in updates:
-            _check_delta(model, u)
-        new = apply_delta(model, mean_delta(updates))
-        self.version += 1
-        return new
+            d, factor = robust.clip(u.delta, c)
+            clipped.append((u, d, factor))
+        self.last_report = {"clip_norm": c, "clipped": sorted(u.client for u, _, f in clipped if f < 1.0)}
+        return mean_delta([Update(u.client, d, u.num_samples) for u, d, _ in clipped])
+
+
+class DPFedAvg(SyncStrategy):
+    """Central differential privacy (``mqttfl.fl.privacy``): clip to C, sum, Gaussian noise of sigma C, divide
+    by the expected count; (epsilon, delta) spent so far in ``last_report``. The noise covers trainable
+    parameters; BatchNorm statistics are averaged without it (use a model without BatchNorm for a formal
+    guarantee over everything a client sends)."""
+
+    name = "dpfedavg"
+    preaggregate = False
+
+    def __init__(self, clip: float, noise: float, delta: float) -> None:
+        if not (clip > 0 and noise >= 0 and 0 < delta < 1):
+            raise ValueError("dp_clip must be > 0, dp_noise >= 0 and dp_delta in (0, 1)")
+        self.clip, self.noise = clip, noise
+        self.accountant = privacy.Accountant(delta)
+        self.rng = np.random.default_rng()
+
+    def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
+        clipped, n_clipped = [], 0
+        for u in updates:
+            d, factor = robust.clip(u.delta, self.clip)
+            clipped.append(d)
+            n_clipped += factor < 1.0
+        expected = max(info.expected, len(updates))
+        q = min(1.0, expected / max(info.population, expected))
+        step = privacy.gaussian_sum(clipped, self.clip, self.noise, expected, self.rng,
+                                    frozenset(k for k in model if k not in self.buffers))
+        self.accountant.step(q, self.noise)
+        spent = self.accountant.spent()
+        # No noise, no privacy: epsilon is infinite, reported as null (JSON has no infinity).
+        self.last_report = {"epsilon": round(spent, 6) if np.isfinite(spent) else None,
+                            "delta": self.accountant.delta,
+                            "noise_multiplier": self.noise, "clip_norm": self.clip, "sampling_rate": round(q, 6),
+                            "clipped": int(n_clipped), "dp_rounds": self.accountant.rounds}
+        return step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rdp": self.accountant.rdp.copy(), "dp_rounds": self.accountant.rounds}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        super().load_state_dict(d)
+        self.accountant.rdp = np.array(d["rdp"], np.float64)
+        self.accountant.rounds = int(d["dp_rounds"])
 
 
 # ------------------------------------------------------------------------------------------------ FedAsync
@@ -369,12 +580,59 @@ class StrategyParams:
         "staleness function damping stale updates: constant, polynomial or hinge")})
     fedbuff_k: int = field(default=4, metadata={"doc": "FedBuff: updates buffered per global version"})
     eta_g: float = field(default=1.0, metadata={"doc": "FedBuff: server learning rate"})
+    mu: float = field(default=0.01, metadata={"doc": "FedProx: weight of the proximal term (0: FedAvg)"})
+    server_lr: float = field(default=0.0, metadata={"doc": (
+        "FedAdam, FedYogi, FedAdagrad: server learning rate; 0: the variant's default (0.01; FedAdagrad 0.1)")})
+    beta1: float = field(default=0.9, metadata={"doc": "FedAdam, FedYogi, FedAdagrad: first-moment decay"})
+    beta2: float = field(default=0.99, metadata={"doc": "FedAdam, FedYogi: second-moment decay"})
+    tau: float = field(default=1e-3, metadata={"doc": "FedAdam, FedYogi, FedAdagrad: adaptivity (v starts at tau^2)"})
+    trim_beta: float = field(default=0.1, metadata={"doc": (
+        "trimmed mean: fraction of values dropped at each end, per coordinate")})
+    krum_f: int = field(default=1, metadata={"doc": "Krum: number of attacking participants tolerated"})
+    krum_m: int = field(default=1, metadata={"doc": "Krum: updates averaged (1: Krum; more: multi-Krum)"})
+    clip_norm: float = field(default=0.0, metadata={"doc": (
+        "norm clipping: largest update norm; 0: the median norm of the round's updates")})
+    dp_clip: float = field(default=1.0, metadata={"doc": "DP-FedAvg: clipping norm C of every device's delta"})
+    dp_noise: float = field(default=1.0, metadata={"doc": (
+        "DP-FedAvg: noise multiplier sigma (Gaussian noise of sigma * C per coordinate)")})
+    dp_delta: float = field(default=1e-5, metadata={"doc": "DP-FedAvg: the delta of the (epsilon, delta) reported"})
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.mu >= 0 or not self.server_lr >= 0 or not self.tau > 0:
+            out.append("mu and server_lr must be >= 0, tau > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 <= 1):
+            out.append("beta1 must be in [0, 1) and beta2 in [0, 1]")
+        if not 0 <= self.trim_beta < 0.5:
+            out.append("trim_beta must be in [0, 0.5)")
+        if self.krum_f < 0 or self.krum_m < 1:
+            out.append("krum_f must be >= 0 and krum_m >= 1")
+        if not self.clip_norm >= 0:
+            out.append("clip_norm must be >= 0")
+        if not (self.dp_clip > 0 and self.dp_noise >= 0 and 0 < self.dp_delta < 1):
+            out.append("dp_clip must be > 0, dp_noise >= 0, dp_delta in (0, 1)")
+        return out
 
 
 Factory = Callable[[StrategyParams], Strategy]
 
+def _fedopt(variant: str, p: StrategyParams) -> Strategy:
+    lr = p.server_lr or (0.1 if variant == "adagrad" else 0.01)  # Reddi et al.'s defaults
+    return FedOpt(variant, lr, p.beta1, p.beta2, p.tau)
+
+
 REGISTRY: dict[str, Factory] = {
     "fedavg": lambda p: FedAvg(),
+    "fedprox": lambda p: FedProx(p.mu),
+    "fedadam": lambda p: _fedopt("adam", p),
+    "fedyogi": lambda p: _fedopt("yogi", p),
+    "fedadagrad": lambda p: _fedopt("adagrad", p),
+    "fednova": lambda p: FedNova(),
+    "median": lambda p: Median(),
+    "trimmed": lambda p: TrimmedMean(p.trim_beta),
+    "krum": lambda p: Krum(p.krum_f, p.krum_m),
+    "clip": lambda p: NormClipping(p.clip_norm),
+    "dpfedavg": lambda p: DPFedAvg(p.dp_clip, p.dp_noise, p.dp_delta),
     "fedasync": lambda p: FedAsync(alpha=p.alpha, staleness=staleness_by_name(p.staleness)),
     "fedbuff": lambda p: FedBuff(k=p.fedbuff_k, eta_g=p.eta_g, staleness=staleness_by_name(p.staleness)),
     "fedat": lambda p: FedAT(),

@@ -20,7 +20,7 @@ import torch
 
 from mqttfl.ml.data import BatchOrder, DataSource
 from mqttfl.ml.models import Part, build_model, load_model_state
-from mqttfl.ml.stage import LocalTrainer, Stage, evaluate, make_optimizer, micro_batches
+from mqttfl.ml.stage import LocalTrainer, Proximal, Stage, evaluate, make_optimizer, micro_batches
 from mqttfl.protocol import stage as jobs
 from mqttfl.protocol.plan import Plan, data_seed
 
@@ -82,7 +82,10 @@ class TorchBackend:
         part = Part(model, job.start, job.stop)
         part.load_state(job.state)
         opt = make_optimizer((p for _, p in part.named_parameters()), plan)
-        stage = Stage(part, opt, plan)
+        # FedProx: anchored at the round's starting weights (a migrated session: the round's base, not where
+        # training stood when it moved).
+        prox = Proximal(part.named_parameters(), plan.prox_mu, job.anchor) if plan.prox_mu > 0 else None
+        stage = Stage(part, opt, plan, prox)
         if job.optimizer:
             stage.load_optimizer_state(job.optimizer)
         order = None
@@ -127,7 +130,7 @@ class TorchBackend:
     def _localbatch(self, job: jobs.LocalBatch) -> jobs.BatchStats:
         s = self._session(job)
         x, y = self._batch(s, job.step)
-        trainer = LocalTrainer(s.stage.part.module, s.stage.optimizer, s.plan)
+        trainer = LocalTrainer(s.stage.part.module, s.stage.optimizer, s.plan, s.stage.proximal)
         res = self._timed(trainer.train_batch, x, y, min(job.n_micro, len(x)))
         self._board_step()
         return jobs.BatchStats(res.loss_sum, res.correct, res.n)

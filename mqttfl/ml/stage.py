@@ -123,6 +123,27 @@ def _clip(optimizer: torch.optim.Optimizer, t: Training) -> None:
                     p.grad.mul_(t.clip_norm / (norm + 1e-6))
 
 
+class Proximal:
+    """FedProx's proximal term (Li et al., arXiv 1812.06127): the local objective gains (mu / 2)|w - w0|^2, w0
+    the round's starting weights, so every step adds mu (w - w0) to the gradient. Each side of a split adds it
+    for its own parameters: the term is a sum over parameters, so the two halves make the whole model's."""
+
+    def __init__(self, params: Iterable[tuple[str, torch.nn.Parameter]], mu: float,
+                 anchor: Mapping[str, np.ndarray] | None = None) -> None:
+        self.mu = mu
+        self.pairs = [(p, torch.from_numpy(np.array(anchor[n], dtype=np.float32)) if anchor is not None
+                       else p.detach().clone()) for n, p in params if p.requires_grad]
+
+    def add_to_grads(self) -> None:
+        with torch.no_grad():
+            for p, w0 in self.pairs:
+                term = self.mu * (p.detach() - w0)
+                if p.grad is None:
+                    p.grad = term
+                else:
+                    p.grad.add_(term)
+
+
 def _step(optimizer: torch.optim.Optimizer | None, t: Training) -> None:
     if optimizer is not None:
         if t.clip_value > 0 or t.clip_norm > 0:
@@ -134,10 +155,12 @@ def _step(optimizer: torch.optim.Optimizer | None, t: Training) -> None:
 class Stage:
     """Blocks ``[start, stop)`` with their optimizer; forward and backward by micro-batch key."""
 
-    def __init__(self, part: Part, optimizer: torch.optim.Optimizer | None, training: Training | None = None) -> None:
+    def __init__(self, part: Part, optimizer: torch.optim.Optimizer | None, training: Training | None = None,
+                 proximal: Proximal | None = None) -> None:
         self.part = part
         self.optimizer = optimizer
         self.training = training or Training()  # the loss and the clipping this stage trains with
+        self.proximal = proximal
         self._stash: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (input, output)
         self.peak_stash = 0
 
@@ -191,6 +214,8 @@ class Stage:
         """One optimizer step for the mini-batch (flush), then clear the grads."""
         if self._stash:
             raise RuntimeError(f"step() with {len(self._stash)} micro-batch(es) still in flight")
+        if self.proximal is not None:  # FedProx's term joins the gradient before clipping and the step
+            self.proximal.add_to_grads()
         _step(self.optimizer, self.training)
 
     # ------------------------------------------------------------------ state
@@ -222,10 +247,11 @@ class LocalTrainer:
     """Unsplit training with the same micro-batch cut: classic FL (cut = end) and the reference for tests."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 training: Training | None = None) -> None:
+                 training: Training | None = None, proximal: Proximal | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.training = training or Training()
+        self.proximal = proximal
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1) -> StepResult:
         self.model.train()
@@ -237,6 +263,8 @@ class LocalTrainer:
             (total / batch).backward()
             loss_total += float(total.detach())
             right += correct(self.training.loss, out, ym)
+        if self.proximal is not None:
+            self.proximal.add_to_grads()
         _step(self.optimizer, self.training)
         return StepResult(loss_total, right, batch)
 

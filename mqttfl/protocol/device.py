@@ -17,6 +17,14 @@ and into the device's status, where the cloud reads it and leaves the device out
 Federated evaluation: an ``EvaluateModel`` from the edge is evaluated on the device's held-out split (an
 ``Evaluate`` job, run between training jobs if a round is under way) and reported to the cloud (reliable).
 
+Tensors travel in the encodings the round names for this device (``TrainRound.encodings``: the plan's, with
+the device's own choices on top): activations in ``act``, the gradient the edge returns in ``grad`` (asked for
+in every act), the delta in ``delta``. ``topk`` deltas keep the ``topk_ratio`` largest entries of
+``delta + residual`` and carry the rest to later rounds (error feedback); the residual is persisted, so it
+survives a restart, and it stays with the device when it moves. Under FedLAMA (``plan.fedlama``) the device
+keeps its layers between rounds: a round opens from its own weights with the layers the edge sent on top, and
+the delta holds only the layers due (``plan.due``) against their value at their last aggregation.
+
 A move (FedFly) happens at a mini-batch boundary, when no gradient is in flight:
 
     MIGRATING: expect -> dest, freeze -> source
@@ -53,6 +61,7 @@ from mqttfl.protocol.events import (
     JobDone,
     LinkChanged,
     Log,
+    Persist,
     Received,
     ReconnectWithin,
     Reply,
@@ -88,16 +97,30 @@ from mqttfl.protocol.messages import (
     TrainRound,
     Transfer,
 )
-from mqttfl.protocol.plan import LabelFormat, Plan, batches_per_epoch, reconnect_within, round_steps
+from mqttfl.protocol.plan import LabelFormat, Plan, batches_per_epoch, check_encodings, reconnect_within, round_steps
 from mqttfl.protocol.resume import DeviceSnapshot, Snapshots
 from mqttfl.protocol.schedule import Action, one_f_one_b
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch
 from mqttfl.protocol.status import NodeState
+from mqttfl.wire.compress import TopK
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
 Key = tuple[int, int]
 ACT_TIMER = "act"
 MIGRATE_TIMER = "migrate"
+STATE_FORMAT = 1
+State = dict[str, np.ndarray]
+
+
+@dataclass
+class LamaMemory:
+    """FedLAMA: what the device keeps of its layers between rounds (one run, one cut)."""
+
+    run: str
+    cut: int
+    base: State  # every layer's value at its last aggregation: the delta is taken against it
+    ends: dict[int, State] = field(default_factory=dict)  # weights at the end of recent rounds (a retried
+    # round starts again from the end of the one before, so two are kept)
 
 
 @dataclass
@@ -138,6 +161,9 @@ class DeviceRound:
     delta: dict[str, np.ndarray] | None = None
     snaps: Snapshots = field(default_factory=lambda: Snapshots(0))  # states at the boundaries the edge saves
     then_boundary: bool = True  # after a snapshot: the boundary's work (a move) comes next, else just go on
+    start: State = field(default_factory=dict)  # the weights the stage opens with (base, or FedLAMA's mix)
+    encodings: dict[str, str] = field(default_factory=dict)
+    weights: State = field(default_factory=dict)  # at the end of the round
 
 
 class DeviceMachine:
@@ -146,7 +172,8 @@ class DeviceMachine:
     def __init__(self, node: str, *, edge: str, n_samples: int, schemas: SchemaSource, cloud: str = "cloud",
                  cut: int | None = None, labels: list[int] | None = None, label_format: LabelFormat | None = None,
                  eval_samples: int = 0, act_timeout_s: float = 10.0, migrate_timeout_s: float = 10.0,
-                 id_prefix: str = "0") -> None:
+                 id_prefix: str = "0", encodings: dict[str, str] | None = None, topk_ratio: float = 0.0,
+                 attack_scale: float = 1.0, restored: dict[str, Any] | None = None) -> None:
         check_id(edge, "edge")
         self.node, self.edge, self.cloud = node, edge, cloud
         self.n_samples = n_samples
@@ -175,6 +202,32 @@ class DeviceMachine:
         self._ids = 0
         self._id_prefix = id_prefix
         self._fx: list[Effect] = []
+        try:
+            self.encodings = check_encodings(encodings or {}, "device encodings")  # over the plan's
+        except ProtocolError as e:
+            raise ValueError(str(e)) from None
+        self.topk_ratio = topk_ratio  # 0: the plan's
+        # Attack emulation for tests and benchmarks ([device] attack_scale): the delta is multiplied by this
+        # before it is sent, as a poisoning participant would.
+        self.attack_scale = attack_scale
+        self.topk: TopK | None = None
+        self.topk_run = ""
+        self.lama: LamaMemory | None = None
+        if restored:
+            self._restore(restored)
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        if saved.get("format") != STATE_FORMAT:
+            raise ValueError(f"device state format {saved.get('format')!r} not supported (this device reads "
+                             f"{STATE_FORMAT}); move the state directory away to start afresh")
+        if saved.get("residual") is not None:
+            self.topk = TopK(float(saved["topk_ratio"]), saved["residual"])
+            self.topk_run = str(saved["run"])
+
+    def _persist(self) -> None:
+        self._do(Persist({"format": STATE_FORMAT, "run": self.topk_run,
+                          "topk_ratio": self.topk.ratio if self.topk else None,
+                          "residual": self.topk.residual() if self.topk else None}))
 
     # ------------------------------------------------------------------ interface
     def presence(self) -> dict[str, Any]:
@@ -182,6 +235,8 @@ class DeviceMachine:
                                   "cut": -1 if self.cut_pref is None else self.cut_pref}
         if self.eval_samples:
             status["eval_samples"] = self.eval_samples
+        if self.encodings:
+            status["encodings"] = dict(self.encodings)
         if self.labels is not None:
             # Eco-FL grouping uses the label mix; a device may keep it to itself (share_labels = false).
             status["labels"] = list(self.labels)
@@ -228,8 +283,8 @@ class DeviceMachine:
         self.round.waiting = job
         self._do(Run(job))
 
-    def _send(self, dst: str, msg: Any, reliable: bool = False) -> None:
-        self._do(Send(dst, msg, reliable))
+    def _send(self, dst: str, msg: Any, reliable: bool = False, encoding: str = "none") -> None:
+        self._do(Send(dst, msg, reliable, encoding))
 
     # ------------------------------------------------------------------ messages
     def _on_message(self, ev: Received, now: float) -> None:
@@ -266,7 +321,12 @@ class DeviceMachine:
         try:
             if not 1 <= msg.cut <= schema.n_blocks:
                 raise ProtocolError("bad_plan", f"cut {msg.cut} outside 1..{schema.n_blocks}")
-            state = check_state(msg.state, schema.specs(0, msg.cut), "device model")
+            specs = schema.specs(0, msg.cut)
+            if msg.partial:
+                if not plan.fedlama:
+                    raise ProtocolError("bad_plan", "a partial model outside FedLAMA")
+                specs = {k: v for k, v in specs.items() if k in msg.state}
+            state = check_state(msg.state, specs, "device model")
         except (ProtocolError, ValueError, KeyError) as e:
             self._do(Drop(getattr(e, "code", "bad_model"), str(e), ev.src))
             return
@@ -314,16 +374,41 @@ class DeviceMachine:
                                 "refused": {"run": plan.run, "reason": reason[:500]}}))
         return None
 
+    def _lama_start(self, msg: TrainRound, state: State) -> tuple[State, State] | None:
+        """FedLAMA: (start weights, base) of this round, or None when a partial model finds no local layers
+        to complete it (the device restarted, or missed the previous round): the edge sends the whole
+        device part next time."""
+        plan = msg.plan
+        if not msg.partial:
+            self.lama = LamaMemory(plan.run, msg.cut, dict(state))
+            return dict(state), dict(state)
+        mem = self.lama
+        prev = mem.ends.get(plan.round - 1) if mem is not None and mem.run == plan.run and mem.cut == msg.cut \
+            else None
+        if mem is None or prev is None:
+            return None
+        mem.base.update(state)
+        return {**prev, **state}, dict(mem.base)
+
     def _start_round(self, msg: TrainRound, state: dict[str, np.ndarray], schema: ModelSchema, t_download: float,
                      now: float) -> None:
         plan = msg.plan
+        start, base = dict(state), state
+        if plan.fedlama:
+            got = self._lama_start(msg, state)
+            if got is None:
+                self._do(Emit("fedlama_state_missing", "warning", {"round": plan.round, "edge": self.edge}),
+                         Drop("fedlama_state_missing", f"partial model for round {plan.round}, no local layers",
+                              self.edge))
+                return
+            start, base = got
         first = self.first_starts.setdefault(plan.key, now)
         while len(self.first_starts) > 8:
             self.first_starts.pop(next(iter(self.first_starts)))
         self.round = r = DeviceRound(
-            plan=plan, cut=msg.cut, local=msg.cut == schema.n_blocks, base=state, session=self._new_id("r"),
+            plan=plan, cut=msg.cut, local=msg.cut == schema.n_blocks, base=base, session=self._new_id("r"),
             started=now, first_start=first, t_download=t_download, total=round_steps(self.n_samples, plan),
-            down=Downstream(self.act_timeout_s))
+            down=Downstream(self.act_timeout_s), start=start, encodings=plan.encodings(msg.encodings))
         self.refused = None
         if not r.local:  # a device training locally keeps no state at its edge
             r.snaps = Snapshots(plan.resume_every)
@@ -349,7 +434,7 @@ class DeviceMachine:
         if isinstance(job, stage.Measure):
             if r.delta is None:
                 r.meters0 = ev.result
-                self._run(stage.Open(r.session, r.plan, 0, r.cut, r.base, data=True))
+                self._run(stage.Open(r.session, r.plan, 0, r.cut, r.start, data=True))
             else:
                 self._deliver(ev.result, now)
             return
@@ -369,7 +454,9 @@ class DeviceMachine:
             self._mini_batch_done(now)
             return
         elif isinstance(job, stage.Weights):
-            r.delta = delta(ev.result, r.base)
+            r.weights = ev.result
+            due = r.plan.due(r.base)
+            r.delta = delta({k: ev.result[k] for k in due}, {k: r.base[k] for k in due})
             self._run(stage.Measure(r.session))
             return
         elif isinstance(job, stage.Snapshot):
@@ -418,9 +505,10 @@ class DeviceMachine:
         r = self.round
         assert r is not None
         act = Activations(run=r.plan.run, round=r.plan.round, step=job.step, micro=job.micro, n_micro=job.n_micro,
-                          batch_size=r.batch_len, attempt=r.plan.attempt, x=res.x, y=res.y)
+                          batch_size=r.batch_len, attempt=r.plan.attempt, x=res.x, y=res.y,
+                          grad_encoding=r.encodings["grad"])
         r.down.sent(act, now)
-        self._send(self.edge, act)
+        self._send(self.edge, act, encoding=r.encodings["act"])
         self._do(SetTimer(ACT_TIMER, r.down.due))
         r.pos += 1
 
@@ -470,7 +558,7 @@ class DeviceMachine:
         acts = r.down.resend(now)
         self._do(Log("info", "re-sending outstanding activations", {"n": len(acts), "edge": self.edge}))
         for act in acts:
-            self._send(self.edge, act)
+            self._send(self.edge, act, encoding=r.encodings["act"])
         self._do(SetTimer(ACT_TIMER, r.down.due))
 
     def _on_timer(self, ev: TimerFired, now: float) -> None:
@@ -516,8 +604,17 @@ class DeviceMachine:
             # Since the end of the previous round, so the model message that opened this one counts.
             bytes_down=meters.rx_bytes - self.rx_mark, peak_rss_mb=round(meters.peak_rss_mb, 1),
             resends=r.down.resends)
-        self._send(self.edge, DeviceUpdate(run=r.plan.run, round=r.plan.round, report=report, delta=r.delta),
-                   reliable=True)
+        if r.plan.fedlama and self.lama is not None:
+            ends = self.lama.ends
+            ends[r.plan.round] = r.weights
+            for old in sorted(ends)[:-2]:
+                del ends[old]
+        self._send(self.edge, DeviceUpdate(run=r.plan.run, round=r.plan.round, report=report,
+                                           delta=self._outgoing(r)), reliable=True, encoding=r.encodings["delta"])
+        if r.encodings["delta"] == "topk":
+            # After the delta went to the outbox: a crash in between sends this round's share twice rather than
+            # losing it.
+            self._persist()
         self.rx_mark = meters.rx_bytes
         self.done_keys = (self.done_keys + [r.plan.key])[-8:]
         self.rounds_done += 1
@@ -568,9 +665,22 @@ class DeviceMachine:
         st = snap.stage
         self._do(Emit("round_resumed", fields={"device": self.node, "edge": self.edge, "round": r.plan.round,
                                                "step": msg.step, "replayed": replayed}))
-        self._run(stage.Open(r.session, r.plan, 0, r.cut, st.weights if st else r.base,
+        self._run(stage.Open(r.session, r.plan, 0, r.cut, st.weights if st else r.start,
                              optimizer=(st.optimizer or None) if st else None, rng=st.rng if st else None,
                              data=True))
+
+    def _outgoing(self, r: DeviceRound) -> State:
+        """The delta as it leaves: scaled by the attack emulation, then top-k with error feedback if asked."""
+        assert r.delta is not None
+        d = r.delta
+        if self.attack_scale != 1.0:
+            d = {k: (v * np.float32(self.attack_scale)).astype(np.float32) for k, v in d.items()}
+        if r.encodings["delta"] != "topk":
+            return d
+        ratio = self.topk_ratio or r.plan.topk_ratio
+        if self.topk is None or self.topk_run != r.plan.run or self.topk.ratio != ratio:
+            self.topk, self.topk_run = TopK(ratio), r.plan.run  # a new run's deltas owe nothing to the old one
+        return self.topk.select(d)
 
     def _abort(self, now: float, reason: str) -> None:
         self._do(Emit("round_aborted", "warning", {"reason": reason}),

@@ -9,7 +9,17 @@ was already processed is answered from the cache and trains nothing (exactly-onc
 once per device mini-batch. When every device of the round has sent its delta (or the deadline,
 ``deadline_fraction`` of the cloud's, passes) the edge sends one delta to the cloud: the sample-weighted mean
 of its devices' full-model deltas, so the cloud's weighted mean over edges is flat FedAvg over devices.
-Several rounds may be open at once (asynchronous groups); a device is in at most one.
+Several rounds may be open at once (asynchronous groups); a device is in at most one. When the round's
+strategy may not pre-aggregate (``plan.preaggregate`` false: robust rules, FedNova), the edge forwards each
+device's delta instead of their mean.
+
+Tensors go out in the encodings of each device (``TrainRound`` in its ``model`` encoding, gradients in the one
+each act asks for) and the edge's delta in ``[edge] delta_encoding`` (the plan's by default).
+
+FedLAMA (``plan.fedlama``): layers are aggregated at their own intervals, and only the layers due travel. The
+edge keeps a copy of the global model (the cloud sends only the layers it just aggregated, ``partial``), each
+device's edge-side layers at the end of its recent rounds, and which devices trained here last round: those
+get only the changed layers and open from their own; anyone else gets the whole part.
 
 The edge builds every plan's model itself and refuses a round (or an evaluation) whose model differs from the
 cloud's fingerprint, naming the first differing tensor on ``event`` and in its status; the cloud then leaves the
@@ -96,6 +106,21 @@ TOLD = 256  # (device, round) pairs already told that this edge holds no session
 CLOSED = 64  # rounds this edge finished, remembered to tell a late device so
 
 
+State = dict[str, np.ndarray]
+
+
+@dataclass
+class LamaCopy:
+    """FedLAMA at an edge: the global model as the cloud has it, and what its devices keep between rounds."""
+
+    run: str
+    round: int  # the round whose announcement brought ``state`` up to date
+    state: State
+    # device -> round -> (cut, its edge-side weights at the end of that round; {} for a local device). Two
+    # rounds: a retried round opens from the end of the one before.
+    local: dict[str, dict[int, tuple[int, State]]] = field(default_factory=dict)
+
+
 @dataclass
 class Session:
     device: str
@@ -138,9 +163,11 @@ class EdgeRound:
 
 class EdgeMachine:
     def __init__(self, node: str, *, schemas: SchemaSource, cloud: str = "cloud", deadline_fraction: float = 0.85,
-                 id_prefix: str = "0", restored: dict[str, Any] | None = None) -> None:
+                 id_prefix: str = "0", restored: dict[str, Any] | None = None, delta_encoding: str = "") -> None:
         self.node, self.cloud = node, cloud
         self.restored = dict(restored or {})  # saved sessions (key -> record), taken up at Started
+        self.delta_encoding = delta_encoding  # "": the plan's
+        self.lama: LamaCopy | None = None
         self.schemas = schemas
         self.deadline_fraction = deadline_fraction
         self.rounds: dict[RoundKey, EdgeRound] = {}
@@ -285,10 +312,27 @@ class EdgeMachine:
             for d, c in msg.cuts.items():
                 if not 1 <= c <= schema.n_blocks:
                     raise ProtocolError("bad_plan", f"cut {c} for {d} outside 1..{schema.n_blocks}")
-            state = check_state(msg.state, schema.specs(), "global model")
+            specs = schema.specs()
+            if msg.partial:
+                if not plan.fedlama:
+                    raise ProtocolError("bad_plan", "a partial model outside FedLAMA")
+                specs = {k: v for k, v in specs.items() if k in msg.state}
+            given = check_state(msg.state, specs, "global model")
         except (ProtocolError, ValueError, KeyError) as e:
             self._drop(getattr(e, "code", "bad_model"), str(e), ev.src)
             return
+        state = given
+        if plan.fedlama:
+            full = self._lama_global(plan, given, msg.partial)
+            if full is None:
+                # Only the changed layers came, and this edge lost its copy (it restarted): report every device
+                # missing at once, so the cloud sends the whole model next round instead of waiting a deadline.
+                self._do(Emit("fedlama_state_missing", "warning", {"round": plan.round}))
+                self._do(Send(self.cloud, EdgeUpdate(run=plan.run, round=plan.round, attempt=plan.attempt,
+                                                     reports={}, missing=tuple(sorted(msg.cuts)), delta={},
+                                                     tag=msg.tag), reliable=True))
+                return
+            state = full
         r = self.rounds.get(plan.key)
         if r is not None:
             # Same round announced again: re-delivery, or the cloud adding a device (migration fallback).
@@ -311,26 +355,54 @@ class EdgeMachine:
         self.rounds[plan.key] = r
         self._do(Log("info", "round start", {"round": plan.round, "devices": sorted(devices)}))
         for device, cut in devices.items():
-            r.sessions[device] = s = self._open_session(plan, device, cut, r.global_state, schema)
+            local = self._lama_local(plan, device, cut)
+            r.sessions[device] = s = self._open_session(plan, device, cut, r.global_state, schema,
+                                                        None if local is None else {**local, **given})
             self._save(r, s)  # boundary 0: a restart right away resumes from the round's start
-            dev_keys = schema.keys(0, cut)
+            keys = schema.keys(0, cut)
+            if local is not None:
+                keys = [k for k in keys if k in given]  # the device keeps the rest from last round
+            enc = plan.encodings(msg.encodings.get(device))
             self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
-                                             state={k: r.global_state[k] for k in dev_keys}, schema=msg.schema)))
+                                             state={k: r.global_state[k] for k in keys}, schema=msg.schema,
+                                             encodings=enc, partial=local is not None), encoding=enc["model"]))
         self._set_status()
         if not devices:
             self._finish_round(r, now)
+
+    def _lama_global(self, plan: Plan, given: State, partial: bool) -> State | None:
+        """FedLAMA: the global model after this announcement, or None if a partial one cannot be completed."""
+        c = self.lama
+        if not partial:
+            local = c.local if c is not None and c.run == plan.run else {}
+            self.lama = LamaCopy(plan.run, plan.round, dict(given), local)
+            return dict(given)
+        if c is None or c.run != plan.run or c.round not in (plan.round - 1, plan.round):
+            return None
+        c.state.update(given)
+        c.round = plan.round
+        return dict(c.state)
+
+    def _lama_local(self, plan: Plan, device: str, cut: int) -> State | None:
+        """FedLAMA: the device's edge-side layers at the end of the previous round here (empty for a local
+        device), or None when it did not train that round here with this cut: then it gets everything."""
+        if not plan.fedlama or self.lama is None or self.lama.run != plan.run:
+            return None
+        prev = self.lama.local.get(device, {}).get(plan.round - 1)
+        return prev[1] if prev is not None and prev[0] == cut else None
 
     def _new_sid(self, device: str) -> str:
         self._ids += 1
         return f"{device}/{self._id_prefix}.{self._ids}"
 
     def _open_session(self, plan: Plan, device: str, cut: int, global_state: dict[str, np.ndarray],
-                      schema: ModelSchema) -> Session:
+                      schema: ModelSchema, local: State | None = None) -> Session:
         if cut == schema.n_blocks:
             return Session(device, plan, cut, None, base={})
         sid = self._new_sid(device)
         base = {k: global_state[k] for k in schema.keys(cut)}
-        self._run(stage.Open(sid, plan, cut, schema.n_blocks, base))
+        start = base if local is None else {k: local[k] for k in base}
+        self._run(stage.Open(sid, plan, cut, schema.n_blocks, start))
         return Session(device, plan, cut, sid, base=base, activation=schema.activation(cut))
 
     def _leave(self, device: str, now: float) -> None:
@@ -367,7 +439,7 @@ class EdgeMachine:
         cached = s.up.answered(msg)
         if cached is not None:
             # Exactly-once: the device re-sent an act we processed (its link dropped); answer from cache.
-            self._do(Send(ev.src, cached), Count("grad_resent"))
+            self._do(Send(ev.src, cached, encoding=msg.grad_encoding), Count("grad_resent"))
             return
         if s.restored:
             if msg.key != s.up.expected:
@@ -383,16 +455,16 @@ class EdgeMachine:
             self._drop(e.code, f"{e} (from {ev.src})", ev.src)
             return
         job = stage.Loss(s.sid, msg.step, msg.micro, msg.x, msg.y, msg.batch_size)
-        self._run(job, "grad", (s, ev.src))
+        self._run(job, "grad", (s, ev.src, msg.grad_encoding))
         if flush:
             # One optimizer step per device mini-batch, like the device; then, every resume_every, save it.
             self._run(stage.Step(s.sid), "step", s)
             s.steps += 1
 
-    def _grad_ready(self, s: Session, device: str, job: stage.Loss, res: stage.LossResult) -> None:
+    def _grad_ready(self, s: Session, device: str, job: stage.Loss, res: stage.LossResult, encoding: str) -> None:
         g = Gradients(run=s.plan.run, round=s.plan.round, step=job.step, micro=job.micro, loss_sum=res.loss_sum,
                       correct=res.correct, g=res.grad, saved=s.saved)
-        self._do(Send(device, g))
+        self._do(Send(device, g, encoding=encoding))
         s.up.remember(g)
         s.loss_sum += res.loss_sum
         s.seen += res.n
@@ -418,7 +490,9 @@ class EdgeMachine:
             return
         try:
             schema = self.schemas(r.plan.model_ref)
-            check_state(msg.delta, schema.specs(0, s.cut), f"delta of {ev.src}")
+            specs = schema.specs(0, s.cut)
+            due = set(r.plan.due(specs))  # FedLAMA: only the layers due this round; else every one
+            check_state(msg.delta, {k: v for k, v in specs.items() if k in due}, f"delta of {ev.src}")
             declared = r.samples.get(ev.src)
             if declared is not None and msg.report.samples > declared:
                 raise ProtocolError("implausible_samples", f"{ev.src} reports {msg.report.samples} samples, "
@@ -442,7 +516,8 @@ class EdgeMachine:
                      edge_weights: dict[str, np.ndarray], now: float) -> None:
         full = {k: np.array(v, dtype=np.float32) for k, v in msg.delta.items()}
         if edge_weights:
-            full.update(delta({k: edge_weights[k] for k in s.base}, s.base))
+            due = r.plan.due(s.base)
+            full.update(delta({k: edge_weights[k] for k in due}, {k: s.base[k] for k in due}))
         s.closing = None
         bound = r.plan.max_update_norm
         if bound > 0 and set(full) <= set(r.global_state):
@@ -454,6 +529,11 @@ class EdgeMachine:
                 self._refuse(r, s, ev, "implausible_update", now)
                 return
         s.delta = full
+        if r.plan.fedlama and self.lama is not None and self.lama.run == r.plan.run:
+            rounds = self.lama.local.setdefault(s.device, {})
+            rounds[r.plan.round] = (s.cut, {k: np.array(edge_weights[k]) for k in s.base})
+            for old in sorted(rounds)[:-2]:
+                del rounds[old]
         s.report = replace(msg.report, t_upload=ev.transit_s, edge_steps=s.steps)
         self._save(r, s)  # acknowledged below: a restarted edge must still have it
         self._do(Ack(ev), Log("info", "device done", {"device": ev.src, "round": r.plan.round,
@@ -486,16 +566,26 @@ class EdgeMachine:
                 and s.report.samples > 0}
         missing = tuple(sorted(set(r.sessions) - set(done)))
         delta: dict[str, np.ndarray] = {}
-        if done:
-            delta = weighted_average([(s.delta, float(s.report.samples)) for s in done.values()
-                                      if s.delta is not None and s.report is not None])
+        deltas = {d: s.delta for d, s in done.items() if s.delta is not None}
+        weights = {d: float(s.report.samples) for d, s in done.items() if s.report is not None}
+        if done and r.plan.preaggregate:
+            delta = weighted_average([(deltas[d], weights[d]) for d in sorted(deltas)])
+        sqnorms: dict[str, float] = {}
+        if done and r.plan.fedlama:
+            # FedLAMA's discrepancy needs sum_i n_i |x_i - u|^2 per layer; with these sums the cloud gets it from
+            # the global mean u without the devices' own deltas (docs/algorithms.md, "FedLAMA").
+            keys = next(iter(deltas.values())).keys()
+            sqnorms = {k: sum(weights[d] * float(np.sum(np.square(deltas[d][k], dtype=np.float64))) for d in deltas)
+                       for k in keys}
         if missing:
             self._do(Emit("devices_missing", "warning", {"round": r.plan.round, "devices": list(missing),
                                                          "timed_out": timed_out}))
         update = EdgeUpdate(run=r.plan.run, round=r.plan.round, attempt=r.plan.attempt,
                             reports={d: s.report for d, s in done.items() if s.report is not None},
-                            missing=missing, delta=delta, edge_time_s=now - r.started, tag=r.tag)
-        self._do(Send(self.cloud, update, reliable=True))  # in the outbox on disk before the sessions go
+                            missing=missing, delta=delta, edge_time_s=now - r.started, tag=r.tag,
+                            deltas={} if r.plan.preaggregate else deltas, sqnorms=sqnorms)
+        self._do(Send(self.cloud, update, reliable=True,  # in the outbox on disk before the sessions go
+                      encoding=self.delta_encoding or r.plan.delta_encoding))
         for d in r.sessions:
             self._unsave(d)
         self.rounds_done += 1
@@ -513,9 +603,9 @@ class EdgeMachine:
             self._do(Emit("stage_failed", "error", {"job": type(ev.job).__name__, "error": ev.error[:300]}))
             return
         if what == "grad":
-            s, device = ctx
+            s, device, encoding = ctx
             if s.sid is not None and s.frozen is None and isinstance(ev.job, stage.Loss):
-                self._grad_ready(s, device, ev.job, ev.result)
+                self._grad_ready(s, device, ev.job, ev.result, encoding)
         elif what == "weights":
             session: Session = ctx
             r, current = self.session_of(session.device)
@@ -608,7 +698,8 @@ class EdgeMachine:
             return
         self._leave(device, now)
         sid = self._new_sid(device)
-        self._run(stage.Open(sid, plan, cut, schema.n_blocks, ck.weights, optimizer=ck.optimizer, rng=ck.rng))
+        self._run(stage.Open(sid, plan, cut, schema.n_blocks, ck.weights, optimizer=ck.optimizer, rng=ck.rng,
+                             anchor=ck.base))
         session = Session(device, plan, cut, sid, base=dict(ck.base), activation=schema.activation(cut),
                           up=Upstream(expected=ck.expected, n_micro=ck.n_micro), steps=ck.steps,
                           loss_sum=ck.loss_sum, seen=ck.seen, installed_by=mid)

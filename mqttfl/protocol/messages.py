@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mqttfl.protocol.errors import ProtocolError
-from mqttfl.protocol.plan import Plan
+from mqttfl.protocol.plan import Plan, check_encodings
 from mqttfl.protocol.schema import parse_description
 from mqttfl.wire.topics import TopicError, validate_id
 
@@ -125,6 +125,18 @@ def enum_field(body: Mapping[str, Any], name: str, enum: type[StrEnum], default:
         raise ProtocolError("bad_field", f"field {name!r} must be one of {[e.value for e in enum]}") from None
 
 
+def keys_field(body: Mapping[str, Any], tensors: Mapping[str, Any]) -> tuple[str, ...]:
+    """The explicit key set of a (possibly partial) state: ``keys`` in the body must name exactly the tensors
+    that came with it, so a sender cannot leave a layer out by accident or smuggle one in."""
+    keys = body.get("keys")
+    if keys is None:
+        return tuple(tensors)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(keys) != set(tensors) \
+            or len(set(keys)) != len(keys):
+        raise ProtocolError("bad_field", "'keys' must list exactly the tensors of the message")
+    return tuple(keys)
+
+
 def tensor(tensors: Mapping[str, Any], name: str) -> np.ndarray:
     v = tensors.get(name)
     if not isinstance(v, np.ndarray):
@@ -193,12 +205,15 @@ class OpenRound(Message):
     tag: RoundTag | None = None
     schema: Description = ()
     samples: dict[str, int] = field(default_factory=dict)  # what each device declared when it joined
+    encodings: dict[str, dict[str, str]] = field(default_factory=dict)  # a device's own tensor encodings
+    partial: bool = False  # FedLAMA: only the layers aggregated last round; the edge keeps the rest
 
     def body(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_body(), "tag": self.tag.to_body() if self.tag else None,
-                "devices": {d: {"cut": c, **({"samples": self.samples[d]} if d in self.samples else {})}
-                            for d, c in self.cuts.items()},
-                "schema": _rows(self.schema)}
+        devices = {d: {"cut": c, **({"samples": self.samples[d]} if d in self.samples else {}),
+                       **({"enc": self.encodings[d]} if self.encodings.get(d) else {})}
+                   for d, c in self.cuts.items()}
+        return {"plan": self.plan.to_body(), "devices": devices, "tag": self.tag.to_body() if self.tag else None,
+                "schema": _rows(self.schema), **({"partial": True, "keys": list(self.state)} if self.partial else {})}
 
     def tensors(self) -> State:
         return dict(self.state)
@@ -209,15 +224,20 @@ class OpenRound(Message):
         devices = _get(body, "devices")
         if not isinstance(devices, Mapping):
             raise ProtocolError("bad_field", "devices must be a map")
-        cuts, samples = {}, {}
+        cuts, samples, encodings = {}, {}, {}
         for d, c in devices.items():
             validated = id_field({"d": d}, "d")
             entry = c if isinstance(c, Mapping) else {}
             cuts[validated] = int_field(entry, "cut", low=1)
             if "samples" in entry:
                 samples[validated] = int_field(entry, "samples")
+            if entry.get("enc"):
+                encodings[validated] = check_encodings(entry["enc"], f"encodings of {validated}")
+        partial = body.get("partial", False) is True
+        keys_field(body, tensors)
         return cls(run=run, round=round, plan=plan, cuts=cuts, state=dict(tensors), samples=samples,
-                   tag=RoundTag.from_body(body.get("tag")), schema=parse_description(body.get("schema", [])))
+                   tag=RoundTag.from_body(body.get("tag")), schema=parse_description(body.get("schema", [])),
+                   encodings=encodings, partial=partial)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,17 +251,24 @@ class TrainRound(Message):
     edge: str
     state: State
     schema: Description = ()  # the cloud's, passed on by the edge
+    encodings: dict[str, str] = field(default_factory=dict)  # this device's tensor encodings, by kind
+    partial: bool = False  # FedLAMA: only the layers aggregated last round; the device keeps the rest
 
     def body(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_body(), "cut": self.cut, "edge": self.edge, "schema": _rows(self.schema)}
+        return {"plan": self.plan.to_body(), "cut": self.cut, "edge": self.edge, "schema": _rows(self.schema),
+                "encodings": dict(self.encodings), **({"partial": True, "keys": list(self.state)} if self.partial
+                                                      else {})}
 
     def tensors(self) -> State:
         return dict(self.state)
 
     @classmethod
     def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> TrainRound:
+        keys_field(body, tensors)
         return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")), cut=int_field(body, "cut", low=1),
-                   edge=id_field(body, "edge"), state=dict(tensors), schema=parse_description(body.get("schema", [])))
+                   edge=id_field(body, "edge"), state=dict(tensors), schema=parse_description(body.get("schema", [])),
+                   encodings=check_encodings(body.get("encodings", {}), "encodings"),
+                   partial=body.get("partial", False) is True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,6 +284,8 @@ class Activations(Message):
     attempt: int
     x: np.ndarray
     y: np.ndarray
+    grad_encoding: str = "none"  # how the device wants its gradient back (it travels with every act: a moved
+    # device's new edge learns it without asking anyone)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -264,7 +293,7 @@ class Activations(Message):
 
     def body(self) -> dict[str, Any]:
         return {"step": self.step, "micro": self.micro, "n_micro": self.n_micro, "batch_size": self.batch_size,
-                "attempt": self.attempt}
+                "attempt": self.attempt, "grad_encoding": self.grad_encoding}
 
     def tensors(self) -> State:
         return {"x": self.x, "y": self.y}
@@ -275,8 +304,10 @@ class Activations(Message):
         n_micro, batch_size = int_field(body, "n_micro", low=1), int_field(body, "batch_size", low=1)
         if not micro < n_micro <= batch_size:
             raise ProtocolError("bad_field", f"micro {micro}/{n_micro} of a batch of {batch_size}")
+        genc = check_encodings({"grad": body.get("grad_encoding", "none")}, "grad_encoding").get("grad", "none")
         return cls(run=run, round=round, step=step, micro=micro, n_micro=n_micro, batch_size=batch_size,
-                   attempt=int_field(body, "attempt"), x=tensor(tensors, "x"), y=tensor(tensors, "y"))
+                   attempt=int_field(body, "attempt"), x=tensor(tensors, "x"), y=tensor(tensors, "y"),
+                   grad_encoding=genc)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -458,19 +489,23 @@ class DeviceUpdate(Message):
     delta: State
 
     def body(self) -> dict[str, Any]:
-        return {"report": self.report.to_body()}
+        return {"report": self.report.to_body(), "keys": list(self.delta)}
 
     def tensors(self) -> State:
         return dict(self.delta)
 
     @classmethod
     def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> DeviceUpdate:
+        keys_field(body, tensors)
         return cls(run=run, round=round, report=Report.from_body(_get(body, "report")), delta=dict(tensors))
 
 
 @dataclass(frozen=True, kw_only=True)
 class EdgeUpdate(Message):
-    """edge -> cloud: the sample-weighted mean of its devices' full-model deltas (empty when none finished)."""
+    """edge -> cloud: the sample-weighted mean of its devices' full-model deltas (empty when none finished), or,
+    when the round's strategy may not pre-aggregate (``plan.preaggregate`` false), each device's own delta in
+    ``deltas`` (tensors ``"<device>|<key>"``). Under FedLAMA the deltas hold only the layers due and
+    ``sqnorms`` carries, per layer, the sum over the edge's devices of ``samples * |delta|^2``."""
 
     kind: ClassVar[str] = "delta"
     op: ClassVar[str] = "edge"
@@ -480,17 +515,27 @@ class EdgeUpdate(Message):
     delta: State
     edge_time_s: float = 0.0
     tag: RoundTag | None = None
+    deltas: dict[str, State] = field(default_factory=dict)
+    sqnorms: dict[str, float] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
         return sum(r.samples for r in self.reports.values())
 
+    @property
+    def per_device(self) -> bool:
+        return bool(self.deltas)
+
     def body(self) -> dict[str, Any]:
+        keys = sorted({k for d in self.deltas.values() for k in d}) if self.deltas else list(self.delta)
         return {"attempt": self.attempt, "devices": {d: r.to_body() for d, r in self.reports.items()},
                 "missing": list(self.missing), "edge_time_s": self.edge_time_s,
-                "tag": self.tag.to_body() if self.tag else None}
+                "tag": self.tag.to_body() if self.tag else None, "keys": keys,
+                **({"per_device": True} if self.deltas else {}), **({"sqnorms": self.sqnorms} if self.sqnorms else {})}
 
     def tensors(self) -> State:
+        if self.deltas:
+            return {f"{d}|{k}": v for d, state in self.deltas.items() for k, v in state.items()}
         return dict(self.delta)
 
     @classmethod
@@ -500,9 +545,30 @@ class EdgeUpdate(Message):
         if not isinstance(devices, Mapping) or not isinstance(missing, list):
             raise ProtocolError("bad_field", "devices must be a map and missing a list")
         reports = {id_field({"d": d}, "d"): Report.from_body(r) for d, r in devices.items()}
+        sq = body.get("sqnorms", {})
+        if not isinstance(sq, Mapping):
+            raise ProtocolError("bad_field", "sqnorms must be a map")
+        sqnorms = {str(k): float_field(sq, k) for k in sq}
+        delta: State = dict(tensors)
+        deltas: dict[str, State] = {}
+        if body.get("per_device") is True:
+            # Every reporting device brings exactly one delta, all over the same keys (the body's).
+            delta = {}
+            for name, v in tensors.items():
+                d, sep, k = str(name).partition("|")
+                if not sep or d not in reports:
+                    raise ProtocolError("bad_field", f"per-device tensor {name!r} names no reporting device")
+                deltas.setdefault(d, {})[k] = v
+            keys = _get(body, "keys")
+            if not isinstance(keys, list) or set(deltas) != {d for d, r in reports.items() if r.samples > 0} or \
+                    any(set(s) != set(keys) for s in deltas.values()):
+                raise ProtocolError("bad_field", "per-device deltas must cover every reporting device, over 'keys'")
+        else:
+            keys_field(body, tensors)
         return cls(run=run, round=round, attempt=int_field(body, "attempt"), reports=reports,
-                   missing=tuple(id_field({"d": d}, "d") for d in missing), delta=dict(tensors),
-                   edge_time_s=float_field(body, "edge_time_s", 0.0), tag=RoundTag.from_body(body.get("tag")))
+                   missing=tuple(id_field({"d": d}, "d") for d in missing), delta=delta,
+                   edge_time_s=float_field(body, "edge_time_s", 0.0), tag=RoundTag.from_body(body.get("tag")),
+                   deltas=deltas, sqnorms=sqnorms)
 
 
 # ------------------------------------------------------------------------------------------------ migration

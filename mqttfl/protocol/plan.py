@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.schema import ModelRef
+from mqttfl.wire.encoding import ALLOWED as ENCODINGS_ALLOWED
+
+ENCODED_KINDS = ("act", "grad", "delta", "model")
+MAX_INTERVALS = 4096
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # The loss names the task: what the labels are, and which metrics the cloud reports (docs/models.md, "Tasks").
@@ -74,6 +78,19 @@ class Training:
     resume_every: int = field(default=10, metadata={"doc": (
         "an edge saves each device's edge-side session every this many mini-batches and the device keeps its "
         "own state at the same boundaries, so a restarted edge resumes the round there (0: off)")})
+    # Tensor encodings per message kind (docs/algorithms.md, "Compression"); a device may override each.
+    act_encoding: str = field(default="none", metadata={"doc": (
+        "how split devices send activations: none, fp16, int8 (stochastic, one scale per tensor) or int8c "
+        "(one scale per channel)")})
+    grad_encoding: str = field(default="none", metadata={"doc": (
+        "how edges return gradients at the cut: none, fp16, int8 or int8c")})
+    delta_encoding: str = field(default="none", metadata={"doc": (
+        "how devices send their round's delta: none, fp16, int8, int8c, or topk (the topk_ratio largest "
+        "entries with error feedback)")})
+    model_encoding: str = field(default="none", metadata={"doc": (
+        "how the round's model travels down (cloud to edge, edge to device): none or fp16")})
+    topk_ratio: float = field(default=0.01, metadata={"doc": (
+        "fraction of a delta's entries a topk device sends per round; the rest is carried to later rounds")})
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty when usable)."""
@@ -118,6 +135,18 @@ class Training:
             out.append("max_update_norm must be >= 0")
         if self.resume_every < 0:
             out.append("resume_every must be >= 0")
+        for kind in ENCODED_KINDS:
+            name = getattr(self, f"{kind}_encoding")
+            if name not in ENCODINGS_ALLOWED[kind]:
+                out.append(f"{kind}_encoding must be one of {list(ENCODINGS_ALLOWED[kind])}, got {name!r}")
+        if not 0 < self.topk_ratio <= 1:
+            out.append("topk_ratio must be in (0, 1]")
+        return out
+
+    def encodings(self, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The encoding of every tensor kind: the plan's, with a device's own choices on top."""
+        out = {kind: getattr(self, f"{kind}_encoding") for kind in ENCODED_KINDS}
+        out.update({k: v for k, v in (overrides or {}).items() if v})
         return out
 
     @property
@@ -173,6 +202,20 @@ def round_lr(t: Training, position: int, horizon: int) -> float:
 TRAINING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Training))
 
 
+def check_encodings(value: Any, what: str) -> dict[str, str]:
+    """A map of tensor kind -> encoding name from the wire or a config; ProtocolError names what is wrong."""
+    if not isinstance(value, Mapping):
+        raise ProtocolError("bad_field", f"{what} must be a map")
+    out = {}
+    for kind, name in value.items():
+        if kind not in ENCODINGS_ALLOWED or not isinstance(name, str) or (
+                name and name not in ENCODINGS_ALLOWED[kind]):
+            raise ProtocolError("bad_field", f"{what}: {kind!r} cannot travel as {name!r}")
+        if name:
+            out[str(kind)] = name
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class Plan(Training):
     run: str
@@ -180,6 +223,11 @@ class Plan(Training):
     attempt: int = 0
     # The cloud's ModelSchema.fingerprint: a node whose own build of the model differs refuses the round.
     fingerprint: str = ""
+    # Set by the cloud for each round, from its strategy and FedLAMA schedule (not config keys):
+    prox_mu: float = 0.0  # FedProx: the proximal term's weight the local training adds (0: none)
+    preaggregate: bool = True  # edges send their devices' mean (linear strategies) or each device's delta
+    fedlama: bool = False  # FedLAMA: devices and edges keep their local layers between rounds
+    intervals: tuple[tuple[str, int], ...] = ()  # FedLAMA: aggregation interval (rounds) of each layer not at 1
 
     @classmethod
     def of(cls, training: Training, *, run: str, round: int, attempt: int = 0, **changes: Any) -> Plan:
@@ -188,6 +236,7 @@ class Plan(Training):
     def to_body(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
+        d["intervals"] = dict(self.intervals)
         return d
 
     @classmethod
@@ -200,7 +249,13 @@ class Plan(Training):
                 continue
             v = body[f.name]
             want: Any = {"str": str, "int": int, "float": (int, float), "bool": bool}.get(str(f.type))
-            if f.name == "input_shape":
+            if f.name == "intervals":
+                if not isinstance(v, Mapping) or len(v) > MAX_INTERVALS or not all(
+                        isinstance(k, str) and isinstance(t, int) and not isinstance(t, bool) and t >= 1
+                        for k, t in v.items()):
+                    raise ProtocolError("bad_plan", "plan intervals must map layer names to intervals >= 1")
+                v = tuple(sorted(v.items()))
+            elif f.name == "input_shape":
                 if not isinstance(v, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool)
                                                                for d in v):
                     raise ProtocolError("bad_plan", "plan input_shape must be a list of integers")
@@ -217,6 +272,8 @@ class Plan(Training):
             bad.append("fingerprint is too long")
         if plan.round < 0 or plan.attempt < 0:
             bad.append("round and attempt must be >= 0")
+        if not plan.prox_mu >= 0:
+            bad.append("prox_mu must be >= 0")
         if bad:
             raise ProtocolError("bad_plan", "bad plan: " + "; ".join(bad))
         return plan
@@ -227,6 +284,12 @@ class Plan(Training):
     @property
     def key(self) -> tuple[str, int, int]:
         return (self.run, self.round, self.attempt)
+
+    def due(self, keys: Iterable[str]) -> list[str]:
+        """The layers aggregated at the end of this round: all of them, or under FedLAMA those whose interval
+        divides the number of rounds done after this one (docs/algorithms.md, "FedLAMA")."""
+        iv = dict(self.intervals)
+        return [k for k in keys if (self.round + 1) % iv.get(k, 1) == 0]
 
     def newer_than(self, other: Plan) -> bool:
         """Whether this plan supersedes ``other``: another run, or a later round or attempt of the same run."""

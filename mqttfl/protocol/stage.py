@@ -42,6 +42,7 @@ class Open(Job):
     optimizer: State | None = None
     rng: np.ndarray | None = None
     data: bool = False
+    anchor: State | None = None  # FedProx: the round's starting weights when they are not ``state`` (a move)
 
 
 @dataclass(frozen=True, eq=False)

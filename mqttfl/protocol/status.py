@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from mqttfl.protocol.errors import ProtocolError
+from mqttfl.protocol.plan import check_encodings
 from mqttfl.wire.topics import TopicError, validate_id
 
 
@@ -47,6 +48,8 @@ class Presence:
     fingerprint: str | None = None  # the node's own build of the last plan's model
     refused_run: str | None = None  # the run whose plan the node refused (model or data mismatch) ...
     refused: str | None = None  # ... and why
+
+    encodings: tuple[tuple[str, str], ...] = ()  # a device's own tensor encodings (kind, name), over the plan's
 
     def refuses(self, run: str) -> bool:
         return self.refused_run == run
@@ -93,7 +96,8 @@ def parse_status(src: str, data: Mapping[str, Any]) -> Presence:
                 and isinstance(refused.get("reason"), str)):
             raise ProtocolError("bad_field", "status field 'refused' must be {run, reason}")
         refused_run, reason = refused["run"][:64], refused["reason"][:500]
+    encodings = tuple(sorted(check_encodings(data.get("encodings") or {}, "status field 'encodings'").items()))
     return Presence(node=src, role=role, state=state, boot=opt_int("boot", 0) or 0, edge=edge,
                     cut=None if cut is None or cut < 0 else cut, samples=opt_int("samples", 0), labels=labels,
                     eval_samples=opt_int("eval_samples", 0), fingerprint=fingerprint, refused_run=refused_run,
-                    refused=reason)
+                    refused=reason, encodings=encodings)

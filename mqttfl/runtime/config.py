@@ -19,6 +19,7 @@ from typing import Any
 from mqttfl.protocol.cloud.roles import ROLE_KEYS, Roles
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.wire.codec import Limits
+from mqttfl.wire.encoding import ALLOWED as ENCODINGS_ALLOWED
 from mqttfl.wire.topics import validate_id
 
 # [limits] keys an operator may set (sizes in bytes or elements); the rest of Limits stays fixed.
@@ -152,6 +153,19 @@ class DeviceSection:
     edge_brokers: dict[str, str] = field(default_factory=dict, metadata=doc(
         "a device that moves between sites: edge id -> \"host:port\" of that edge's site broker; on moving to "
         "such an edge the device reconnects there ([mqtt] credentials and TLS; docs/operations.md)"))
+    act_encoding: str = field(default="", metadata=doc(
+        "this device's activations: none, fp16, int8 or int8c; empty: the run's act_encoding"))
+    grad_encoding: str = field(default="", metadata=doc(
+        "the gradients this device asks its edge for: none, fp16, int8 or int8c; empty: the run's"))
+    delta_encoding: str = field(default="", metadata=doc(
+        "this device's deltas: none, fp16, int8, int8c or topk; empty: the run's delta_encoding"))
+    model_encoding: str = field(default="", metadata=doc(
+        "the model this device downloads: none or fp16; empty: the run's model_encoding"))
+    topk_ratio: float = field(default=0.0, metadata=doc(
+        "fraction of its delta a topk device sends per round; 0: the run's topk_ratio"))
+    attack_scale: float = field(default=1.0, metadata=doc(
+        "attack emulation for tests and benchmarks: the device multiplies its delta by this before sending "
+        "(a poisoning participant); 1 = honest"))
 
     def brokers(self) -> dict[str, tuple[str, int]]:
         out = {}
@@ -160,12 +174,24 @@ class DeviceSection:
             out[edge] = (host, int(port))
         return out
 
+    def encodings(self) -> dict[str, str]:
+        """This device's own tensor encodings, by kind (the run's apply where empty)."""
+        return {k: v for k in ENCODINGS_ALLOWED if (v := getattr(self, f"{k}_encoding"))}
+
     def problems(self) -> list[str]:
         out = []
         for edge, address in self.edge_brokers.items():
             host, _, port = str(address).rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 out.append(f"[device] edge_brokers: {edge} = {address!r} is not host:port")
+        for kind, allowed in ENCODINGS_ALLOWED.items():
+            name = getattr(self, f"{kind}_encoding")
+            if name and name not in allowed:
+                out.append(f"[device] {kind}_encoding must be one of {list(allowed)} or empty, got {name!r}")
+        if not 0 <= self.topk_ratio <= 1:
+            out.append("[device] topk_ratio must be in [0, 1]")
+        if not self.attack_scale == self.attack_scale:  # NaN
+            out.append("[device] attack_scale must be a number")
         if not self.edge or not self.data:
             out.append("[device] needs 'edge' and 'data'")
         if self.cut == 0 or self.cut < -1:
@@ -185,9 +211,15 @@ class EdgeSection:
         "an edge closes its part of a round at this fraction of the round's deadline, so its report reaches "
         "the cloud in time"))
     threads: int = field(default=1, metadata=doc("torch intra-op threads"))
+    delta_encoding: str = field(default="", metadata=doc(
+        "how the edge sends its delta to the cloud: none, fp16, int8, int8c or topk (only the non-zero entries, "
+        "lossless); empty: the run's delta_encoding"))
 
     def problems(self) -> list[str]:
-        return [] if 0 < self.deadline_fraction <= 1 else ["[edge] deadline_fraction must be in (0, 1]"]
+        out = [] if 0 < self.deadline_fraction <= 1 else ["[edge] deadline_fraction must be in (0, 1]"]
+        if self.delta_encoding and self.delta_encoding not in ENCODINGS_ALLOWED["delta"]:
+            out.append(f"[edge] delta_encoding must be one of {list(ENCODINGS_ALLOWED['delta'])} or empty")
+        return out
 
 
 @dataclass(frozen=True)

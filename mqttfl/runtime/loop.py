@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from mqttfl.protocol import events as E
 from mqttfl.protocol import stage
 from mqttfl.protocol.control import may_command
+from mqttfl.wire.encoding import encode_tensors, tensor_bytes
 
 RUNTIME_COMMANDS = ("ping", "status", "shutdown")
 
@@ -112,6 +113,16 @@ class MachineRunner:
             self.reconnect_within(fx.seconds)
         else:
             raise TypeError(f"unknown effect {fx!r}")
+
+    def wire_form(self, fx: E.Send) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The body and encoded tensors of a message to send; counts the tensor bytes before and after the
+        encoding per kind (``raw_bytes_<kind>``, ``enc_bytes_<kind>``, published with the node's metrics)."""
+        body, tensors = fx.msg.to_wire()
+        wire = encode_tensors(fx.encoding, body, tensors)
+        if tensors:
+            self.count(f"raw_bytes_{fx.msg.kind}", tensor_bytes(tensors))
+            self.count(f"enc_bytes_{fx.msg.kind}", tensor_bytes(wire))
+        return body, wire
 
     def run_job(self, job: stage.Job) -> E.JobDone:
         if isinstance(job, stage.Measure):

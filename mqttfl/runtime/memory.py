@@ -73,9 +73,10 @@ from mqttfl.protocol.status import parse_status
 from mqttfl.runtime.config import CloudRuntime
 from mqttfl.runtime.loop import Machine, MachineRunner
 from mqttfl.runtime.persist import dumps, loads
+from mqttfl.wire import encoding
 from mqttfl.wire.codec import CodecError, Envelope, decode, decode_json, encode, encode_json
 from mqttfl.wire.dedupe import RecentIds
-from mqttfl.wire.encoding import decode_tensors, encode_tensors
+from mqttfl.wire.encoding import decode_tensors
 
 Compute = float | Callable[[stage.Job], float]
 LIVELOCK_STEPS = 100_000  # things done at one virtual instant before the fleet calls it a livelock
@@ -185,7 +186,7 @@ class SimNode(MachineRunner):
         return super().run_job(job)
 
     def send(self, dst: str, fx: E.Send) -> None:
-        self.fleet._send(self, dst, fx.msg, fx.reliable, fx.encoding)
+        self.fleet._send(self, dst, fx)
 
     def ack(self, received: E.Received) -> None:
         self.acked.seen(received.id)
@@ -278,6 +279,7 @@ class MemoryFleet:
                  operators: tuple[str, ...] = ("operator",)) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
+        encoding.seed(seed)  # stochastic rounding (int8) reproducible per seed, like everything else here
         self.latency_s = latency_s
         self.compute_s = compute_s
         self.resend_after_s = resend_after_s
@@ -341,28 +343,30 @@ class MemoryFleet:
         self.cloud = name
 
     def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None,
-                 schemas: Callable[[Any], Any] = schema_of) -> None:
+                 schemas: Callable[[Any], Any] = schema_of, delta_encoding: str = "") -> None:
         """A restarted edge reads back the sessions it saved (edge resume), as the edge agent does."""
         self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schemas, cloud=self.cloud or "cloud",
                                                       deadline_fraction=deadline_fraction, id_prefix=self._prefix(),
-                                                      restored={k: loads(v) for k, v in n.keyed.items()}),
+                                                      restored={k: loads(v) for k, v in n.keyed.items()},
+                                                      delta_encoding=delta_encoding),
                   lambda: TorchBackend(name), compute_s)
 
     def add_device(self, name: str, *, edge: str, data: Dataset, share_labels: bool = True,
                    eval_data: Dataset | None = None, compute_s: Compute | None = None, slowdown: float = 1.0,
                    **machine_kw: Any) -> None:
-        """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s); ``eval_data``: the
-        device's held-out split (federated evaluation)."""
+        """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s, encodings, ...);
+        ``eval_data``: the device's held-out split (federated evaluation)."""
         labels = label_counts(data.labels()) if share_labels else None
 
         schemas = machine_kw.pop("schemas", schema_of)  # another build of the model (a mismatch to refuse)
 
         def make(node: SimNode) -> Machine:
-            # A restarted device starts from its configured edge, as a restarted agent reads its config.
+            # A restarted device starts from its configured edge and its persisted state, as an agent does.
+            restored = loads(node.persisted) if node.persisted is not None else None
             return DeviceMachine(name, edge=edge, cloud=self.cloud or "cloud", n_samples=len(data), labels=labels,
                                  label_format=label_format(data.labels()), schemas=schemas,
                                  eval_samples=len(eval_data) if eval_data is not None else 0,
-                                 id_prefix=self._prefix(), **machine_kw)
+                                 id_prefix=self._prefix(), restored=restored, **machine_kw)
 
         self._add(name, "device", make, lambda: TorchBackend(name, data=data, test=eval_data), compute_s, slowdown)
 
@@ -378,13 +382,18 @@ class MemoryFleet:
                    "edges": spec.edges, **{k: v for k, v in spec.cloud.items() if k not in runtime_keys}}
         fleet.add_cloud(test=test, **section)
         for e in spec.edges:
-            fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k == "deadline_fraction"})
+            fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k in ("deadline_fraction",
+                                                                                   "delta_encoding")})
         for d, e in sorted(spec.devices.items()):
             extra = dict(spec.device_extra.get(d, {}))
             for runtime_only in ("threads", "step_delay_s", "data", "edge", "cloud", "eval_data"):
                 extra.pop(runtime_only, None)
             if extra.get("cut", -1) <= 0:
                 extra.pop("cut", None)
+            # [device] encoding keys as the agent reads them: one map of the device's own choices.
+            encodings = {k[: -len("_encoding")]: extra.pop(k) for k in list(extra) if k.endswith("_encoding")}
+            if encodings:
+                extra["encodings"] = {k: v for k, v in encodings.items() if v}
             fleet.add_device(d, edge=e, data=shards[d], eval_data=(eval_shards or {}).get(d), **extra)
         return fleet
 
@@ -603,9 +612,9 @@ class MemoryFleet:
             n.counts["tx_bytes"] += len(p.payload)
         return p
 
-    def _send(self, n: SimNode, dst: str, msg: Message, reliable: bool, encoding: str) -> None:
-        body, tensors = msg.to_wire()
-        tensors = encode_tensors(encoding, body, tensors)
+    def _send(self, n: SimNode, dst: str, fx: E.Send) -> None:
+        msg, reliable = fx.msg, fx.reliable
+        body, tensors = n.wire_form(fx)
         if reliable:
             body["reliable"] = True
         p = self._packet(n, self._envelope(n, msg.kind, dst, body, tensors, msg.run, msg.round), msg, reliable)

@@ -38,7 +38,7 @@ from mqttfl.runtime.persist import load_state, save_state
 from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.wire.codec import CodecError
-from mqttfl.wire.encoding import decode_tensors, encode_tensors
+from mqttfl.wire.encoding import decode_tensors
 from mqttfl.wire.topics import filter_for
 
 
@@ -218,8 +218,7 @@ class Node(MachineRunner):
 
     # ------------------------------------------------------------------ effects out
     def send(self, dst: str, fx: E.Send) -> None:
-        body, tensors = fx.msg.to_wire()
-        tensors = encode_tensors(fx.encoding, body, tensors)
+        body, tensors = self.wire_form(fx)
         self.transport.send(fx.msg.kind, dst, body=body, tensors=tensors, run=fx.msg.run, round=fx.msg.round,
                             reliable=fx.reliable)
 

@@ -29,6 +29,7 @@ BENCHES = {
     "async": ("mqttfl.tools.bench.async_", "synchronous FedAvg vs asynchronous group aggregation"),
     "data": ("mqttfl.tools.bench.data", "mqttfl data throughput and a device's memory with a memory-mapped shard"),
     "resilience": ("mqttfl.tools.bench.resilience", "memory returned by expired transfers; an edge killed mid-round"),
+    "comm": ("mqttfl.tools.bench.comm", "compression on the wire, FedLAMA and server strategies"),
 }
 
 

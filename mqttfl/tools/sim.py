@@ -36,7 +36,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latency-ms", type=float, default=2.0, help="virtual link latency per message")
     p.add_argument("--compute-ms", type=float, default=1.0, help="virtual compute time per stage job")
+    p.add_argument("--cloud", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other [cloud] key, e.g. fedlama_phi=2, strategy=krum, delta_encoding=topk (repeatable)")
+    p.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [device] key for every device, e.g. delta_encoding=int8 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _pairs(items: list[str], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{what} wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)  # numbers, booleans, lists; anything else is a string
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
 def _shape(args: argparse.Namespace) -> tuple[int, ...]:
@@ -68,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
         cloud["strategy"] = args.strategy
     if args.mode == "async":
         cloud["max_versions"] = args.rounds
+    cloud.update(_pairs(args.cloud, "--cloud"))
+    device = {**({"cut": args.cut} if args.cut > 0 else {}), **_pairs(args.device, "--device")}
     spec = FleetSpec(devices=devices, model=args.model, input_shape=shape, partition=args.partition,
-                     data_seed=args.seed, cloud=cloud,
-                     device_extra={d: {"cut": args.cut} for d in devices} if args.cut > 0 else {})
+                     data_seed=args.seed, cloud=cloud, device_extra={d: dict(device) for d in devices})
     train, test = load_data(args.data, shape)
     t0 = time.monotonic()
     fleet = MemoryFleet.from_spec(spec, make_shards(spec, train), test, seed=args.seed,

@@ -22,6 +22,7 @@ leave done, failed and stopped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
@@ -67,6 +68,7 @@ from mqttfl.protocol.messages import EdgeUpdate, EvalReport, MovePath, OpenRound
 from mqttfl.protocol.plan import BEST_METRIC, Plan, round_lr
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, state_norm
 from mqttfl.protocol.status import NodeState, Presence
+from mqttfl.wire.encoding import ALLOWED as ENCODINGS_ALLOWED
 
 STATE_FORMAT = 2
 HISTORY = 1000  # rounds kept in memory; the run log keeps everything
@@ -92,6 +94,9 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
     "max_update_norm": ((int, float), lambda v: v >= 0),
     "max_samples": (int, lambda v: v >= 0),
     "resume_every": (int, lambda v: v >= 0),
+    # Tensor encodings per kind (docs/algorithms.md, "Compression"): from the next round on.
+    **{f"{kind}_encoding": (str, ENCODINGS_ALLOWED[kind].__contains__) for kind in ENCODINGS_ALLOWED},
+    "topk_ratio": ((int, float), lambda v: 0 < v <= 1),
 }
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
@@ -333,21 +338,34 @@ class CloudMachine:
                    **changes}
         return Plan.of(t, run=self.settings.run, round=round, attempt=attempt, **changes)
 
-    def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None) -> None:
-        """Open the round at each edge with its devices, their cuts, their declared sample counts and the
-        global model."""
-        for edge, devs in by_edge.items():
-            self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
-                                          cuts={d: self.cut_for(d) for d in devs},
-                                          samples={d: self.declared(d) for d in devs}, state=self.global_state,
-                                          schema=self.schema.describe())))
+    def encodings_for(self, device: str) -> dict[str, str]:
+        """A device's own tensor encodings (its status says them), over the plan's."""
+        p = self.fleet.get(device)
+        return dict(p.encodings) if p is not None else {}
 
-    def check_update(self, src: str, msg: EdgeUpdate, r: CloudRound | None) -> dict[str, np.ndarray] | None:
-        """The update's delta, checked before anything of it is used (None when it carries no samples):
-        from a configured edge; reports only for devices of the round (``r``; None: a late update of a closed
-        round, checked against what the devices declared) that this edge may report, with at most the samples
-        each declared; the delta against the model's schema and, when ``max_update_norm`` is set, its norm
-        against the global model's. ProtocolError names what is wrong."""
+    def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None,
+                 partial: dict[str, list[str]] | None = None) -> None:
+        """Open the round at each edge with its devices, their cuts, encodings and declared sample counts, and
+        the global model (only the layers in ``partial[edge]`` for an edge that keeps a copy of the rest:
+        FedLAMA)."""
+        for edge, devs in by_edge.items():
+            keys = (partial or {}).get(edge)
+            state = self.global_state if keys is None else {k: self.global_state[k] for k in keys}
+            encodings = {d: e for d in devs if (e := self.encodings_for(d))}
+            self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
+                                          cuts={d: self.cut_for(d) for d in devs}, state=state,
+                                          samples={d: self.declared(d) for d in devs}, encodings=encodings,
+                                          partial=keys is not None, schema=self.schema.describe()),
+                          encoding=plan.model_encoding))
+
+    def check_update(self, src: str, msg: EdgeUpdate, r: CloudRound | None, keys: list[str] | None = None
+                     ) -> dict[str, np.ndarray] | None:
+        """The update's delta (None when it carries no samples), checked before anything of it is used: from a
+        configured edge; reports only for devices of the round (``r``; None: a late update of a closed round,
+        checked against what the devices declared) that this edge may report, with at most the samples each
+        declared; the delta (or each device's, when the edge forwarded them) against the model: exactly
+        ``keys`` (all of the model's by default), its shapes, finite values and, when ``max_update_norm`` is
+        set, a norm within that many times the global model's. ProtocolError names what is wrong."""
         if not self.is_edge(src):
             raise ProtocolError("not_an_edge", f"{src} is not a configured edge ([cloud] edges)")
         for d, rep in msg.reports.items():
@@ -361,14 +379,19 @@ class CloudMachine:
                                                            f"declared {cap}")
         if msg.samples <= 0:
             return None
-        delta = check_state(msg.delta, self.schema.specs(), f"delta of {src}")
+        specs = self.schema.specs()
+        if keys is not None:
+            specs = {k: specs[k] for k in keys}
         bound = self.settings.training.max_update_norm
-        if bound > 0:
-            norm, ref = state_norm(delta), state_norm(self.global_state)
-            if not norm <= bound * max(ref, 1e-12):
-                raise ProtocolError("implausible_update", f"delta of {src} has norm {norm:.4g}, more than "
-                                                          f"{bound:g} x the global model's {ref:.4g}")
-        return delta
+        checked: dict[str, np.ndarray] = {}
+        for who, part in (msg.deltas or {src: msg.delta}).items():
+            checked = check_state(part, specs, f"delta of {who}")
+            if bound > 0:
+                norm, ref = state_norm(checked), state_norm({k: self.global_state[k] for k in checked})
+                if not norm <= bound * max(ref, 1e-12):
+                    raise ProtocolError("implausible_update", f"delta of {who} has norm {norm:.4g}, more than "
+                                                              f"{bound:g} x the global model's {ref:.4g}")
+        return checked
 
     def commit(self, new_state: dict[str, np.ndarray], entry: dict[str, Any], now: float,
                then: Callable[[], None] | None = None) -> None:
@@ -391,10 +414,12 @@ class CloudMachine:
         res: stage.EvalResult | None = ev.result if ev.error is None else None
         if ev.error is not None:
             self._do(Emit("evaluation_failed", "error", {"error": ev.error[:300]}))
-        entry["accuracy"] = None if res is None or res.accuracy is None else round(float(res.accuracy), 5)
-        entry["loss"] = None if res is None or res.loss is None else round(float(res.loss), 5)
+        # A diverged model evaluates to an infinite loss: reported as null (JSON has no infinity, and metrics
+        # that fail to encode would be lost).
+        entry["accuracy"] = _finite(None if res is None else res.accuracy)
+        entry["loss"] = _finite(None if res is None else res.loss)
         for name, value in (res.metrics if res is not None else {}).items():
-            entry.setdefault(name, round(float(value), 5))  # the task's other metrics: mse, mae, exact_match
+            entry.setdefault(name, _finite(value))  # the task's other metrics: mse, mae, exact_match
         entry["wall_s"] = round(self.elapsed(now), 3)
         self.history.append(entry)
         del self.history[:-HISTORY]
@@ -647,6 +672,10 @@ COMMANDS: dict[str, Callable[[CloudMachine, dict[str, Any], float], Any]] = {
     "fleet": CloudMachine.cmd_fleet, "history": CloudMachine.cmd_history, "move": CloudMachine.cmd_move,
     "runs": CloudMachine.cmd_runs,
 }
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(float(v), 5)
 
 
 def _with_run(s: CloudSettings, run: str) -> CloudSettings:

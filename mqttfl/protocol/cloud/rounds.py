@@ -72,8 +72,24 @@ class CloudRound:
         self.accounted |= set(update.reports) | missing
 
     def updates(self) -> list[Update]:
-        """One update per edge report that carries a delta (an edge's samples weigh its devices' mean)."""
-        return [Update(edge, u.delta, u.samples) for edge, u in self.reports if u.delta and u.samples > 0]
+        """One update per edge report that carries a mean delta (an edge's samples weigh its devices' mean), or
+        one per device when the edge forwarded each device's delta."""
+        out = []
+        for edge, u in self.reports:
+            if u.deltas:
+                out += [Update(d, u.deltas[d], u.reports[d].samples, steps=u.reports[d].steps)
+                        for d in sorted(u.deltas)]
+            elif u.delta and u.samples > 0:
+                out.append(Update(edge, u.delta, u.samples))
+        return out
+
+    def sqnorms(self) -> dict[str, float]:
+        """FedLAMA: per layer, sum over every reported device of samples * |delta|^2."""
+        out: dict[str, float] = {}
+        for _, u in self.reports:
+            for k, v in u.sqnorms.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
 
     def device_reports(self) -> dict[str, Report]:
         return {d: rep for _, u in self.reports for d, rep in u.reports.items()}

@@ -70,6 +70,12 @@ class CloudSettings:
         "async: weight of a new latency measurement in each device's moving average")})
     profile_rounds: int = field(default=2, metadata={"doc": (
         "async: synchronous rounds with everyone before groups are formed")})
+    # FedLAMA layer-wise aggregation intervals (docs/algorithms.md, "FedLAMA")
+    fedlama_phi: int = field(default=0, metadata={"doc": (
+        "sync: FedLAMA's interval multiplier phi (layers whose copies agree are aggregated every phi rounds, "
+        "and only the layers due travel); 0: off, 1: every layer every round through the layer-wise path")})
+    fedlama_warmup: int = field(default=1, metadata={"doc": (
+        "sync, FedLAMA: windows of phi rounds before intervals are first adjusted")})
     training: Training = field(default_factory=Training)
     params: strategies.StrategyParams = field(default_factory=strategies.StrategyParams)
 
@@ -115,6 +121,11 @@ class CloudSettings:
                 validate_id(device)
             except TopicError as e:
                 out.append(f"wait_for: {e}")
+        if self.fedlama_phi < 0 or self.fedlama_warmup < 1:
+            out.append("fedlama_phi must be >= 0 and fedlama_warmup >= 1")
+        if self.fedlama_phi and self.mode != "sync":
+            out.append("fedlama_phi needs mode = \"sync\"")
+        out += self.params.problems()
         return out
 
     def flat(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Synchronous rounds (``[cloud] mode = "sync"``): FedAvg across edges with deadline, quorum and retries.
+"""Synchronous rounds (``[cloud] mode = "sync"``): a strategy across edges with deadline, quorum and retries.
 
 Each round: take the online devices whose edge is online (the first round of a run may wait for named
 devices, ``CloudMachine.may_begin``), sample the ones that train (``sample_fraction`` or ``sample_size``,
@@ -8,6 +8,9 @@ strategy to the edges' updates, and commit the new model. Below quorum the round
 with the same model, up to ``max_attempts`` times, then the run fails. A restarted cloud opens a new attempt of
 the round it was in: devices that finished the old attempt recognise a new plan key and train again instead of
 ignoring a re-delivered announcement.
+
+The plan carries what the strategy asks of local training (FedProx's ``prox_mu``) and of the edges (whether they
+may pre-aggregate), and under FedLAMA (``fedlama_phi``) the layers' intervals (``layerwise.LayerWise``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from mqttfl.fl.sampling import sample_clients
-from mqttfl.fl.strategies import UpdateRejected, make_strategy
+from mqttfl.fl.strategies import RoundInfo, UpdateRejected, make_strategy, mean_delta
 from mqttfl.protocol.cloud.context import Cloud, quorum_needed
+from mqttfl.protocol.cloud.layerwise import LayerWise
 from mqttfl.protocol.cloud.rounds import CloudRound, device_costs
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.events import Ack, Emit, Log, Received, Send, SetTimer
@@ -28,6 +32,9 @@ class SyncRounds:
     def __init__(self, cloud: Cloud, saved: dict[str, Any] | None) -> None:
         self.cloud = cloud
         self.strategy = make_strategy(cloud.settings.strategy_name, cloud.settings.params)
+        self.strategy.buffers = frozenset(k for k, s in cloud.schema.specs().items() if not s.trainable)
+        phi = cloud.settings.fedlama_phi
+        self.lama = LayerWise(cloud.schema, phi, cloud.settings.fedlama_warmup) if phi else None
         self.completed = 0  # rounds completed
         self.attempt = 0
         self.failures = 0  # quorum misses of the current round
@@ -39,10 +46,13 @@ class SyncRounds:
             self.failures = int(saved.get("failures", 0))
             if saved.get("strategy"):
                 self.strategy.load_state_dict(saved["strategy"])
+            if self.lama is not None and saved.get("fedlama"):
+                self.lama.load_state_dict(saved["fedlama"])
 
     def state_dict(self, now: float) -> dict[str, Any]:
         return {"round": self.completed, "attempt": self.attempt, "failures": self.failures,
-                "strategy": self.strategy.state_dict()}
+                "strategy": self.strategy.state_dict(),
+                "fedlama": self.lama.state_dict() if self.lama is not None else None}
 
     def status(self) -> dict[str, Any]:
         return {"mode": "sync", "strategy": self.strategy.name, "attempt": self.attempt}
@@ -87,7 +97,8 @@ class SyncRounds:
     def start(self, devices: dict[str, Presence], now: float) -> None:
         c = self.cloud
         s = c.settings
-        plan = c.plan(self.completed, self.attempt)
+        plan = c.plan(self.completed, self.attempt, prox_mu=self.strategy.prox_mu,
+                      preaggregate=self.strategy.preaggregate, **(self.lama.plan_fields() if self.lama else {}))
         sampled = sample_clients(devices, fraction=s.sample_fraction, size=s.sample_size, seed=s.training.seed,
                                  round=plan.round, attempt=plan.attempt)
         by_edge: dict[str, list[str]] = {}
@@ -98,7 +109,7 @@ class SyncRounds:
         # This attempt is on disk before it is announced: a cloud restarted during the round opens the next
         # attempt, never this one again (devices ignore the announcement of an attempt they finished).
         c.persist(now)
-        c.announce(plan, by_edge)
+        c.announce(plan, by_edge, partial=self.lama.partial(by_edge) if self.lama else None)
         c.do(SetTimer(("deadline", plan.key), self.current.deadline))
         c.publish_status()
         c.do(Emit("round_started", fields={"run": plan.run, "round": plan.round, "attempt": plan.attempt,
@@ -122,7 +133,12 @@ class SyncRounds:
             c.do(Ack(ev))  # these devices were already applied from an earlier report
             return
         try:
-            c.check_update(ev.src, msg, r)
+            c.check_update(ev.src, msg, r, keys=self.lama.due(r.plan.round) if self.lama is not None else None)
+            if msg.deltas and r.plan.preaggregate:
+                raise ProtocolError("bad_field", "per-device deltas in a round whose strategy pre-aggregates")
+            if not msg.deltas and not r.plan.preaggregate and msg.samples > 0:
+                # A robust rule must see every device: a mean would hide a poisoning one.
+                raise ProtocolError("bad_field", "a pre-aggregated delta in a round whose strategy needs each device's")
         except ProtocolError as e:
             c.drop(e.code, str(e), ev.src)
             c.do(Ack(ev))  # refused for good: the same bytes again would be refused again
@@ -141,8 +157,10 @@ class SyncRounds:
         if len(reports) < needed or not updates:
             self._retry(r, len(reports), needed, now)
             return
+        population = sum(1 for p in c.fleet.values() if p.role == "device")
+        info = RoundInfo(expected=len(r.expected), population=max(population, len(r.expected)))
         try:
-            new = self.strategy.aggregate(c.global_state, updates)
+            new = self.strategy.aggregate(c.global_state, updates, info)
         except UpdateRejected as e:
             c.drop("rejected", str(e))
             self._retry(r, len(reports), needed, now)
@@ -159,6 +177,12 @@ class SyncRounds:
             "bytes_down": sum(rep.bytes_down for rep in reports.values()),
             "devices": device_costs(reports, 0.0, r.edge_of()),
         }
+        if self.strategy.last_report:
+            entry["aggregation"] = dict(self.strategy.last_report)
+        if self.lama is not None:
+            entry["fedlama"] = self.lama.closed(r.plan, mean_delta(updates), r.sqnorms(),
+                                                sum(u.num_samples for u in updates),
+                                                {e for e, u in r.reports if u.reports})
         c.commit(new, entry, now)
 
     def _retry(self, r: CloudRound, reported: int, needed: int, now: float) -> None:
@@ -188,9 +212,12 @@ class SyncRounds:
             c.drop("unknown_node", f"restart at {msg.edge!r}, not an edge {ev.src} may use", ev.src)
             return
         r.move(ev.src, msg.edge)
+        enc = c.encodings_for(ev.src)
         c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan, cuts={ev.src: c.cut_for(ev.src)},
                                       samples={ev.src: r.declared.get(ev.src, c.declared(ev.src))},
-                                      state=c.global_state, schema=c.schema.describe())))
+                                      state=c.global_state, encodings={ev.src: enc} if enc else {},
+                                      schema=c.schema.describe()),
+                  encoding=r.plan.model_encoding))
         c.do(Emit("round_restarted_for_device", "warning", {"device": ev.src, "edge": msg.edge,
                                                             "round": r.plan.round, "source": msg.source}))
 
