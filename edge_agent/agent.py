@@ -21,4 +21,4 @@ def build(cfg: AgentConfig) -> Node:
     machine = EdgeMachine(cfg.node, schemas=schema_of, cloud=sec.cloud, deadline_fraction=sec.deadline_fraction,
                           id_prefix=os.urandom(4).hex(), restored=load_keyed_states(cfg.state_dir),
                           delta_encoding=sec.delta_encoding)
-    return Node(cfg, machine, TorchBackend(cfg.node), cloud=sec.cloud)
+    return Node(cfg, machine, TorchBackend(cfg.node, slowdown=sec.slowdown, block_ms=sec.block_ms), cloud=sec.cloud)

@@ -21,6 +21,7 @@ from mqttfl.fl.aggregate import apply_delta, delta, weighted_average
 from mqttfl.ml.data import BatchOrder, Dataset
 from mqttfl.ml.models import build_model, load_model_state, model_state
 from mqttfl.ml.stage import LocalTrainer, make_optimizer
+from mqttfl.protocol.cloud.roles import ROLE_KEYS
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.plan import Training, data_seed, round_lr
 from mqttfl.tools.testbed import FleetSpec, make_shards
@@ -47,7 +48,8 @@ def train_like_device(global_state: Mapping[str, np.ndarray], spec: FleetSpec, s
 
 def training_of(spec: FleetSpec) -> tuple[Training, int]:
     """The run's training settings as the cloud reads them from the spec, and the schedule's horizon."""
-    s = CloudSettings.from_section({"model": spec.model, "input_shape": list(spec.input_shape), **spec.cloud})
+    s = CloudSettings.from_section({"model": spec.model, "input_shape": list(spec.input_shape),
+                                    **{k: v for k, v in spec.cloud.items() if k not in ROLE_KEYS}})
     return s.training, s.rounds if s.mode == "sync" else s.max_versions
 
 

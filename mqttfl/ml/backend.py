@@ -5,7 +5,10 @@ One :class:`TorchBackend` per node holds that node's stage sessions (a device's 
 edge-side copy at an edge), its local data source (devices) and test data (the cloud). Emulated board speed
 for benchmarks and tests sharing one small machine (docs/operations.md, "Emulated devices"): ``slowdown``
 stretches every compute job by that factor (sleeping the extra time), ``step_delay_s`` adds a fixed board
-compute time per mini-batch.
+compute time per mini-batch, and ``block_ms`` makes every block of the model cost that many milliseconds per
+full mini-batch forward (twice that backward, pro rata for a micro-batch, times ``slowdown``), slept rather
+than computed: pipeline stages on processes that share two cores then run at the speeds configured, not at
+whatever the shared CPU gives them.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ class _Session:
 
 class TorchBackend:
     def __init__(self, node: str, *, data: DataSource | None = None, test: DataSource | None = None,
-                 slowdown: float = 1.0, step_delay_s: float = 0.0) -> None:
+                 slowdown: float = 1.0, step_delay_s: float = 0.0, block_ms: float = 0.0, sleep: bool = True) -> None:
         self.node = node
         self.data = data
         self.test = test
         self.slowdown = slowdown
         self.step_delay_s = step_delay_s
+        self.block_ms = block_ms
+        self.sleep = sleep  # False on virtual time (the in-memory fleet charges the emulated cost to its clock)
         self.sessions: dict[str, _Session] = {}
         self._eval_models: dict[Any, torch.nn.Sequential] = {}
 
@@ -68,6 +73,14 @@ class TorchBackend:
     def _board_step(self) -> None:
         if self.step_delay_s > 0:
             time.sleep(self.step_delay_s * self.slowdown)
+
+    def _block_s(self, plan: Plan, rows: int, passes: int) -> float:
+        """Emulated seconds of one block: ``passes`` 1 forward, 2 backward, 3 both, for ``rows`` samples."""
+        return self.block_ms / 1000.0 * passes * rows / max(plan.batch_size, 1) * self.slowdown
+
+    def _emulate(self, s: _Session, rows: int, passes: int) -> None:
+        if self.block_ms > 0 and self.sleep:
+            time.sleep(self._block_s(s.plan, rows, passes) * (s.stage.part.stop - s.stage.part.start))
 
     # ------------------------------------------------------------------ jobs
     def _session(self, job: jobs.Job) -> _Session:
@@ -109,16 +122,19 @@ class TorchBackend:
         else:
             x, y = _tensor(job.x), _tensor(job.y)
         out = self._timed(s.stage.forward, (job.step, job.micro), x)
+        self._emulate(s, len(x), 1)
         return jobs.Smashed(out.numpy(), y.numpy())
 
     def _backward(self, job: jobs.Backward) -> np.ndarray | None:
         s = self._session(job)
         g = self._timed(s.stage.backward, (job.step, job.micro), _tensor(job.grad))
+        self._emulate(s, len(job.grad), 2)
         return None if g is None else g.detach().contiguous().numpy()
 
     def _loss(self, job: jobs.Loss) -> jobs.LossResult:
         s = self._session(job)
-        grad, res = s.stage.loss(_tensor(job.x), _tensor(job.y), job.batch_size)
+        grad, res = self._timed(s.stage.loss, _tensor(job.x), _tensor(job.y), job.batch_size)
+        self._emulate(s, len(job.x), 3)
         return jobs.LossResult(grad.detach().contiguous().numpy(), res.loss_sum, res.correct, res.n)
 
     def _step(self, job: jobs.Step) -> None:
@@ -132,8 +148,32 @@ class TorchBackend:
         x, y = self._batch(s, job.step)
         trainer = LocalTrainer(s.stage.part.module, s.stage.optimizer, s.plan, s.stage.proximal)
         res = self._timed(trainer.train_batch, x, y, min(job.n_micro, len(x)))
+        self._emulate(s, len(x), 3)
         self._board_step()
         return jobs.BatchStats(res.loss_sum, res.correct, res.n)
+
+    def _profile(self, job: jobs.Profile) -> tuple[float, ...]:
+        """Each block's forward and backward over ``rows`` samples, timed here (the best of three, stretched by
+        ``slowdown``), plus its emulated cost."""
+        plan = job.plan
+        # Seeded and with its own generator: profiling must not move the torch RNG that training draws from.
+        model = build_model(plan.model, num_classes=plan.num_classes, input_shape=plan.input_shape, seed=0)
+        model.train()
+        x = torch.randn(job.rows, *plan.input_shape, generator=torch.Generator().manual_seed(0))
+        out: list[float] = []
+        for block in model:
+            best = float("inf")
+            for _ in range(3):
+                inp = x.detach().requires_grad_(True)
+                t = time.perf_counter()
+                y = block(inp)
+                y.float().sum().backward()
+                best = min(best, time.perf_counter() - t)
+            x = y.detach()
+            # On virtual time only the emulated cost is charged, so it is the whole profile there.
+            real = best * self.slowdown if self.sleep or self.block_ms <= 0 else 0.0
+            out.append(real + self._block_s(plan, job.rows, 3))
+        return tuple(out)
 
     def _snapshot(self, job: jobs.Snapshot) -> jobs.StageSnapshot:
         s = self._session(job)

@@ -97,10 +97,21 @@ def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
+def _chain(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    # Twelve blocks of equal width: a model with enough equal blocks that 2, 3, 4 or 6 pipeline stages get equal
+    # shares (the pipeline benchmark and tests; docs/design.md, "Pipeline").
+    width = 64
+    blocks: list[nn.Module] = [nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU())]
+    blocks += [nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(10)]
+    blocks.append(nn.Sequential(nn.Linear(width, num_classes)))
+    return nn.Sequential(*blocks)
+
+
 MODELS: dict[str, ModelSpec] = {
     "vgg5": ModelSpec(_vgg5, (3, 32, 32), default_cut=2),
     "cnn": ModelSpec(_cnn, (1, 28, 28), default_cut=1),
     "mlp": ModelSpec(_mlp, (64,), default_cut=2),
+    "chain12": ModelSpec(_chain, (64,), default_cut=6),
 }
 ENTRY_POINTS = "mqttfl.models"  # a package may register models under this entry-point group
 

@@ -35,6 +35,9 @@ A move (FedFly) happens at a mini-batch boundary, when no gradient is in flight:
       dest:   refused ............ abort, continue at the source
       timer:  heard the source ... abort, continue at the source; else restart at dest
 
+A round whose ``TrainRound`` names helpers is pipelined (Eco-FL): the device plans its stages, lays them out
+on its helpers and its edge, and steers them (``mqttfl.protocol.chain``; docs/design.md, "Pipeline").
+
 Every effect is returned, never performed: the runtime sends, times and trains (``mqttfl.runtime.node``).
 """
 
@@ -49,11 +52,13 @@ import numpy as np
 
 from mqttfl.fl.aggregate import delta
 from mqttfl.protocol import stage
+from mqttfl.protocol.chain import PIPE_TIMER, Pipeline, PipelineCoordinator
 from mqttfl.protocol.control import arg, check_id
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.events import (
     Command,
     CommandError,
+    Count,
     Drop,
     Effect,
     Emit,
@@ -94,12 +99,15 @@ from mqttfl.protocol.messages import (
     Report,
     Restart,
     Resume,
+    StageProfile,
+    StageReady,
+    StageState,
     TrainRound,
     Transfer,
 )
 from mqttfl.protocol.plan import LabelFormat, Plan, batches_per_epoch, check_encodings, reconnect_within, round_steps
 from mqttfl.protocol.resume import DeviceSnapshot, Snapshots
-from mqttfl.protocol.schedule import Action, one_f_one_b
+from mqttfl.protocol.schedule import Action, actions
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch
 from mqttfl.protocol.status import NodeState
 from mqttfl.wire.compress import TopK
@@ -164,9 +172,10 @@ class DeviceRound:
     start: State = field(default_factory=dict)  # the weights the stage opens with (base, or FedLAMA's mix)
     encodings: dict[str, str] = field(default_factory=dict)
     weights: State = field(default_factory=dict)  # at the end of the round
+    pipe: Pipeline | None = None  # a pipelined round: its stages across the device's helpers
 
 
-class DeviceMachine:
+class DeviceMachine(PipelineCoordinator):
     """See the module docstring. ``n_samples`` is the size of the local shard (the data stays in the runtime)."""
 
     def __init__(self, node: str, *, edge: str, n_samples: int, schemas: SchemaSource, cloud: str = "cloud",
@@ -213,6 +222,8 @@ class DeviceMachine:
         self.topk: TopK | None = None
         self.topk_run = ""
         self.lama: LamaMemory | None = None
+        self.profiles: dict[tuple[str, str, int], tuple[float, ...]] = {}  # pipelines: (run, stage, rows) -> s/block
+        self.stage_memory: dict[str, int] = {}
         if restored:
             self._restore(restored)
 
@@ -243,7 +254,13 @@ class DeviceMachine:
         return status
 
     def metrics(self) -> dict[str, Any]:
-        return {"rounds_done": self.rounds_done}
+        out: dict[str, Any] = {"rounds_done": self.rounds_done}
+        p = self.round.pipe if self.round is not None else None
+        if p is not None and p.layout is not None:
+            out["pipeline"] = {"chain": list(p.layout.nodes), "blocks": list(p.layout.bounds), "epoch": p.epoch,
+                               "stage_ms": [round(t * 1000, 3) for t in (p.own_s, *p.measured)],
+                               "stash": [p.peak_stash, *p.stash], "rebalances": p.rebalances}
+        return out
 
     @property
     def commands(self) -> tuple[str, ...]:
@@ -299,6 +316,8 @@ class DeviceMachine:
             self._on_ckpt(ev, msg, now)
         elif isinstance(msg, EvaluateModel):
             self._on_evaluate(ev, msg)
+        elif isinstance(msg, (StageReady, StageState, StageProfile)):
+            self._pipe_on_message(ev.src, msg, now)
         else:
             self._do(Drop("unexpected", f"{msg.kind}/{msg.op} is not for a device", ev.src))
 
@@ -321,7 +340,9 @@ class DeviceMachine:
         try:
             if not 1 <= msg.cut <= schema.n_blocks:
                 raise ProtocolError("bad_plan", f"cut {msg.cut} outside 1..{schema.n_blocks}")
-            specs = schema.specs(0, msg.cut)
+            if msg.helpers and (msg.partial or msg.cut == schema.n_blocks or self.node in msg.helpers):
+                raise ProtocolError("bad_plan", "a pipeline needs a split round with the whole model")
+            specs = schema.specs(0, schema.n_blocks if msg.helpers else msg.cut)
             if msg.partial:
                 if not plan.fedlama:
                     raise ProtocolError("bad_plan", "a partial model outside FedLAMA")
@@ -410,7 +431,9 @@ class DeviceMachine:
             started=now, first_start=first, t_download=t_download, total=round_steps(self.n_samples, plan),
             down=Downstream(self.act_timeout_s), start=start, encodings=plan.encodings(msg.encodings))
         self.refused = None
-        if not r.local:  # a device training locally keeps no state at its edge
+        if msg.helpers:
+            r.pipe = Pipeline(tuple(msg.helpers), schema, plan, msg.cut)
+        elif not r.local:  # a device training locally keeps no state at its edge
             r.snaps = Snapshots(plan.resume_every)
             r.snaps.keep(0, DeviceSnapshot(None, 0.0, 0, 0))
         self._status(NodeState.TRAINING, round=plan.round, run=plan.run, fingerprint=schema.fingerprint, refused=None)
@@ -431,10 +454,15 @@ class DeviceMachine:
         if ev.error is not None:
             self._abort(now, f"training failed: {ev.error}")
             return
+        if self._pipe_job(ev, now):
+            return
         if isinstance(job, stage.Measure):
             if r.delta is None:
                 r.meters0 = ev.result
-                self._run(stage.Open(r.session, r.plan, 0, r.cut, r.start, data=True))
+                if r.pipe is not None:
+                    self._pipe_begin(now)
+                else:
+                    self._run(stage.Open(r.session, r.plan, 0, r.cut, r.start, data=True))
             else:
                 self._deliver(ev.result, now)
             return
@@ -443,6 +471,8 @@ class DeviceMachine:
         elif isinstance(job, stage.Backward):
             r.down.settled((job.step, job.micro))
             r.pos += 1
+            if r.pipe is not None:
+                self._pipe_backwarded((job.step, job.micro), now)
         elif isinstance(job, stage.Step):
             self._mini_batch_done(now)
             return
@@ -458,6 +488,9 @@ class DeviceMachine:
             due = r.plan.due(r.base)
             r.delta = delta({k: ev.result[k] for k in due}, {k: r.base[k] for k in due})
             self._run(stage.Measure(r.session))
+            return
+        elif isinstance(job, stage.Snapshot) and r.pipe is not None:
+            self._pipe_at_boundary(ev.result, now)
             return
         elif isinstance(job, stage.Snapshot):
             r.snaps.keep(r.step, DeviceSnapshot(ev.result, r.loss_sum, r.correct, r.seen))
@@ -476,8 +509,12 @@ class DeviceMachine:
         r = self.round
         if r is None or r.waiting is not None or r.migration is not None:
             return
+        pipe = r.pipe
+        if pipe is not None and (not pipe.running or pipe.layout is None):
+            return  # the pipeline is being laid out
         if r.step >= r.total:
-            self._run(stage.Weights(r.session))
+            if pipe is None:  # a pipeline ends at its last boundary (chain.py)
+                self._run(stage.Weights(r.session))
             return
         if not r.actions:
             r.batch_len = self._batch_len(r, r.step)
@@ -485,11 +522,17 @@ class DeviceMachine:
             if r.local:
                 self._run(stage.LocalBatch(r.session, r.step, r.n_micro))
                 return
-            r.actions, r.pos = one_f_one_b(2, r.n_micro, 0), 0
+            if pipe is not None and pipe.layout is not None:
+                r.actions = actions(pipe.layout.stages, r.n_micro, 0, r.plan.pipeline_schedule)
+            else:
+                r.actions = actions(2, r.n_micro, 0)
+            r.pos = 0
         if r.pos >= len(r.actions):
             self._run(stage.Step(r.session))
             return
         action = r.actions[r.pos]
+        if pipe is not None:
+            pipe.asked_at = now  # our compute per micro-batch is what the jobs below take
         if action.op == "F":
             self._run(stage.Forward(r.session, r.step, action.micro, r.n_micro))
             return
@@ -506,17 +549,29 @@ class DeviceMachine:
         assert r is not None
         act = Activations(run=r.plan.run, round=r.plan.round, step=job.step, micro=job.micro, n_micro=job.n_micro,
                           batch_size=r.batch_len, attempt=r.plan.attempt, x=res.x, y=res.y,
-                          grad_encoding=r.encodings["grad"])
+                          grad_encoding=r.encodings["grad"], epoch=r.pipe.epoch if r.pipe else 0)
         r.down.sent(act, now)
-        self._send(self.edge, act, encoding=r.encodings["act"])
+        if r.pipe is not None:
+            self._pipe_forwarded((job.step, job.micro), now)
+        self._send(self._downstream(r), act, encoding=r.encodings["act"])
         self._do(SetTimer(ACT_TIMER, r.down.due))
         r.pos += 1
+
+    def _downstream(self, r: DeviceRound) -> str:
+        """Where our activations go: the edge, or a pipeline's first helper."""
+        return r.pipe.layout.first if r.pipe is not None and r.pipe.layout is not None else self.edge
 
     def _mini_batch_done(self, now: float) -> None:
         r = self.round
         assert r is not None
         r.step += 1
         r.actions = []
+        if r.pipe is not None:
+            # Our state at every boundary: with the helpers' (they send theirs at each flush) it is the whole
+            # pipeline's, from which the device lays it out again (docs/design.md, "Pipeline").
+            r.then_boundary = True
+            self._run(stage.Snapshot(r.session))
+            return
         if r.snaps.wanted(r.step) and r.step < r.total:
             # The edge saves its side of this boundary: keep ours until it holds a later one (edge resume).
             r.then_boundary = True
@@ -537,8 +592,14 @@ class DeviceMachine:
     # ------------------------------------------------------------------ gradients and re-sends
     def _on_grad(self, ev: Received, msg: Gradients, now: float) -> None:
         r = self.round
-        if r is None or ev.src != self.edge or msg.run != r.plan.run or msg.round != r.plan.round:
+        if r is None or ev.src != self._downstream(r) or msg.run != r.plan.run or msg.round != r.plan.round:
+            if r is not None and r.pipe is not None and msg.run == r.plan.run and msg.round == r.plan.round:
+                self._do(Count("stage_stale_epoch"))  # from a stage of a layout that is gone
+                return
             self._do(Drop("wrong_round", f"grad from {ev.src} for {msg.run}/{msg.round}", ev.src))
+            return
+        if r.pipe is not None and not self._pipe_grad(ev.src, msg):
+            self._do(Count("stage_stale_epoch"))
             return
         try:
             if not r.down.accept(msg):
@@ -556,14 +617,18 @@ class DeviceMachine:
         r = self.round
         assert r is not None
         acts = r.down.resend(now)
-        self._do(Log("info", "re-sending outstanding activations", {"n": len(acts), "edge": self.edge}))
+        to = self._downstream(r)
+        self._do(Log("info", "re-sending outstanding activations", {"n": len(acts), "to": to}))
         for act in acts:
-            self._send(self.edge, act, encoding=r.encodings["act"])
+            self._send(to, act, encoding=r.encodings["act"])
         self._do(SetTimer(ACT_TIMER, r.down.due))
 
     def _on_timer(self, ev: TimerFired, now: float) -> None:
         r = self.round
         if r is None:
+            return
+        if ev.key == PIPE_TIMER and r.pipe is not None:
+            self._pipe_timer(now)
             return
         if ev.key == MIGRATE_TIMER and r.migration is not None:
             if now >= r.migration.started + self.migrate_timeout_s:  # a moved deadline re-arms the timer
@@ -603,7 +668,7 @@ class DeviceMachine:
             t_total=now - r.first_start, bytes_up=meters.tx_bytes - r.meters0.tx_bytes,
             # Since the end of the previous round, so the model message that opened this one counts.
             bytes_down=meters.rx_bytes - self.rx_mark, peak_rss_mb=round(meters.peak_rss_mb, 1),
-            resends=r.down.resends)
+            resends=r.down.resends, stages=r.pipe.layout.stages if r.pipe and r.pipe.layout else 0)
         if r.plan.fedlama and self.lama is not None:
             ends = self.lama.ends
             ends[r.plan.round] = r.weights
@@ -639,7 +704,8 @@ class DeviceMachine:
         if msg.session == EdgeSession.CLOSED:
             self._abort(now, f"{self.edge} already closed round {r.plan.round}")
             return
-        if msg.session == EdgeSession.RESTORED and msg.step == r.step + 1 and r.down.outstanding:
+        if msg.session == EdgeSession.RESTORED and msg.step == r.step + 1 and r.down.outstanding \
+                and r.pipe is None:
             # The edge saved the end of the mini-batch we are finishing, with the gradients it sent for it:
             # our re-sent activations are answered from them, and we reach its boundary without going back.
             self._do(Emit("round_resumed", fields={"device": self.node, "edge": self.edge, "round": r.plan.round,
@@ -690,6 +756,8 @@ class DeviceMachine:
     def _end_round(self, now: float) -> None:
         r = self.round
         assert r is not None
+        if r.pipe is not None:
+            self._pipe_close()
         self._do(Run(stage.Close(r.session)), ReconnectWithin(None))
         self.round = None
         if self.pending_move is not None:
@@ -754,6 +822,9 @@ class DeviceMachine:
         self.migrations = (self.migrations + [record])[-50:]
         self._status(NodeState.TRAINING)
         self._do(Emit("migration_done", fields=record), Log("info", "migrated", record))
+        if r.pipe is not None:
+            self._pipe_moved(now)  # the last helper now sends to the new edge
+            return
         if r.snaps.every > 0 and r.step not in r.snaps.kept:
             # The destination saved the session as it installed it: keep our side of this boundary too.
             r.then_boundary = False
@@ -829,9 +900,12 @@ class DeviceMachine:
     # ------------------------------------------------------------------ commands
     def _on_command(self, ev: Command, now: float) -> None:
         try:
-            if ev.cmd == "train_stats":
+            result: Any
+            if ev.cmd == "chain":
+                result = self._cmd_chain(ev.args, now)
+            elif ev.cmd == "train_stats":
                 r = self.round
-                result: Any = {"rounds_done": self.rounds_done, "step": r.step if r else 0,
+                result = {"rounds_done": self.rounds_done, "step": r.step if r else 0,
                                "resends": r.down.resends if r else 0, "edge": self.edge,
                                "migrations": self.migrations[-10:]}
             elif ev.cmd == "move":
@@ -849,6 +923,19 @@ class DeviceMachine:
             self._do(Reply(ev, False, error=str(e), code=e.code))
             return
         self._do(Reply(ev, True, result))
+
+    def _cmd_chain(self, args: dict[str, Any], now: float) -> dict[str, Any]:
+        """The helpers of my pipeline online now (from the cloud, which sees them come and go, or an
+        operator): a lost one is dropped at once, a new one joins at the next flush; idle, the next round's
+        announcement says."""
+        helpers = arg(args, "helpers", list, check=lambda v: len(v) <= 62 and all(isinstance(h, str) for h in v))
+        checked = tuple(check_id(h, "helper") for h in helpers)
+        if self.node in checked or len(set(checked)) != len(checked):
+            raise CommandError("helpers must be other nodes, each once", "bad_request")
+        r = self.round
+        if r is None or r.pipe is None:
+            return {"helpers": list(checked), "when": "next round"}
+        return self._pipe_chain(checked, now)
 
     def _cmd_move(self, args: dict[str, Any], now: float) -> dict[str, Any]:
         """Move to another edge (FedFly). Idle: switch at once. Training: at the next mini-batch boundary,
@@ -875,4 +962,4 @@ class DeviceMachine:
         return {"edge": edge, "moved": False, "when": when, "path": str(path)}
 
 
-COMMANDS = ("move", "set_edge", "train_stats")
+COMMANDS = ("move", "set_edge", "train_stats", "chain")

@@ -26,6 +26,15 @@ cloud's fingerprint, naming the first differing tensor on ``event`` and in its s
 edge's devices out of the run. Federated evaluation: an ``OpenEval`` is passed on to each named device with
 the whole global model; the devices report to the cloud themselves.
 
+A device may pipeline its blocks across helpers (Eco-FL; docs/design.md, "Pipeline"): the round's announcement
+names its helpers, the device gets the whole model and plans the stages, and this edge is the last stage. The
+device's ``ChainSet`` says which node sends its activations (its last helper, or itself) under which layout
+epoch, and at boundary 0 where the edge's blocks start; activations from anyone else, or of another epoch, are
+dropped. When the device redoes a mini-batch on a new layout (a helper vanished), the micro-batches this edge
+already answered are answered again from its cache, trained once. Gradients sent up carry what the edge
+measured (its compute per micro-batch, its inbound link) for the device's planner. Pipelined sessions are not
+saved for edge resume: after a restart the device rejoins the round.
+
 Migration, at this edge as source: ``freeze`` snapshots the session at a mini-batch boundary and sends the
 checkpoint to the destination (``direct``) or the device (``relay``); ``release`` forgets it, ``abort``
 unfreezes it. As destination: ``expect`` names the only source whose checkpoint is accepted for that move
@@ -71,6 +80,7 @@ from mqttfl.protocol.links import Upstream
 from mqttfl.protocol.messages import (
     Abort,
     Activations,
+    ChainSet,
     DeviceUpdate,
     EdgeSession,
     EdgeUpdate,
@@ -84,12 +94,15 @@ from mqttfl.protocol.messages import (
     Nothing,
     OpenEval,
     OpenRound,
+    ProfileAsk,
     Ready,
     Refused,
     Release,
     Report,
     Resume,
     RoundTag,
+    StageProfile,
+    StageReady,
     TrainRound,
     Transfer,
 )
@@ -141,6 +154,17 @@ class Session:
     refused: str | None = None  # why the device's delta was refused (it counts as missing)
     saved: int = 0  # the mini-batch boundary this session is saved at (edge resume)
     restored: bool = False  # read back after a restart: the device has yet to come back to ``up.expected``
+    # A pipelined device (docs/design.md, "Pipeline"): its helpers in the round's announcement, the node its
+    # ChainSet names as the one sending activations here, the layout epoch, and what this stage measured.
+    helpers: tuple[str, ...] = ()
+    upstream: str = ""
+    epoch: int = 0
+    ema_s: float = 0.0
+    link_bps: float = 0.0
+
+    @property
+    def pipelined(self) -> bool:
+        return bool(self.helpers or self.upstream)
 
     @property
     def over(self) -> bool:
@@ -246,7 +270,7 @@ class EdgeMachine:
         msg = ev.msg
         handlers: dict[type, Callable[[Received, Any, float], None]] = {
             OpenRound: self._on_open_round, OpenEval: self._on_open_eval, Activations: self._on_act,
-            DeviceUpdate: self._on_device_update,
+            DeviceUpdate: self._on_device_update, ChainSet: self._on_chain, ProfileAsk: self._on_profile_ask,
             Freeze: self._on_freeze, Transfer: self._on_transfer, Expect: self._on_expect,
             Release: self._on_release, Leave: self._on_leave, Abort: self._on_abort,
         }
@@ -358,14 +382,18 @@ class EdgeMachine:
             local = self._lama_local(plan, device, cut)
             r.sessions[device] = s = self._open_session(plan, device, cut, r.global_state, schema,
                                                         None if local is None else {**local, **given})
+            # A pipeline needs the whole model at the device (it plans every stage's blocks) and plain rounds.
+            chain = msg.chains.get(device, ()) if s.sid is not None and not plan.fedlama and not plan.prox_mu else ()
+            s.helpers = tuple(chain)
             self._save(r, s)  # boundary 0: a restart right away resumes from the round's start
-            keys = schema.keys(0, cut)
+            keys = schema.keys(0, schema.n_blocks if chain else cut)
             if local is not None:
                 keys = [k for k in keys if k in given]  # the device keeps the rest from last round
             enc = plan.encodings(msg.encodings.get(device))
             self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
                                              state={k: r.global_state[k] for k in keys}, schema=msg.schema,
-                                             encodings=enc, partial=local is not None), encoding=enc["model"]))
+                                             encodings=enc, partial=local is not None, helpers=s.helpers),
+                          encoding=enc["model"]))
         self._set_status()
         if not devices:
             self._finish_round(r, now)
@@ -422,10 +450,18 @@ class EdgeMachine:
 
     # ------------------------------------------------------------------ split training
     def _on_act(self, ev: Received, msg: Activations, now: float) -> None:
-        r, s = self.session_of(ev.src)
+        client = msg.client or ev.src
+        r, s = self.session_of(client)
         if r is None or s is None:
-            self._no_session(ev.src, (msg.run, msg.round, msg.attempt))
+            self._no_session(client, (msg.run, msg.round, msg.attempt))
             self._drop("unknown_sender", f"act from {ev.src}, not in a round here", ev.src)
+            return
+        if ev.src != (s.upstream or client):
+            self._drop("unknown_sender", f"act for {client} from {ev.src}; its activations come from "
+                                         f"{s.upstream or client}", ev.src)
+            return
+        if s.pipelined and msg.epoch != s.epoch:
+            self._do(Count("stage_stale_epoch"))  # sent under a pipeline layout that is gone
             return
         if msg.run != r.plan.run or msg.round != r.plan.round or msg.attempt != r.plan.attempt:
             self._drop("wrong_round", f"act for {msg.run}/{msg.round}, round is {r.plan.round}", ev.src)
@@ -438,7 +474,10 @@ class EdgeMachine:
             return
         cached = s.up.answered(msg)
         if cached is not None:
-            # Exactly-once: the device re-sent an act we processed (its link dropped); answer from cache.
+            # Exactly-once: the device re-sent an act we processed (its link dropped, or it redoes the mini-batch
+            # on a new pipeline layout); answer from cache.
+            if s.pipelined:
+                cached = replace(cached, epoch=s.epoch)
             self._do(Send(ev.src, cached, encoding=msg.grad_encoding), Count("grad_resent"))
             return
         if s.restored:
@@ -454,20 +493,65 @@ class EdgeMachine:
         except ProtocolError as e:
             self._drop(e.code, f"{e} (from {ev.src})", ev.src)
             return
+        if s.pipelined and ev.transit_s > 0:
+            s.link_bps = max(s.link_bps * 0.95, msg.x.nbytes / ev.transit_s)  # the fastest lately (helper.link_speed)
         job = stage.Loss(s.sid, msg.step, msg.micro, msg.x, msg.y, msg.batch_size)
-        self._run(job, "grad", (s, ev.src, msg.grad_encoding))
+        self._run(job, "grad", (s, ev.src, msg.grad_encoding, now))
         if flush:
             # One optimizer step per device mini-batch, like the device; then, every resume_every, save it.
             self._run(stage.Step(s.sid), "step", s)
             s.steps += 1
 
-    def _grad_ready(self, s: Session, device: str, job: stage.Loss, res: stage.LossResult, encoding: str) -> None:
+    def _grad_ready(self, s: Session, device: str, job: stage.Loss, res: stage.LossResult, encoding: str,
+                    took: float) -> None:
         g = Gradients(run=s.plan.run, round=s.plan.round, step=job.step, micro=job.micro, loss_sum=res.loss_sum,
                       correct=res.correct, g=res.grad, saved=s.saved)
+        if s.pipelined:
+            s.ema_s = took if not s.ema_s else (s.ema_s + took) / 2
+            g = replace(g, client=s.device, epoch=s.epoch, stage_s=(s.ema_s,), stash=(1,), link_bps=(s.link_bps,))
         self._do(Send(device, g, encoding=encoding))
         s.up.remember(g)
         s.loss_sum += res.loss_sum
         s.seen += res.n
+
+    # ------------------------------------------------------------------ pipelines (docs/design.md, "Pipeline")
+    def _on_chain(self, ev: Received, msg: ChainSet, now: float) -> None:
+        """The device says who sends its activations from now on (layout ``epoch``); at boundary 0 the edge's
+        blocks may start at another cut (re-opened from the round's global model: nothing trained yet)."""
+        r, s = self.session_of(ev.src)
+        if r is None or s is None or s.sid is None or msg.run != r.plan.run or msg.round != r.plan.round \
+                or msg.attempt != r.plan.attempt:
+            self._drop("wrong_round", f"chain from {ev.src} for round {msg.round}", ev.src)
+            return
+        if msg.epoch <= s.epoch:
+            if msg.epoch == s.epoch:
+                self._reply(ev.src, StageReady(run=msg.run, round=msg.round, epoch=msg.epoch))  # a repeat
+            return
+        if msg.cut != s.cut:
+            schema = self.schemas(r.plan.model_ref)
+            if s.steps or s.up.expected != (0, 0) or msg.step != 0 or not 1 <= msg.cut < schema.n_blocks:
+                self._reply(ev.src, StageReady(run=msg.run, round=msg.round, epoch=msg.epoch, ok=False,
+                                               reason=f"the edge's blocks start at {s.cut} once training began"))
+                return
+            self._close(s)
+            s.sid, s.cut = self._new_sid(ev.src), msg.cut
+            s.base = {k: r.global_state[k] for k in schema.keys(msg.cut)}
+            s.activation = schema.activation(msg.cut)
+            r.devices[ev.src] = msg.cut
+            self._run(stage.Open(s.sid, r.plan, msg.cut, schema.n_blocks, s.base))
+        s.upstream, s.epoch = msg.upstream, msg.epoch
+        self._reply(ev.src, StageReady(run=msg.run, round=msg.round, epoch=msg.epoch))
+        self._do(Log("info", "pipeline layout", {"device": ev.src, "epoch": msg.epoch, "upstream": msg.upstream,
+                                                 "cut": s.cut, "step": msg.step}))
+
+    def _on_profile_ask(self, ev: Received, msg: ProfileAsk, now: float) -> None:
+        r, s = self.session_of(ev.src)
+        if r is None or s is None or msg.plan.model_ref != r.plan.model_ref or msg.rows > r.plan.batch_size:
+            self._drop("unexpected", f"profile asked by {ev.src}, not in a round here", ev.src)
+            return
+        self._ids += 1
+        self._run(stage.Profile(f"profile/{self._id_prefix}.{self._ids}", msg.plan, msg.rows), "profile",
+                  (ev.src, msg))
 
     # ------------------------------------------------------------------ round end
     def _on_device_update(self, ev: Received, msg: DeviceUpdate, now: float) -> None:
@@ -603,9 +687,12 @@ class EdgeMachine:
             self._do(Emit("stage_failed", "error", {"job": type(ev.job).__name__, "error": ev.error[:300]}))
             return
         if what == "grad":
-            s, device, encoding = ctx
+            s, device, encoding, asked = ctx
             if s.sid is not None and s.frozen is None and isinstance(ev.job, stage.Loss):
-                self._grad_ready(s, device, ev.job, ev.result, encoding)
+                self._grad_ready(s, device, ev.job, ev.result, encoding, max(0.0, now - asked))
+        elif what == "profile":
+            device, ask = ctx
+            self._do(Send(device, StageProfile(run=ask.run, round=ask.round, rows=ask.rows, block_s=tuple(ev.result))))
         elif what == "weights":
             session: Session = ctx
             r, current = self.session_of(session.device)
@@ -766,7 +853,7 @@ class EdgeMachine:
     def _save(self, r: EdgeRound, s: Session, snap: stage.StageSnapshot | None = None) -> None:
         """Write the session at its current boundary (``snap``: the stage's state there; None: the session has
         not stepped since it opened, or holds no stage)."""
-        if r.plan.resume_every <= 0 or r.sent:
+        if r.plan.resume_every <= 0 or r.sent or s.pipelined:
             return
         if snap is None and s.sid is not None and s.steps > 0 and s.delta is None:
             return  # its weights moved on since the last save; the next boundary saves them

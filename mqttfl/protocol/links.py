@@ -96,7 +96,8 @@ class Upstream:
 
     def remember(self, g: Gradients) -> None:
         self.cache[g.key] = g
-        while len(self.cache) > GRAD_CACHE:
+        # At least a whole mini-batch: a pipelined device that redoes one on a new layout re-sends all of it.
+        while len(self.cache) > max(GRAD_CACHE, self.n_micro):
             self.cache.popitem(last=False)
 
     @property

@@ -137,6 +137,29 @@ def keys_field(body: Mapping[str, Any], tensors: Mapping[str, Any]) -> tuple[str
     return tuple(keys)
 
 
+MAX_STAGES = 64
+
+
+MAX_BLOCKS = 4096
+
+
+def numbers_field(body: Mapping[str, Any], name: str, max_len: int = MAX_STAGES) -> tuple[float, ...]:
+    """A short list of finite numbers >= 0 (per pipeline stage, or per block); empty when absent."""
+    v = body.get(name, [])
+    if not isinstance(v, list) or len(v) > max_len or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in v):
+        raise ProtocolError("bad_field", f"field {name!r} must be a list of at most {max_len} numbers >= 0")
+    return tuple(float(x) for x in v)
+
+
+def ids_field(body: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """A short list of node ids; empty when absent."""
+    v = body.get(name, [])
+    if not isinstance(v, list) or len(v) > MAX_STAGES:
+        raise ProtocolError("bad_field", f"field {name!r} must be a list of at most {MAX_STAGES} node ids")
+    return tuple(id_field({"n": n}, "n") for n in v)
+
+
 def tensor(tensors: Mapping[str, Any], name: str) -> np.ndarray:
     v = tensors.get(name)
     if not isinstance(v, np.ndarray):
@@ -207,10 +230,12 @@ class OpenRound(Message):
     samples: dict[str, int] = field(default_factory=dict)  # what each device declared when it joined
     encodings: dict[str, dict[str, str]] = field(default_factory=dict)  # a device's own tensor encodings
     partial: bool = False  # FedLAMA: only the layers aggregated last round; the edge keeps the rest
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a pipelined device's helpers online now
 
     def body(self) -> dict[str, Any]:
         devices = {d: {"cut": c, **({"samples": self.samples[d]} if d in self.samples else {}),
-                       **({"enc": self.encodings[d]} if self.encodings.get(d) else {})}
+                       **({"enc": self.encodings[d]} if self.encodings.get(d) else {}),
+                       **({"chain": list(self.chains[d])} if self.chains.get(d) else {})}
                    for d, c in self.cuts.items()}
         return {"plan": self.plan.to_body(), "devices": devices, "tag": self.tag.to_body() if self.tag else None,
                 "schema": _rows(self.schema), **({"partial": True, "keys": list(self.state)} if self.partial else {})}
@@ -224,11 +249,13 @@ class OpenRound(Message):
         devices = _get(body, "devices")
         if not isinstance(devices, Mapping):
             raise ProtocolError("bad_field", "devices must be a map")
-        cuts, samples, encodings = {}, {}, {}
+        cuts, samples, encodings, chains = {}, {}, {}, {}
         for d, c in devices.items():
             validated = id_field({"d": d}, "d")
             entry = c if isinstance(c, Mapping) else {}
             cuts[validated] = int_field(entry, "cut", low=1)
+            if entry.get("chain"):
+                chains[validated] = ids_field(entry, "chain")
             if "samples" in entry:
                 samples[validated] = int_field(entry, "samples")
             if entry.get("enc"):
@@ -237,7 +264,7 @@ class OpenRound(Message):
         keys_field(body, tensors)
         return cls(run=run, round=round, plan=plan, cuts=cuts, state=dict(tensors), samples=samples,
                    tag=RoundTag.from_body(body.get("tag")), schema=parse_description(body.get("schema", [])),
-                   encodings=encodings, partial=partial)
+                   encodings=encodings, partial=partial, chains=chains)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,11 +280,14 @@ class TrainRound(Message):
     schema: Description = ()  # the cloud's, passed on by the edge
     encodings: dict[str, str] = field(default_factory=dict)  # this device's tensor encodings, by kind
     partial: bool = False  # FedLAMA: only the layers aggregated last round; the device keeps the rest
+    helpers: tuple[str, ...] = ()  # a pipeline: the device's helpers online now, in chain order (then the whole
+    # model comes, and ``cut`` is where the edge's blocks start)
 
     def body(self) -> dict[str, Any]:
         return {"plan": self.plan.to_body(), "cut": self.cut, "edge": self.edge, "schema": _rows(self.schema),
                 "encodings": dict(self.encodings), **({"partial": True, "keys": list(self.state)} if self.partial
-                                                      else {})}
+                                                      else {}), **({"helpers": list(self.helpers)} if self.helpers
+                                                                   else {})}
 
     def tensors(self) -> State:
         return dict(self.state)
@@ -268,7 +298,7 @@ class TrainRound(Message):
         return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")), cut=int_field(body, "cut", low=1),
                    edge=id_field(body, "edge"), state=dict(tensors), schema=parse_description(body.get("schema", [])),
                    encodings=check_encodings(body.get("encodings", {}), "encodings"),
-                   partial=body.get("partial", False) is True)
+                   partial=body.get("partial", False) is True, helpers=ids_field(body, "helpers"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,6 +316,8 @@ class Activations(Message):
     y: np.ndarray
     grad_encoding: str = "none"  # how the device wants its gradient back (it travels with every act: a moved
     # device's new edge learns it without asking anyone)
+    client: str = ""  # a pipeline: the device whose data this is, when a helper sends it on ("": the sender)
+    epoch: int = 0  # a pipeline: the stage layout it was computed under (docs/design.md, "Pipeline")
 
     @property
     def key(self) -> tuple[int, int]:
@@ -293,7 +325,8 @@ class Activations(Message):
 
     def body(self) -> dict[str, Any]:
         return {"step": self.step, "micro": self.micro, "n_micro": self.n_micro, "batch_size": self.batch_size,
-                "attempt": self.attempt, "grad_encoding": self.grad_encoding}
+                "attempt": self.attempt, "grad_encoding": self.grad_encoding,
+                **({"client": self.client} if self.client else {}), **({"epoch": self.epoch} if self.epoch else {})}
 
     def tensors(self) -> State:
         return {"x": self.x, "y": self.y}
@@ -307,7 +340,8 @@ class Activations(Message):
         genc = check_encodings({"grad": body.get("grad_encoding", "none")}, "grad_encoding").get("grad", "none")
         return cls(run=run, round=round, step=step, micro=micro, n_micro=n_micro, batch_size=batch_size,
                    attempt=int_field(body, "attempt"), x=tensor(tensors, "x"), y=tensor(tensors, "y"),
-                   grad_encoding=genc)
+                   grad_encoding=genc, client=id_field(body, "client") if body.get("client") else "",
+                   epoch=int_field(body, "epoch", 0))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,14 +356,24 @@ class Gradients(Message):
     correct: int
     g: np.ndarray
     saved: int = 0  # the edge holds this session on disk at this mini-batch boundary (edge resume)
+    # A pipeline (docs/design.md, "Pipeline"): the client device whose micro-batch this is ("": the receiver),
+    # the stage layout, and what the stages from the sender down measured (each prepends its own): seconds of
+    # compute per micro-batch (a moving average), the most micro-batches stashed, inbound bytes per second.
+    client: str = ""
+    epoch: int = 0
+    stage_s: tuple[float, ...] = ()
+    stash: tuple[int, ...] = ()
+    link_bps: tuple[float, ...] = ()
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.step, self.micro)
 
     def body(self) -> dict[str, Any]:
+        pipe = {"client": self.client, "epoch": self.epoch, "stage_s": list(self.stage_s), "stash": list(self.stash),
+                "link_bps": list(self.link_bps)} if self.epoch or self.client or self.stage_s else {}
         return {"step": self.step, "micro": self.micro, "loss_sum": self.loss_sum, "correct": self.correct,
-                "saved": self.saved}
+                "saved": self.saved, **pipe}
 
     def tensors(self) -> State:
         return {"g": self.g}
@@ -338,7 +382,10 @@ class Gradients(Message):
     def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Gradients:
         return cls(run=run, round=round, step=int_field(body, "step"), micro=int_field(body, "micro"),
                    loss_sum=float_field(body, "loss_sum"), correct=int_field(body, "correct"),
-                   g=tensor(tensors, "g"), saved=int_field(body, "saved", 0))
+                   g=tensor(tensors, "g"), saved=int_field(body, "saved", 0),
+                   client=id_field(body, "client") if body.get("client") else "", epoch=int_field(body, "epoch", 0),
+                   stage_s=numbers_field(body, "stage_s"), stash=tuple(int(v) for v in numbers_field(body, "stash")),
+                   link_bps=numbers_field(body, "link_bps"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,6 +432,7 @@ class Report:
     bytes_down: int = 0
     peak_rss_mb: float = 0.0
     resends: int = 0
+    stages: int = 0  # a pipelined device: the stages its blocks were trained on (it, its helpers, its edge)
 
     def to_body(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -727,13 +775,207 @@ class Restart(Ckpt):
                    source=id_field(body, "source"))
 
 
+
+# ------------------------------------------------------------------------------------------------ pipelines
+# A device's pipeline across its helpers (Eco-FL; docs/design.md, "Pipeline"): the device plans and steers it.
+
+OPT_PREFIX = "opt|"  # optimizer state travels as tensors "opt|<param key>|<state name>"
+
+
+def _stage_tensors(state: State, optimizer: State) -> State:
+    return {**state, **{OPT_PREFIX + k: v for k, v in optimizer.items()}}
+
+
+def _stage_state(body: Mapping[str, Any], tensors: Mapping[str, Any]) -> tuple[State, State]:
+    """(weights, optimizer state) of a stage message: ``keys`` and ``opt`` must name exactly its tensors."""
+    keys, opt = body.get("keys", []), body.get("opt", [])
+    if not (isinstance(keys, list) and isinstance(opt, list) and all(isinstance(k, str) for k in [*keys, *opt])):
+        raise ProtocolError("bad_field", "'keys' and 'opt' must be lists of tensor names")
+    names = [*keys, *(OPT_PREFIX + k for k in opt)]
+    if set(names) != set(tensors) or len(set(names)) != len(names) or any(OPT_PREFIX in k for k in keys):
+        raise ProtocolError("bad_field", "'keys' and 'opt' must list exactly the tensors of the message")
+    return {k: tensors[k] for k in keys}, {k: tensors[OPT_PREFIX + k] for k in opt}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageOpen(Message):
+    """device -> helper: train blocks ``[start, stop)`` of the device's round as stage ``index`` of ``stages``
+    from mini-batch boundary ``step``, taking activations from ``upstream`` and sending them on to
+    ``downstream``; ``state`` and ``optimizer`` are the blocks' weights and optimizer state there (no optimizer
+    state at a round's start). ``epoch`` names this layout of the pipeline; a later one replaces it."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "stage"
+    plan: Plan
+    epoch: int
+    step: int
+    index: int
+    stages: int
+    start: int
+    stop: int
+    upstream: str
+    downstream: str
+    state: State
+    optimizer: State = field(default_factory=dict)
+    schema: Description = ()
+
+    def body(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_body(), "epoch": self.epoch, "step": self.step, "index": self.index,
+                "stages": self.stages, "start": self.start, "stop": self.stop, "upstream": self.upstream,
+                "downstream": self.downstream, "schema": _rows(self.schema), "keys": list(self.state),
+                "opt": list(self.optimizer)}
+
+    def tensors(self) -> State:
+        return _stage_tensors(self.state, self.optimizer)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> StageOpen:
+        state, optimizer = _stage_state(body, tensors)
+        index, stages = int_field(body, "index", low=1), int_field(body, "stages", low=3)
+        start, stop = int_field(body, "start", low=1), int_field(body, "stop", low=1)
+        if not (index < stages - 1 and stages <= MAX_STAGES and start < stop):
+            raise ProtocolError("bad_field", f"stage {index} of {stages}, blocks [{start}, {stop})")
+        return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")), epoch=int_field(body, "epoch", low=1),
+                   step=int_field(body, "step"), index=index, stages=stages, start=start, stop=stop,
+                   upstream=id_field(body, "upstream"), downstream=id_field(body, "downstream"), state=state,
+                   optimizer=optimizer, schema=parse_description(body.get("schema", [])))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChainSet(Message):
+    """device -> its edge: from mini-batch boundary ``step`` the device's activations reach the edge from
+    ``upstream`` (its last helper, or the device itself) under layout ``epoch``; at boundary 0 the edge's
+    blocks may start at another ``cut``."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "chain"
+    attempt: int
+    epoch: int
+    step: int
+    cut: int
+    upstream: str
+
+    def body(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "epoch": self.epoch, "step": self.step, "cut": self.cut,
+                "upstream": self.upstream}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> ChainSet:
+        return cls(run=run, round=round, attempt=int_field(body, "attempt"), epoch=int_field(body, "epoch", low=1),
+                   step=int_field(body, "step"), cut=int_field(body, "cut", low=1),
+                   upstream=id_field(body, "upstream"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageReady(Message):
+    """helper or edge -> device: layout ``epoch`` is in place here (or refused, with the reason)."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "staged"
+    epoch: int
+    ok: bool = True
+    reason: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "ok": self.ok, "reason": self.reason[:300]}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> StageReady:
+        ok = body.get("ok", True)
+        if not isinstance(ok, bool):
+            raise ProtocolError("bad_field", "field 'ok' must be a boolean")
+        return cls(run=run, round=round, epoch=int_field(body, "epoch"), ok=ok,
+                   reason=str_field(body, "reason", "", max_len=300))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageClose(Message):
+    """device -> helper: forget my stage (the round is over, or the helper left the pipeline)."""
+
+    kind: ClassVar[str] = "model"
+    op: ClassVar[str] = "unstage"
+    epoch: int
+
+    def body(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> StageClose:
+        return cls(run=run, round=round, epoch=int_field(body, "epoch"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageState(Message):
+    """helper -> device: its blocks' weights and optimizer state at mini-batch boundary ``step`` (after the
+    flush, before the mini-batch's last gradient goes upstream), so the device always holds every stage's
+    state at the boundary it stands at: enough to redo a mini-batch without a helper that vanished."""
+
+    kind: ClassVar[str] = "delta"
+    op: ClassVar[str] = "stage"
+    epoch: int
+    step: int
+    state: State
+    optimizer: State = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "keys": list(self.state), "opt": list(self.optimizer)}
+
+    def tensors(self) -> State:
+        return _stage_tensors(self.state, self.optimizer)
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> StageState:
+        state, optimizer = _stage_state(body, tensors)
+        return cls(run=run, round=round, epoch=int_field(body, "epoch", low=1), step=int_field(body, "step"),
+                   state=state, optimizer=optimizer)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileAsk(Message):
+    """device -> helper or edge: time the plan's model here, per block, on micro-batches of ``rows`` samples."""
+
+    kind: ClassVar[str] = "profile"
+    op: ClassVar[str] = "ask"
+    plan: Plan
+    rows: int
+    schema: Description = ()
+
+    def body(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_body(), "rows": self.rows, "schema": _rows(self.schema)}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> ProfileAsk:
+        return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")), rows=int_field(body, "rows", low=1),
+                   schema=parse_description(body.get("schema", [])))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageProfile(Message):
+    """helper or edge -> device: seconds of forward and backward per block for ``rows`` samples here, and the
+    memory this node offers for a stage (0: no limit)."""
+
+    kind: ClassVar[str] = "profile"
+    op: ClassVar[str] = "stage"
+    rows: int
+    block_s: tuple[float, ...]
+    memory_bytes: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {"rows": self.rows, "block_s": list(self.block_s), "memory_bytes": self.memory_bytes}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> StageProfile:
+        return cls(run=run, round=round, rows=int_field(body, "rows", low=1),
+                   block_s=numbers_field(body, "block_s", MAX_BLOCKS), memory_bytes=int_field(body, "memory_bytes", 0))
+
+
 # ------------------------------------------------------------------------------------------------ parsing
 
 MESSAGES: dict[tuple[str, str], type[Message]] = {
     (c.kind, str(c.op)): c
     for c in (OpenRound, TrainRound, Resume, Activations, Gradients, DeviceUpdate, EdgeUpdate, Expect, Freeze,
               Frozen, Transfer, Ready, Release, Abort, Leave, Nothing, Refused, Restart, OpenEval, EvaluateModel,
-              EvalReport)
+              EvalReport, StageOpen, ChainSet, StageReady, StageClose, StageState, ProfileAsk, StageProfile)
 }
 
 

@@ -26,6 +26,8 @@ TASKS = {"cross_entropy": "classification", "mse": "regression", "bce_with_logit
 # The metric that names a run's best model, and whether higher is better.
 BEST_METRIC = {"classification": ("accuracy", True), "regression": ("mse", False), "multilabel": ("accuracy", True)}
 LR_SCHEDULES = ("constant", "step", "exponential", "cosine")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # mqttfl.protocol.schedule: the stages' orders of work
+PARTITIONS = ("dp", "equal")
 # Measured on honest runs (MLP, CNN, VGG-5 on digits, 1-5 local epochs): an edge's update reached at most 0.51 of
 # the global model's norm, in a first round of 5 epochs from the initial model, and 0.02-0.19 in one epoch
 # (docs/design.md, "Trust"). The bound leaves a 6x margin and still refuses an update that would swamp the model.
@@ -91,6 +93,18 @@ class Training:
         "how the round's model travels down (cloud to edge, edge to device): none or fp16")})
     topk_ratio: float = field(default=0.01, metadata={"doc": (
         "fraction of a delta's entries a topk device sends per round; the rest is carried to later rounds")})
+    # Eco-FL pipelines across a device's helpers ([cloud] chains; docs/design.md, "Pipeline")
+    pipeline_schedule: str = field(default="1f1b", metadata={"doc": (
+        "schedule of a pipelined device's stages: 1f1b (K_s = min(M, 2(S-s)-1) forwards before the first "
+        "backward) or gpipe (every forward, then every backward: stashes M micro-batches per stage)")})
+    partition: str = field(default="dp", metadata={"doc": (
+        "how a pipelined device spreads the model's blocks over its stages: dp (the planner, from the stages' "
+        "profiles, minimising the slowest stage within each stage's memory) or equal (as many blocks each)")})
+    rebalance_threshold: float = field(default=0.15, metadata={"doc": (
+        "a pipelined device re-plans when its slowest stage measures more than this fraction above the plan "
+        "for rebalance_windows mini-batches in a row, and moves layers at the next flush; 0: never")})
+    rebalance_windows: int = field(default=3, metadata={"doc": (
+        "mini-batches in a row beyond rebalance_threshold before a pipelined device re-plans")})
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty when usable)."""
@@ -141,6 +155,13 @@ class Training:
                 out.append(f"{kind}_encoding must be one of {list(ENCODINGS_ALLOWED[kind])}, got {name!r}")
         if not 0 < self.topk_ratio <= 1:
             out.append("topk_ratio must be in (0, 1]")
+        if self.pipeline_schedule not in PIPELINE_SCHEDULES:
+            out.append(f"pipeline_schedule must be one of {list(PIPELINE_SCHEDULES)}, "
+                       f"got {self.pipeline_schedule!r}")
+        if self.partition not in PARTITIONS:
+            out.append(f"partition must be one of {list(PARTITIONS)}, got {self.partition!r}")
+        if not (self.rebalance_threshold >= 0 and self.rebalance_windows >= 1):
+            out.append("rebalance_threshold must be >= 0 and rebalance_windows >= 1")
         return out
 
     def encodings(self, overrides: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -12,6 +12,9 @@ so it behaves like an extra stage and the round trip from stage ``s`` is ``2(S-s
 ``K_s = min(M, 2(S-s)-1)`` is the smallest warm-up that keeps stage ``s`` busy (``hop_aware=True``,
 the default). ``K_s`` is also the stash bound: at most ``K_s`` micro-batches' activations are held at once.
 
+GPipe (``gpipe``, for comparison): every forward of the mini-batch first, then every backward; stage ``s``
+stashes all ``M`` micro-batches at once.
+
 Dependencies between stages: stage ``s`` may run ``F(i)`` once stage ``s-1`` has, and ``B(i)`` once stage
 ``s+1`` has (the last stage's ``B(i)`` needs only its own ``F(i)``); the machines wait for those messages.
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from mqttfl.protocol.plan import PIPELINE_SCHEDULES as SCHEDULES
 
 Op = Literal["F", "B"]
 
@@ -56,3 +61,22 @@ def one_f_one_b(num_stages: int, num_micro: int, stage: int, *, hop_aware: bool 
         actions += [Action(stage, "B", i), Action(stage, "F", k + i)]
     actions += [Action(stage, "B", i) for i in range(num_micro - k, num_micro)]
     return actions
+
+
+def stash_bound(num_stages: int, num_micro: int, stage: int, schedule: str = "1f1b") -> int:
+    """The most micro-batches stage ``stage`` holds at once under ``schedule``: K_s for 1F1B, M for GPipe."""
+    if schedule == "gpipe":
+        _check_dims(num_stages, num_micro)
+        return num_micro
+    return warmup(num_stages, num_micro, stage)
+
+
+def actions(num_stages: int, num_micro: int, stage: int, schedule: str = "1f1b") -> list[Action]:
+    """This stage's ordered actions under ``schedule`` (``1f1b``: Eco-FL's, ``gpipe``: all forwards, then all
+    backwards)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "gpipe":
+        _check_dims(num_stages, num_micro)
+        return [Action(stage, "F", i) for i in range(num_micro)] + [Action(stage, "B", i) for i in range(num_micro)]
+    return one_f_one_b(num_stages, num_micro, stage)

@@ -119,6 +119,15 @@ class Evaluate(Job):
 
 
 @dataclass(frozen=True, eq=False)
+class Profile(Job):
+    """Time one micro-batch of ``rows`` samples forward and backward through each block of the plan's model on
+    this node, at its emulated speed (a pipeline's planner weighs stages by it). Result: seconds per block."""
+
+    plan: Plan
+    rows: int
+
+
+@dataclass(frozen=True, eq=False)
 class Measure(Job):
     """The node's own meters (bytes sent and received, peak memory). Result: :class:`Meters`."""
 

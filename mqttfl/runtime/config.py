@@ -130,8 +130,10 @@ def doc(text: str) -> dict[str, str]:
 class DeviceSection:
     """``[device]``: a device agent."""
 
-    edge: str = field(default="", metadata=doc("the edge this device attaches to (required)"))
-    data: str = field(default="", metadata=doc("path of the device's local data shard (required; docs/data.md)"))
+    edge: str = field(default="", metadata=doc("the edge this device attaches to (required with data)"))
+    data: str = field(default="", metadata=doc(
+        "path of the device's local data shard (required, unless the node only serves others' pipelines: "
+        "serve; docs/data.md)"))
     eval_data: str = field(default="", metadata=doc(
         "path of the device's held-out shard: it evaluates the global model on it when the cloud asks "
         "([cloud] fed_eval_every); empty: the device takes no part in federated evaluation"))
@@ -166,6 +168,15 @@ class DeviceSection:
     attack_scale: float = field(default=1.0, metadata=doc(
         "attack emulation for tests and benchmarks: the device multiplies its delta by this before sending "
         "(a poisoning participant); 1 = honest"))
+    serve: list[str] = field(default_factory=list, metadata=doc(
+        "device ids whose pipelines this node may be a middle stage of (a helper: Eco-FL, docs/design.md "
+        "\"Pipeline\"; the cloud's [cloud] chains names it for them); without data it trains nothing of its own"))
+    memory_mb: float = field(default=0.0, metadata=doc(
+        "memory this node offers a pipeline stage, MB (the planner keeps its blocks, optimizer state and stashed "
+        "micro-batches within it); 0: no limit"))
+    block_ms: float = field(default=0.0, metadata=doc(
+        "emulated compute: every block of the model costs this many ms per mini-batch forward, twice that "
+        "backward (x slowdown), slept, not computed (benchmarks of pipelines on a shared CPU)"))
 
     def brokers(self) -> dict[str, tuple[str, int]]:
         out = {}
@@ -192,8 +203,14 @@ class DeviceSection:
             out.append("[device] topk_ratio must be in [0, 1]")
         if not self.attack_scale == self.attack_scale:  # NaN
             out.append("[device] attack_scale must be a number")
-        if not self.edge or not self.data:
-            out.append("[device] needs 'edge' and 'data'")
+        if not isinstance(self.serve, list) or not all(isinstance(c, str) for c in self.serve):
+            out.append("[device] serve must be a list of device ids")
+        elif not self.data and not self.serve:
+            out.append("[device] needs 'edge' and 'data' (or 'serve', for a node that only helps others)")
+        elif self.data and not self.edge:
+            out.append("[device] needs 'edge' with 'data'")
+        if self.memory_mb < 0 or self.block_ms < 0:
+            out.append("[device] memory_mb and block_ms must be >= 0")
         if self.cut == 0 or self.cut < -1:
             out.append("[device] cut must be >= 1 (a device keeps at least one block: raw inputs never leave "
                        "it) or -1 for the run's default")
@@ -214,9 +231,15 @@ class EdgeSection:
     delta_encoding: str = field(default="", metadata=doc(
         "how the edge sends its delta to the cloud: none, fp16, int8, int8c or topk (only the non-zero entries, "
         "lossless); empty: the run's delta_encoding"))
+    slowdown: float = field(default=1.0, metadata=doc(
+        "emulated speed: every compute step takes this many times as long (benchmarks, tests)"))
+    block_ms: float = field(default=0.0, metadata=doc(
+        "emulated compute per block and mini-batch, ms, as [device] block_ms (the last stage of pipelines)"))
 
     def problems(self) -> list[str]:
         out = [] if 0 < self.deadline_fraction <= 1 else ["[edge] deadline_fraction must be in (0, 1]"]
+        if self.slowdown < 1 or self.block_ms < 0:
+            out.append("[edge] slowdown must be >= 1 and block_ms >= 0")
         if self.delta_encoding and self.delta_encoding not in ENCODINGS_ALLOWED["delta"]:
             out.append(f"[edge] delta_encoding must be one of {list(ENCODINGS_ALLOWED['delta'])} or empty")
         return out

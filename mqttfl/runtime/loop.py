@@ -4,7 +4,8 @@ A :class:`MachineRunner` hands one event at a time to its machine and carries ou
 order. A job's result (``JobDone``) is fed back before anything else, so a machine sees its jobs complete in
 the order it asked; an effect that names another node's input goes out through the subclass. Control
 commands are authorised here: operators, the cloud and the node itself may command a node; ``ping``,
-``status`` and ``shutdown`` are answered by the runner, every other known command goes to the machine.
+``status``, ``shutdown`` and ``emulate`` (a board's emulated speed, docs/operations.md "Emulated devices") are
+answered by the runner, every other known command goes to the machine.
 
 Subclasses say where the effects go: :class:`mqttfl.runtime.node.Node` to the MQTT transport, the disk and
 the clock; :class:`mqttfl.runtime.memory.MemoryFleet` to other machines in the same process, on virtual time.
@@ -18,10 +19,11 @@ from typing import Any, Protocol
 
 from mqttfl.protocol import events as E
 from mqttfl.protocol import stage
-from mqttfl.protocol.control import may_command
+from mqttfl.protocol.control import arg, may_command
+from mqttfl.protocol.events import CommandError
 from mqttfl.wire.encoding import encode_tensors, tensor_bytes
 
-RUNTIME_COMMANDS = ("ping", "status", "shutdown")
+RUNTIME_COMMANDS = ("ping", "status", "shutdown", "emulate")
 
 
 class Machine(Protocol):
@@ -157,8 +159,27 @@ class MachineRunner:
         elif cmd == "shutdown":
             self.reply(src, cmd_id, cmd, True, {"stopping": True})
             self.shutdown()
+        elif cmd == "emulate":
+            try:
+                slowdown = arg(args, "slowdown", (int, float), default=None, check=lambda v: v >= 1)
+                block_ms = arg(args, "block_ms", (int, float), default=None, check=lambda v: v >= 0)
+            except CommandError as e:
+                self.reply(src, cmd_id, cmd, False, error=str(e), code=e.code)
+                return
+            self.reply(src, cmd_id, cmd, True, self.emulate(slowdown, block_ms))
         else:
             self.feed(E.Command(src, cmd_id, cmd, args))
+
+    def emulate(self, slowdown: float | None, block_ms: float | None) -> dict[str, Any]:
+        """Change this board's emulated speed (benchmarks, tests): the backend's ``slowdown`` and ``block_ms``."""
+        backend = self.backend()
+        if backend is None:
+            return {}
+        if slowdown is not None:
+            backend.slowdown = float(slowdown)  # type: ignore[attr-defined]
+        if block_ms is not None:
+            backend.block_ms = float(block_ms)  # type: ignore[attr-defined]
+        return {"slowdown": getattr(backend, "slowdown", None), "block_ms": getattr(backend, "block_ms", None)}
 
     # ------------------------------------------------------------------ I/O, per subclass
     def send(self, dst: str, fx: E.Send) -> None:

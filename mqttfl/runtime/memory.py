@@ -11,7 +11,8 @@ Model of the world (what it keeps from the real runtime, and why):
 * Time is virtual. ``fleet.now`` moves only when the next scheduled thing (a message arrival, a timer, an
   outbox re-send) is taken from the fleet's queue; nothing sleeps, so a 120 s deadline costs nothing.
 * A node is one thread, like ``Node``: it handles one event at a time, runs the jobs its machine asks for
-  inline (``compute_s`` virtual seconds each, on the node's own clock) and feeds their results back before
+  inline (``compute_s`` virtual seconds each, on the node's own clock, or what the node's emulated speed says:
+  ``block_ms`` per block and ``slowdown``, :class:`EmulatedCompute`) and feeds their results back before
   anything else. A message arriving while a node computes waits for it, so a node's clock may run ahead of
   ``fleet.now``; whatever it sends leaves at its own clock.
 * Messages take ``latency_s`` per link (``set_latency`` per link). By default they go through the tensor
@@ -40,6 +41,7 @@ periodic agent metrics and link-state changes (see ``inject``) are not modelled.
     fleet.add_edge("edge1")
     fleet.add_device("dev1", edge="edge1", data=shard1)
     fleet.add_device("dev2", edge="edge1", data=shard2, cut=5)
+    fleet.add_helper("help1", serve=("dev1",))     # a middle stage of dev1's pipeline ([cloud] chains)
     fleet.drop(match("grad", dst="dev1"))
     fleet.start()
     fleet.run_to_end()
@@ -68,6 +70,7 @@ from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.device import DeviceMachine
 from mqttfl.protocol.edge import EdgeMachine
 from mqttfl.protocol.errors import ProtocolError
+from mqttfl.protocol.helper import HelperDevice, StageServer
 from mqttfl.protocol.messages import Message, parse
 from mqttfl.protocol.status import parse_status
 from mqttfl.runtime.config import CloudRuntime
@@ -91,6 +94,8 @@ class FleetLayout(Protocol):
     cloud: dict[str, Any]
     device_extra: dict[str, dict[str, Any]]
     edge_extra: dict[str, Any]
+    helpers: dict[str, tuple[str, ...]]
+    helper_extra: dict[str, dict[str, Any]]
 
     @property
     def edges(self) -> list[str]: ...
@@ -145,6 +150,38 @@ class Fault:
         return (self.times is None or len(self.hits) < self.times) and self.match(p)
 
 
+class EmulatedCompute:
+    """Virtual compute at an emulated speed, as ``TorchBackend`` sleeps it in a real agent: every block of a
+    stage costs ``block_ms`` per full mini-batch forward, twice that backward (pro rata for a micro-batch);
+    every job also costs ``base`` seconds. The node's ``slowdown`` multiplies it all."""
+
+    def __init__(self, block_ms: float, base: float = 0.0) -> None:
+        self.block_ms = block_ms
+        self.base = base
+        self.blocks: dict[str, tuple[int, int, int]] = {}  # session -> (blocks, batch size, all blocks)
+
+    def _cost(self, session: str, rows: float, passes: int, whole: bool = False) -> float:
+        blocks, batch, total = self.blocks.get(session, (0, 1, 0))
+        return self.block_ms / 1000.0 * passes * rows / max(batch, 1) * (total if whole else blocks)
+
+    def __call__(self, job: stage.Job) -> float:
+        extra = 0.0
+        if isinstance(job, stage.Open):
+            self.blocks[job.session] = (job.stop - job.start, job.plan.batch_size, job.stop)
+        elif isinstance(job, stage.Close):
+            self.blocks.pop(job.session, None)
+        elif isinstance(job, stage.Forward):
+            rows = len(job.x) if job.x is not None else self.blocks.get(job.session, (0, 1, 0))[1] / job.n_micro
+            extra = self._cost(job.session, rows, 1)
+        elif isinstance(job, stage.Backward):
+            extra = self._cost(job.session, len(job.grad), 2)
+        elif isinstance(job, stage.Loss):
+            extra = self._cost(job.session, len(job.x), 3)
+        elif isinstance(job, stage.LocalBatch):
+            extra = self._cost(job.session, self.blocks.get(job.session, (0, 1, 0))[1], 3, whole=True)
+        return self.base + extra
+
+
 @dataclass(eq=False)
 class SimNode(MachineRunner):
     """One node of the fleet: its machine and backend, run by the shared runner core (``MachineRunner``)
@@ -156,6 +193,7 @@ class SimNode(MachineRunner):
     make_machine: Callable[[SimNode], Machine]
     make_backend: Callable[[], Any]
     compute: Callable[[stage.Job], float]
+    slowdown: float = 1.0  # the node's emulated speed (``emulate`` command; set_speed)
     machine: Any = None
     _backend: Any = None
     alive: bool = False
@@ -182,8 +220,15 @@ class SimNode(MachineRunner):
         return self.clock
 
     def run_job(self, job: stage.Job) -> E.JobDone:
-        self.clock += self.compute(job)  # the node computes: its clock runs ahead while it does
+        self.clock += self.compute(job) * self.slowdown  # the node computes: its clock runs ahead while it does
         return super().run_job(job)
+
+    def emulate(self, slowdown: float | None, block_ms: float | None) -> dict[str, Any]:
+        if slowdown is not None:
+            self.slowdown = slowdown
+        if block_ms is not None and isinstance(self.compute, EmulatedCompute):
+            self.compute.block_ms = block_ms
+        return super().emulate(slowdown, block_ms)
 
     def send(self, dst: str, fx: E.Send) -> None:
         self.fleet._send(self, dst, fx)
@@ -307,15 +352,18 @@ class MemoryFleet:
 
     # ------------------------------------------------------------------ building
     def _add(self, name: str, role: str, make_machine: Callable[[SimNode], Machine], make_backend: Callable[[], Any],
-             compute_s: Compute | None, slowdown: float = 1.0) -> SimNode:
+             compute_s: Compute | None, slowdown: float = 1.0, block_ms: float = 0.0) -> SimNode:
         if name in self.nodes:
             raise ValueError(f"node {name!r} exists")
         c = self.compute_s if compute_s is None else compute_s
+        cost: Callable[[stage.Job], float]
+        if block_ms > 0 and not callable(c):
+            cost = EmulatedCompute(block_ms, float(c))
+        else:
+            def cost(job: stage.Job) -> float:
+                return c(job) if callable(c) else float(c)
 
-        def cost(job: stage.Job) -> float:
-            return (c(job) if callable(c) else float(c)) * slowdown
-
-        node = SimNode(self, name, role, make_machine, make_backend, cost,
+        node = SimNode(self, name, role, make_machine, make_backend, cost, slowdown=slowdown,
                        commanders={*self.operators, self.cloud or "cloud"})
         self.nodes[name] = node
         return node
@@ -335,7 +383,8 @@ class MemoryFleet:
 
         def make(node: SimNode) -> Machine:
             restored = loads(node.persisted) if node.persisted is not None else None
-            roles = configured or Roles(edges=tuple(sorted(n.name for n in self.nodes.values() if n.role == "edge")))
+            roles = configured or Roles(edges=tuple(sorted(n.name for n in self.nodes.values() if n.role == "edge")),
+                                        chains=Roles.from_section(section).chains)
             return CloudMachine(name, settings=settings, initial_state=init, schemas=schema_of, roles=roles,
                                 run_ids=lambda: f"run-{next(runs)}", restored=restored)
 
@@ -343,17 +392,23 @@ class MemoryFleet:
         self.cloud = name
 
     def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None,
-                 schemas: Callable[[Any], Any] = schema_of, delta_encoding: str = "") -> None:
+                 schemas: Callable[[Any], Any] = schema_of, delta_encoding: str = "", slowdown: float = 1.0,
+                 block_ms: float = 0.0) -> None:
         """A restarted edge reads back the sessions it saved (edge resume), as the edge agent does."""
-        self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schemas, cloud=self.cloud or "cloud",
-                                                      deadline_fraction=deadline_fraction, id_prefix=self._prefix(),
-                                                      restored={k: loads(v) for k, v in n.keyed.items()},
-                                                      delta_encoding=delta_encoding),
-                  lambda: TorchBackend(name), compute_s)
+        node = self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schemas, cloud=self.cloud or "cloud",
+                                                             deadline_fraction=deadline_fraction,
+                                                             id_prefix=self._prefix(),
+                                                             restored={k: loads(v) for k, v in n.keyed.items()},
+                                                             delta_encoding=delta_encoding),
+                         lambda: self._backend(node, name, block_ms=block_ms), compute_s, slowdown, block_ms)
+
+    def _backend(self, node: SimNode, name: str, **kw: Any) -> TorchBackend:
+        # Profiles report the node's emulated speed; its virtual clock, not a sleep, pays for it.
+        return TorchBackend(name, slowdown=node.slowdown, sleep=False, **kw)
 
     def add_device(self, name: str, *, edge: str, data: Dataset, share_labels: bool = True,
                    eval_data: Dataset | None = None, compute_s: Compute | None = None, slowdown: float = 1.0,
-                   **machine_kw: Any) -> None:
+                   block_ms: float = 0.0, **machine_kw: Any) -> None:
         """``machine_kw``: ``DeviceMachine`` options (cut, act_timeout_s, migrate_timeout_s, encodings, ...);
         ``eval_data``: the device's held-out split (federated evaluation)."""
         labels = label_counts(data.labels()) if share_labels else None
@@ -368,7 +423,24 @@ class MemoryFleet:
                                  eval_samples=len(eval_data) if eval_data is not None else 0,
                                  id_prefix=self._prefix(), restored=restored, **machine_kw)
 
-        self._add(name, "device", make, lambda: TorchBackend(name, data=data, test=eval_data), compute_s, slowdown)
+        node = self._add(name, "device", make, lambda: self._backend(node, name, data=data, test=eval_data,
+                                                                    block_ms=block_ms),
+                         compute_s, slowdown, block_ms)
+
+    def add_helper(self, name: str, *, serve: tuple[str, ...], memory_bytes: int = 0, compute_s: Compute | None = None,
+                   slowdown: float = 1.0, block_ms: float = 0.0, act_timeout_s: float = 10.0) -> None:
+        """A device agent that serves middle stages of ``serve``'s pipelines and has no data of its own."""
+        def make(node: SimNode) -> Machine:
+            return HelperDevice(None, StageServer(name, serve=tuple(serve), schemas=schema_of,
+                                                  memory_bytes=memory_bytes, act_timeout_s=act_timeout_s,
+                                                  id_prefix=self._prefix()))
+
+        node = self._add(name, "device", make, lambda: self._backend(node, name, block_ms=block_ms), compute_s,
+                         slowdown, block_ms)
+
+    def set_speed(self, name: str, slowdown: float) -> None:
+        """A node's emulated speed changes (a board slows down): what ``mqttfl ctl NODE emulate`` does."""
+        self.nodes[name].emulate(slowdown, None)
 
     @classmethod
     def from_spec(cls, spec: FleetLayout, shards: Mapping[str, Dataset], test: Dataset | None = None,
@@ -383,11 +455,18 @@ class MemoryFleet:
         fleet.add_cloud(test=test, **section)
         for e in spec.edges:
             fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k in ("deadline_fraction",
-                                                                                   "delta_encoding")})
+                                                                                   "delta_encoding", "slowdown",
+                                                                                   "block_ms")})
+        for h, clients in sorted(spec.helpers.items()):
+            extra = spec.helper_extra.get(h, {})
+            fleet.add_helper(h, serve=tuple(clients), memory_bytes=int(extra.get("memory_mb", 0) * 2**20),
+                             **{k: v for k, v in extra.items() if k in ("slowdown", "block_ms", "act_timeout_s")})
         for d, e in sorted(spec.devices.items()):
             extra = dict(spec.device_extra.get(d, {}))
             for runtime_only in ("threads", "step_delay_s", "data", "edge", "cloud", "eval_data"):
                 extra.pop(runtime_only, None)
+            if "block_ms" in extra:
+                extra["block_ms"] = float(extra["block_ms"])
             if extra.get("cut", -1) <= 0:
                 extra.pop("cut", None)
             # [device] encoding keys as the agent reads them: one map of the device's own choices.

@@ -73,6 +73,10 @@ class FleetSpec:
     edge_extra: dict[str, Any] = field(default_factory=dict)
     fleet: str = "default"
     extra_edges: tuple[str, ...] = ()  # edges with no device at the start (migration targets)
+    # Pipelines (docs/design.md, "Pipeline"): helper -> the devices it serves ([device] serve; no data of its own)
+    # and its extra [device] keys; the devices' chains go in cloud["chains"].
+    helpers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    helper_extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def edges(self) -> list[str]:
@@ -174,6 +178,8 @@ class Testbed:
             if d in held_out:
                 section["eval_data"] = str(self.root / "data" / f"{d}.eval.npz")
             self._config(d, "device", common, section)
+        for h, clients in self.spec.helpers.items():
+            self._config(h, "device", common, {"serve": list(clients), **self.spec.helper_extra.get(h, {})})
 
     def broker_of(self, node: str) -> Broker:
         if node in ("cloud", "operator"):
@@ -196,7 +202,7 @@ class Testbed:
     def role_of(self, node: str) -> str:
         if node == "cloud":
             return "cloud"
-        return "device" if node in self.spec.devices else "edge"
+        return "device" if node in self.spec.devices or node in self.spec.helpers else "edge"
 
     # ------------------------------------------------------------------ processes
     def start_node(self, node: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -210,7 +216,7 @@ class Testbed:
 
     def start(self, nodes: list[str] | None = None) -> None:
         self.connect_operator()
-        for n in nodes or ["cloud", *self.spec.edges, *sorted(self.spec.devices)]:
+        for n in nodes or ["cloud", *self.spec.edges, *sorted(self.spec.helpers), *sorted(self.spec.devices)]:
             self.start_node(n)
 
     def connect_operator(self) -> Transport:

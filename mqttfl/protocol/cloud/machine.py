@@ -16,6 +16,10 @@ out of the round in progress. Round 0 of a run waits for the devices ``wait_for`
 few and the run's best), and may ask the devices to evaluate it (``fedeval``). Every run's summary (state,
 rounds, best) stays in the cloud's state: ``runs`` lists them.
 
+Pipelines (Eco-FL; docs/design.md, "Pipeline"): a device's helpers come from ``[cloud] chains`` or the ``chain``
+command; each round names the ones online to the device's edge, and when one comes or goes the cloud tells the
+device (its ``chain`` command), which re-plans its stages.
+
 Run states: idle -> running <-> paused; running -> done | failed; any -> stopped; ``start`` and ``new-run``
 leave done, failed and stopped.
 """
@@ -65,7 +69,7 @@ from mqttfl.protocol.events import (
     TimerFired,
 )
 from mqttfl.protocol.messages import EdgeUpdate, EvalReport, MovePath, OpenRound, Restart, RoundTag
-from mqttfl.protocol.plan import BEST_METRIC, Plan, round_lr
+from mqttfl.protocol.plan import BEST_METRIC, PARTITIONS, PIPELINE_SCHEDULES, Plan, round_lr
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, state_norm
 from mqttfl.protocol.status import NodeState, Presence
 from mqttfl.wire.encoding import ALLOWED as ENCODINGS_ALLOWED
@@ -94,6 +98,12 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
     "max_update_norm": ((int, float), lambda v: v >= 0),
     "max_samples": (int, lambda v: v >= 0),
     "resume_every": (int, lambda v: v >= 0),
+    "cut": (int, lambda v: v == -1 or v >= 1),
+    # Pipelines (docs/design.md, "Pipeline"): from the next round on.
+    "pipeline_schedule": (str, PIPELINE_SCHEDULES.__contains__),
+    "partition": (str, PARTITIONS.__contains__),
+    "rebalance_threshold": ((int, float), lambda v: v >= 0),
+    "rebalance_windows": (int, lambda v: v >= 1),
     # Tensor encodings per kind (docs/algorithms.md, "Compression"): from the next round on.
     **{f"{kind}_encoding": (str, ENCODINGS_ALLOWED[kind].__contains__) for kind in ENCODINGS_ALLOWED},
     "topk_ratio": ((int, float), lambda v: 0 < v <= 1),
@@ -132,6 +142,7 @@ class CloudMachine:
         self._enough_since: float | None = None  # when min_devices were first online (start_grace_s)
         self._waiting: list[str] | None = None  # the devices round 0 waits for, as last announced
         self._refusals: set[tuple[str, str, str]] = set()  # (node, run, reason) already reported
+        self.chain_overrides: dict[str, tuple[str, ...]] = {}  # device -> helpers, set by the chain command
         self._fx: list[Effect] = []
         saved_policy: dict[str, Any] | None = None
         if restored:
@@ -150,6 +161,7 @@ class CloudMachine:
                              f"{STATE_FORMAT}); move the state directory away to start afresh")
         run_settings = CloudSettings().with_values(saved["settings"])
         self.runs = {str(k): dict(v) for k, v in saved.get("runs", {}).items()}
+        self.chain_overrides = {str(d): tuple(str(h) for h in hs) for d, hs in saved.get("chains", {}).items()}
         if self.config.run and self.config.run != run_settings.run:
             self.notes.append(("new_run_from_config", {"previous": run_settings.run, "run": self.config.run}))
             return None  # the config names another run: start it afresh
@@ -175,6 +187,7 @@ class CloudMachine:
             "settings": self.settings.flat(), "global": self.global_state,
             "state": str(self.state), "history": self.history, "elapsed": self.elapsed(now),
             "policy": self.policy.state_dict(now), "runs": self.runs,
+            "chains": {d: list(hs) for d, hs in self.chain_overrides.items()},
         }))
 
     def summary(self) -> dict[str, Any]:
@@ -266,10 +279,34 @@ class CloudMachine:
         the devices table lists it, or (open enrolment, no table) if it says so and is no configured edge."""
         if self.roles.is_edge(node):
             return "edge"
+        helper = node in self.helper_nodes()
         if self.roles.devices:
-            return "device" if node in self.roles.devices else None
+            return "device" if node in self.roles.devices else "helper" if helper else None
         p = self.fleet.get(node)
+        if helper and (p is None or not p.samples):
+            return "helper"  # a device agent that only serves others' pipelines
         return "device" if p is not None and p.role == "device" else None
+
+    # ------------------------------------------------------------------ pipelines
+    def chain_of(self, device: str) -> tuple[str, ...]:
+        """The helpers ``device`` may pipeline across: the chain command's, else ``[cloud] chains``."""
+        return self.chain_overrides.get(device, self.roles.chains.get(device, ()))
+
+    def helper_nodes(self) -> set[str]:
+        return {h for d in {*self.roles.chains, *self.chain_overrides} for h in self.chain_of(d)}
+
+    def helpers_online(self, device: str) -> tuple[str, ...]:
+        run = self.settings.run
+        return tuple(h for h in self.chain_of(device)
+                     if (p := self.fleet.get(h)) is not None and p.online and not p.refuses(run))
+
+    def chains_for(self, devices: list[str]) -> dict[str, tuple[str, ...]]:
+        return {d: hs for d in devices if (hs := self.helpers_online(d))}
+
+    def _tell_chain(self, device: str) -> None:
+        p = self.fleet.get(device)
+        if p is not None and p.online:
+            self._do(SendCommand(device, "chain", {"helpers": list(self.helpers_online(device))}))
 
     def online(self, role: str) -> dict[str, Presence]:
         return {n: p for n, p in self.fleet.items() if p.online and self.role_of(n) == role}
@@ -355,7 +392,8 @@ class CloudMachine:
             self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
                                           cuts={d: self.cut_for(d) for d in devs}, state=state,
                                           samples={d: self.declared(d) for d in devs}, encodings=encodings,
-                                          partial=keys is not None, schema=self.schema.describe()),
+                                          partial=keys is not None, schema=self.schema.describe(),
+                                          chains=self.chains_for(devs)),
                           encoding=plan.model_encoding))
 
     def check_update(self, src: str, msg: EdgeUpdate, r: CloudRound | None, keys: list[str] | None = None
@@ -515,7 +553,11 @@ class CloudMachine:
                 for d in behind:
                     self.fed_eval.expected.pop(d, None)
         role = self.role_of(p.node)
-        if p.role != (role or "") and p.online:
+        if (was is None or was.online != p.online) and p.node in self.helper_nodes():
+            # A helper came or went: the devices whose chain names it re-plan their pipelines.
+            for d in sorted(d for d in {*self.roles.chains, *self.chain_overrides} if p.node in self.chain_of(d)):
+                self._tell_chain(d)
+        if p.role != (role or "") and p.online and not (role == "helper" and p.role == "device"):
             self._refuse_claim(p, f"role {p.role or '(none)'}", f"says it is {p.role or 'nothing'}, configured as "
                                                                  f"{role or 'nothing'}")
         if role == "device" and p.online:
@@ -652,6 +694,28 @@ class CloudMachine:
         self.runs[self.settings.run] = self.summary()
         return {"current": self.settings.run, "runs": list(self.runs.values())}
 
+    def cmd_chain(self, args: dict[str, Any], now: float) -> Any:
+        """Set (``helpers``: a list or "h1,h2"; empty: no pipeline) or ``reset`` (back to ``[cloud] chains``) a
+        device's helpers; persisted, and told to the device at once. Without a device: every chain."""
+        if "device" not in args:
+            devices = sorted({*self.roles.chains, *self.chain_overrides})
+            return {d: {"helpers": list(self.chain_of(d)), "online": list(self.helpers_online(d)),
+                        "set_by": "ctl" if d in self.chain_overrides else "config"} for d in devices}
+        device = check_id(arg(args, "device", str), "device")
+        if arg(args, "reset", bool, default=False):
+            self.chain_overrides.pop(device, None)
+        else:
+            raw = arg(args, "helpers", (list, str))
+            names = [h.strip() for h in raw.split(",")] if isinstance(raw, str) else raw
+            helpers = tuple(check_id(h, "helper") for h in names if isinstance(h, str) and h)
+            if len(helpers) != len([h for h in names if h]) or device in helpers or len(set(helpers)) != len(helpers) \
+                    or any(self.roles.is_edge(h) for h in helpers):
+                raise CommandError("helpers must be node ids other than the device and the edges, each once")
+            self.chain_overrides[device] = helpers
+        self.persist(now)
+        self._tell_chain(device)
+        return {"device": device, "helpers": list(self.chain_of(device)), "online": list(self.helpers_online(device))}
+
     def cmd_move(self, args: dict[str, Any], now: float) -> Any:
         """Ask a device to move to another edge; the device answers the cloud, we answer the operator."""
         device = check_id(arg(args, "device", str), "device")
@@ -670,7 +734,7 @@ COMMANDS: dict[str, Callable[[CloudMachine, dict[str, Any], float], Any]] = {
     "start": CloudMachine.cmd_start, "stop": CloudMachine.cmd_stop, "pause": CloudMachine.cmd_pause,
     "resume": CloudMachine.cmd_resume, "set": CloudMachine.cmd_set, "new-run": CloudMachine.cmd_new_run,
     "fleet": CloudMachine.cmd_fleet, "history": CloudMachine.cmd_history, "move": CloudMachine.cmd_move,
-    "runs": CloudMachine.cmd_runs,
+    "runs": CloudMachine.cmd_runs, "chain": CloudMachine.cmd_chain,
 }
 
 

@@ -10,6 +10,9 @@ not use is left out of rounds. Without a ``devices`` table any other node may en
 enrolment): it can only ever report for itself, through a configured edge, with the sample count it declared
 when it joined (``max_samples`` caps that).
 
+``[cloud] chains`` names, per device, the helpers it may pipeline its blocks across (Eco-FL; docs/design.md,
+"Pipeline"): a helper is a device agent with ``[device] serve``; it need not be a device that trains its own data.
+
 These keys are read from the config file at every start and are not part of a run's persisted settings: an
 operator who adds an edge restarts the cloud and the edge counts at once.
 """
@@ -22,7 +25,7 @@ from typing import Any
 
 from mqttfl.wire.topics import TopicError, validate_id
 
-ROLE_KEYS = ("edges", "devices")
+ROLE_KEYS = ("edges", "devices", "chains")
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,19 @@ class Roles:
     devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict, metadata={"doc": (
         "optional table device = edge or [edges]: only these devices join rounds, each only through the edges "
         "listed ([] or \"*\": any configured edge); empty: any other node may enrol as a device")})
+    chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict, metadata={"doc": (
+        "optional table device = [helpers]: the nearby devices (device agents with [device] serve) a device may "
+        "pipeline its blocks across, in chain order; the device plans the stages (Eco-FL, docs/design.md "
+        "\"Pipeline\"); mqttfl ctl cloud chain changes it at run time")})
 
     def problems(self) -> list[str]:
         out = []
         if not self.edges:
             out.append("[cloud] edges must list the node ids of the edges this cloud trusts "
                        "(docs/design.md, \"Trust\")")
+        for d, hs in self.chains.items():
+            if d in hs or len(set(hs)) != len(hs) or set(hs) & set(self.edges):
+                out.append(f"[cloud] chains: {d!r} must name other nodes than itself and the edges, each once")
         for d, es in self.devices.items():
             if d in self.edges:
                 out.append(f"[cloud] devices: {d!r} is also listed in edges")
@@ -57,7 +67,13 @@ class Roles:
         if not isinstance(table, Mapping):
             raise ValueError("[cloud] devices must be a table: device = \"edge\" or [\"edge\", ...]")
         devices: dict[str, tuple[str, ...]] = {}
+        chains: dict[str, tuple[str, ...]] = {}
+        links = section.get("chains", {})
+        if not isinstance(links, Mapping) or not all(isinstance(v, (list, tuple)) for v in links.values()):
+            raise ValueError("[cloud] chains must be a table: device = [\"helper\", ...]")
         try:
+            for d, hs in links.items():
+                chains[validate_id(d)] = tuple(validate_id(h) for h in hs)
             checked = tuple(validate_id(e) for e in edges)
             for d, es in table.items():
                 if es == "*":
@@ -68,7 +84,7 @@ class Roles:
                 devices[validate_id(d)] = tuple(validate_id(e) for e in es)
         except TopicError as e:
             raise ValueError(f"[cloud] edges/devices: {e}") from None
-        return cls(edges=checked, devices=devices)
+        return cls(edges=checked, devices=devices, chains=chains)
 
     def is_edge(self, node: str) -> bool:
         return node in self.edges
@@ -86,4 +102,5 @@ class Roles:
         return not allowed or edge in allowed
 
     def to_body(self) -> dict[str, Any]:
-        return {"edges": list(self.edges), "devices": {d: list(es) for d, es in sorted(self.devices.items())}}
+        return {"edges": list(self.edges), "devices": {d: list(es) for d, es in sorted(self.devices.items())},
+                "chains": {d: list(hs) for d, hs in sorted(self.chains.items())}}

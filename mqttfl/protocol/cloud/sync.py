@@ -216,7 +216,7 @@ class SyncRounds:
         c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan, cuts={ev.src: c.cut_for(ev.src)},
                                       samples={ev.src: r.declared.get(ev.src, c.declared(ev.src))},
                                       state=c.global_state, encodings={ev.src: enc} if enc else {},
-                                      schema=c.schema.describe()),
+                                      schema=c.schema.describe(), chains=c.chains_for([ev.src])),
                   encoding=r.plan.model_encoding))
         c.do(Emit("round_restarted_for_device", "warning", {"device": ev.src, "edge": msg.edge,
                                                             "round": r.plan.round, "source": msg.source}))
