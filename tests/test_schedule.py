@@ -42,3 +42,14 @@ def test_every_micro_batch_is_forwarded_then_back_propagated_once_within_the_sta
                     live += 1 if a.op == "F" else -1
                     peak = max(peak, live)
                 assert peak == warmup(s, m, stage, hop_aware)
+
+
+def test_gpipe_forwards_everything_first_and_stashes_the_whole_mini_batch() -> None:
+    from mqttfl.protocol.schedule import actions, stash_bound
+
+    assert [str(a) for a in actions(3, 3, 1, "gpipe")] == ["F0", "F1", "F2", "B0", "B1", "B2"]
+    assert actions(3, 5, 0) == one_f_one_b(3, 5, 0)
+    assert [stash_bound(3, 8, s) for s in range(3)] == [5, 3, 1]
+    assert [stash_bound(3, 8, s, "gpipe") for s in range(3)] == [8, 8, 8]
+    with pytest.raises(ValueError):
+        actions(2, 2, 0, "zigzag")

@@ -119,6 +119,7 @@ class Pipeline:
     peak_stash: int = 0
     drift: Drift = field(default_factory=lambda: Drift(0.0, 1))
     replan: str = ""  # why the pipeline is laid out again at the next boundary ("": it is not)
+    why: str = "round start"  # the reason of the layout being prepared
     began: bool = False  # training began: the edge's blocks stay where they are for the rest of the round
     sent: dict[str, Any] = field(default_factory=dict)  # the current layout's message to each stage (re-sent)
     rebalances: int = 0
@@ -224,12 +225,12 @@ class PipelineCoordinator:
         p.merged[0] = (dict(r.start), {})  # the whole model: at boundary 0 the edge's blocks may still move
         self._pipe_profile_missing(now)
 
-    def _pipe_profile_missing(self, now: float) -> None:
+    def _pipe_profile_missing(self, now: float, reason: str = "round start") -> None:
         r, p = self._pipe()
-        p.running = False
+        p.running, p.why = False, reason
         need = [n for n in self._pipe_nodes(p) if (r.plan.run, n, p.rows) not in self.profiles]
         if not need:
-            self._pipe_lay_out(now)
+            self._pipe_lay_out(now, reason=reason)
             return
         for n in need:
             if n == self.node:
@@ -249,7 +250,7 @@ class PipelineCoordinator:
         self.stage_memory[node] = memory_bytes
         p.asked.discard(node)
         if not p.running and not p.pending and not p.asked and r.waiting is None:
-            self._pipe_profile_missing(now)
+            self._pipe_profile_missing(now, p.why)
 
     def _pipe_costs(self, p: Pipeline, run: str, nodes: tuple[str, ...]) -> list[StageCost]:
         out = []
@@ -479,7 +480,7 @@ class PipelineCoordinator:
     def _pipe_profile_missing_then(self, now: float, reason: str) -> None:
         r, p = self._pipe()
         if any((r.plan.run, n, p.rows) not in self.profiles for n in self._pipe_nodes(p)):
-            self._pipe_profile_missing(now)  # lays out once the profiles are in
+            self._pipe_profile_missing(now, reason)  # lays out once the profiles are in
             return
         self._pipe_lay_out(now, reason=reason)
 
@@ -525,7 +526,7 @@ class PipelineCoordinator:
         p.helpers = tuple(h for h in p.helpers if h not in gone)
         if p.layout is None:
             if not p.asked:
-                self._pipe_profile_missing(now)
+                self._pipe_profile_missing(now, p.why)
             return
         step = r.step if r.step in p.merged else max(p.merged)
         r.step = step

@@ -119,4 +119,5 @@ def device_costs(reports: dict[str, Report], t_global: float, edge_of: dict[str,
         "bytes_up": rep.bytes_up, "bytes_down": rep.bytes_down, "peak_rss_mb": rep.peak_rss_mb,
         "samples": rep.samples, "cut": rep.cut, "resends": rep.resends, "steps": rep.steps,
         "edge_steps": rep.edge_steps, "seen": rep.seen, "edge": edge_of.get(d),
+        **({"stages": rep.stages} if rep.stages else {}),
     } for d, rep in sorted(reports.items())}
