@@ -129,6 +129,22 @@ def test_rows_list_cloud_then_edges_then_devices_and_ignore_binary_messages() ->
     assert [r["node"] for r in v.rows(now=NOW)] == ["cloud", "edge1", "dev1", "dev2", "operator"]
 
 
+def test_a_pipelined_devices_chain_plan_stage_times_bubble_and_stash_show() -> None:
+    v = FleetView("f")
+    layout = {"kind": "pipeline", "node": "dev1", "role": "device", "chain": ["dev1", "h1", "edge1"],
+              "blocks": [0, 4, 8, 12], "epoch": 1, "predicted_ms": [60.0, 60.0, 60.0], "predicted_bubble": 0.2,
+              "micro_batches": 8, "stash_bound": [5, 3, 1], "reason": "round start"}
+    v.update(msg("metrics", "dev1", layout), now=NOW)
+    for step, elapsed in ((1, 0.6), (2, 1.2)):
+        v.update(msg("metrics", "dev1", {"kind": "pipeline_step", "node": "dev1", "step": step, "elapsed_s": elapsed,
+                                         "stage_ms": [60.0, 60.0, 60.0], "stash": [5, 3, 1]}), now=NOW + step)
+    p = v.rows(now=NOW + 3)[0]["pipeline"]
+    assert p["chain"] == ["dev1", "h1", "edge1"] and p["stage_ms"] == [60.0, 60.0, 60.0]
+    assert p["bubble"] == 0.2  # 1 - 8 x 180 ms / (3 stages x 600 ms)
+    text = v.render(now=NOW + 3)
+    assert "pipelines" in text and "h1 [4,8) 60.0/60.0 ms 3/3" in text and "bubble 0.2" in text
+
+
 def test_render_and_snapshot_show_every_node() -> None:
     v = FleetView("lab")
     v.update(msg("status", "cloud", status("cloud", "cloud", "running", round=2), retained=True), now=NOW)

@@ -336,8 +336,9 @@ class PipelineCoordinator:
         r, p = self._pipe()
         m = min(r.plan.micro_batches, r.plan.batch_size)
         batch_s = part.batch_s(m)
-        return {"kind": "pipeline", "device": self.node, "round": r.plan.round, "epoch": layout.epoch,
-                "step": layout.step, "reason": reason, "chain": list(layout.nodes), "blocks": list(layout.bounds),
+        return {"kind": "pipeline", "device": self.node, "run": r.plan.run, "round": r.plan.round,
+                "epoch": layout.epoch, "step": layout.step, "reason": reason, "chain": list(layout.nodes),
+                "blocks": list(layout.bounds),
                 "schedule": r.plan.pipeline_schedule, "partition": r.plan.partition, "micro_batches": m,
                 "predicted_ms": [round(t * 1000, 3) for t in part.stage_s],
                 "predicted_link_ms": [round(t * 1000, 3) for t in part.link_s],
@@ -457,7 +458,8 @@ class PipelineCoordinator:
             del p.marks[old]
         whole = p.merge(r.step, snap)
         measured = (p.own_s, *p.measured)
-        self._do(Metrics({"kind": "pipeline_step", "device": self.node, "round": r.plan.round, "step": r.step,
+        self._do(Metrics({"kind": "pipeline_step", "device": self.node, "run": r.plan.run, "round": r.plan.round,
+                          "step": r.step,
                           "epoch": p.epoch, "elapsed_s": round(now - p.started, 5), "samples": r.seen,
                           "stage_ms": [round(t * 1000, 3) for t in measured],
                           "stash": [p.peak_stash, *p.stash], "link_bps": [round(b, 1) for b in p.link_bps]}))

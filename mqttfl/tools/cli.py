@@ -30,6 +30,7 @@ BENCHES = {
     "data": ("mqttfl.tools.bench.data", "mqttfl data throughput and a device's memory with a memory-mapped shard"),
     "resilience": ("mqttfl.tools.bench.resilience", "memory returned by expired transfers; an edge killed mid-round"),
     "comm": ("mqttfl.tools.bench.comm", "compression on the wire, FedLAMA and server strategies"),
+    "pipeline": ("mqttfl.tools.bench.pipeline", "Eco-FL pipelines across helpers: speed-up, DP partition, rebalancing"),
 }
 
 

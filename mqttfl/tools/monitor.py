@@ -10,7 +10,11 @@ MQTT, so it is tested with hand-made messages:
 - throughput: the cloud's completed rounds per minute; for other nodes, bytes per second sent plus
   received, from the transport counters of two consecutive periodic agent metrics;
 - drops: the ``transport.dropped`` counter of the periodic metrics, or the number of ``dropped`` events seen
-  from the node when that is higher (events arrive at once, metrics every ``metrics_interval_s``).
+  from the node when that is higher (events arrive at once, metrics every ``metrics_interval_s``);
+- pipelines (docs/design.md, "Pipeline"): a pipelined device's chain and blocks per stage, the planner's
+  predicted and the measured milliseconds per micro-batch of each stage, the bubble (the share of stage time
+  spent idle in the last mini-batch) and the most micro-batches each stage stashed, from its ``pipeline`` and
+  ``pipeline_step`` metrics.
 
 Plain text, redrawn every ``--interval`` seconds (no curses); ``--once`` prints one table (or one JSON object
 with ``--json``) after collecting for ``--interval`` seconds. Nothing here imports torch.
@@ -55,6 +59,8 @@ class NodeView:
     rounds_done: int | None = None
     last_event: str = ""
     status: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)  # a pipelined device's layout and measurements
+    _pipe_step: tuple[float, int] | None = None  # (elapsed_s, step) of the previous pipeline_step
     _bytes_sample: tuple[float, int] | None = None  # (sender ts, tx+rx bytes)
     _round_samples: collections.deque[tuple[float, int]] = field(
         default_factory=lambda: collections.deque(maxlen=20))  # (wall_s, round) of round metrics
@@ -71,6 +77,7 @@ class NodeView:
             "bytes_s": None if self.bytes_s is None else round(self.bytes_s, 1),
             "rounds_min": None if self.rounds_min is None else round(self.rounds_min, 2),
             "drops": self.drops, "rounds_done": self.rounds_done, "last_event": self.last_event,
+            **({"pipeline": dict(self.pipeline)} if self.pipeline else {}),
         }
 
 
@@ -149,6 +156,27 @@ class FleetView:
                     nv._bytes_sample = (ts, total)  # a lower total means the agent restarted: start over
             if isinstance(data.get("rounds_done"), int):
                 nv.rounds_done = data["rounds_done"]
+        elif kind == "pipeline":
+            nv.pipeline = {k: data.get(k) for k in ("chain", "blocks", "epoch", "predicted_ms", "predicted_bubble",
+                                                    "micro_batches", "stash_bound", "reason")}
+            nv._pipe_step = None
+        elif kind == "pipeline_step" and nv.pipeline:
+            self._pipeline_step(nv, data)
+
+    def _pipeline_step(self, nv: NodeView, data: dict[str, Any]) -> None:
+        elapsed, step, stage_ms = _number(data.get("elapsed_s")), data.get("step"), data.get("stage_ms")
+        nv.pipeline["stage_ms"] = stage_ms
+        nv.pipeline["stash"] = data.get("stash")
+        if elapsed is None or not isinstance(step, int) or not isinstance(stage_ms, list):
+            return
+        prev = nv._pipe_step
+        nv._pipe_step = (elapsed, step)
+        m, stages = nv.pipeline.get("micro_batches"), len(stage_ms)
+        if prev is None or step <= prev[1] or elapsed <= prev[0] or not isinstance(m, int) or not stages:
+            return
+        batch_s = (elapsed - prev[0]) / (step - prev[1])
+        busy = m * sum(float(t) for t in stage_ms) / 1000.0
+        nv.pipeline["bubble"] = round(max(0.0, 1.0 - busy / (stages * batch_s)), 3)
 
     def _event(self, nv: NodeView, data: dict[str, Any], now: float) -> None:
         name = str(data.get("event", "?"))
@@ -188,6 +216,18 @@ class FleetView:
         widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
         lines = [header, ""] + ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                                 for line in table]
+        pipes = [r for r in rows if r.get("pipeline")]
+        if pipes:
+            lines += ["", "pipelines (stage: blocks, predicted / measured ms per micro-batch, stash / bound):"]
+            for r in pipes:
+                p = r["pipeline"]
+                chain, blocks = p.get("chain") or [], p.get("blocks") or []
+                pred, meas = p.get("predicted_ms") or [], p.get("stage_ms") or []
+                stash, bound = p.get("stash") or [], p.get("stash_bound") or []
+                stages = [f"{n} [{blocks[k]},{blocks[k + 1]}) {_at(pred, k)}/{_at(meas, k)} ms "
+                          f"{_at(stash, k)}/{_at(bound, k)}" for k, n in enumerate(chain) if k + 1 < len(blocks)]
+                bubble = p.get("bubble", p.get("predicted_bubble"))
+                lines.append(f"  {r['node']}: epoch {p.get('epoch')}, bubble {_cell(bubble)}: " + " | ".join(stages))
         if self.events:
             lines += ["", "recent events:"]
             for e in list(self.events)[-10:]:
@@ -205,6 +245,10 @@ def _cell(v: Any) -> str:
     if v is None:
         return "-"
     return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), default=str)
+
+
+def _at(values: list[Any], k: int) -> str:
+    return _cell(values[k]) if k < len(values) else "-"
 
 
 def _age(s: float) -> str:
