@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mqttfl.tools.bench import async_, comm, data, migration, resilience, split, transport
+from mqttfl.tools.bench import async_, comm, data, migration, pipeline, resilience, split, transport
 from mqttfl.tools.cli import main
 from mqttfl.tools.testbed import RunFailed
 
@@ -68,6 +68,52 @@ COMM = {
 }
 
 
+PIPELINE = {'batch_size': 64,
+             'batches': 10,
+             'block_ms': 40.0,
+             'blocks': 12,
+             'cpus': 2,
+             'dp_vs_equal': 1.8041,
+             'layouts': {'s3': [0, 4, 8, 12],
+                         's4': [0, 3, 6, 9, 12],
+                         'speeds_dp': [0, 1, 5, 12],
+                         'speeds_equal': [0, 4, 8, 12]},
+             'loadavg': [4.92, 4.78, 4.15],
+             'max_abs_diff': 9.313225746154785e-10,
+             'max_abs_diff_by_run': {'alone': 1.7462298274040222e-10,
+                                     'rebalance': 9.313225746154785e-10,
+                                     's2': 1.7462298274040222e-10,
+                                     's3': 1.7462298274040222e-10,
+                                     's4': 1.7462298274040222e-10,
+                                     's4_gpipe': 1.7462298274040222e-10,
+                                     'speeds_dp': 1.7462298274040222e-10,
+                                     'speeds_equal': 1.7462298274040222e-10},
+             'micro_batches': 8,
+             'model': 'chain12',
+             'predicted_samples_s': {'s3': 106.281, 's4': 128.895, 'speeds_dp': 56.724, 'speeds_equal': 30.38},
+             'rebalance': {'after_samples_s': 73.722,
+                           'before_samples_s': 100.648,
+                           'blocks_after': [0, 6, 8, 12],
+                           'blocks_before': [0, 4, 8, 12],
+                           'curve': [[1, 0.63772], [2, 1.27363], [3, 1.91928], [4, 2.55268]],
+                           'during_samples_s': 40.519,
+                           'predicted_samples_s': 70.231,
+                           'recovery': 1.0497,
+                           'replanned': True,
+                           'replanned_at': 9,
+                           'slowed_at': 6},
+             'rebalance_recovery': 1.0497,
+             'speeds': {'dev1': 1.0, 'edge1': 4.0, 'h1': 2.0},
+             'speeds_samples_s': {'dp': 58.35, 'equal': 32.343},
+             'speedup_s2': 1.6851,
+             'speedup_s3': 2.267,
+             'speedup_s4': 2.7073,
+             'stash_bound': {'1f1b': [7, 5, 3, 1], 'gpipe': [8, 8, 8, 1]},
+             'stash_max': {'1f1b': [7, 5, 3, 1], 'gpipe': [8, 8, 8, 1]},
+             'stash_within_bound': True,
+             'throughput': {'alone': 44.127, 's2': 74.358, 's3': 100.036, 's4': 119.465}}
+
+
 def fake_async_run(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     curve = [[1.0, 0.5], [2.0, 0.92 if strategy == "ecofl" else 0.8], [3.0, 0.95]]
     return {"time_to_target_s": 2.0 if strategy == "ecofl" else 3.0, "final_accuracy": 0.95, "best_accuracy": 0.95,
@@ -80,9 +126,9 @@ def canned(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(async_, "run_one", fake_async_run)
     else:
         result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION, "data": DATA,
-                  "resilience": RESILIENCE, "comm": COMM}[bench]
+                  "resilience": RESILIENCE, "comm": COMM, "pipeline": PIPELINE}[bench]
         module = {"transport": transport, "split": split, "migration": migration, "data": data,
-                  "resilience": resilience, "comm": comm}[bench]
+                  "resilience": resilience, "comm": comm, "pipeline": pipeline}[bench]
         monkeypatch.setattr(module, "measure", lambda *a, **kw: json.loads(json.dumps(result)))
 
 
@@ -90,7 +136,8 @@ def failing(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*a: Any, **kw: Any) -> Any:
         raise RunFailed({"run": "bench-x", "round": 0, "reason": "round 0: quorum not met in 1 attempts"})
 
-    module = {"split": split, "migration": migration, "resilience": resilience, "comm": comm}.get(bench)
+    module = {"split": split, "migration": migration, "resilience": resilience, "comm": comm,
+              "pipeline": pipeline}.get(bench)
     if module is None:
         monkeypatch.setattr(async_, "run_one", fail)
     else:
@@ -105,7 +152,8 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
-@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data", "resilience", "comm"])
+@pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data", "resilience", "comm",
+                                   "pipeline"])
 def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_working_directory(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,10 +163,10 @@ def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_w
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((out / "results.json").read_text()) == printed
     files = {p.name for p in out.iterdir()}
-    if bench in ("async", "comm"):
+    if bench in ("async", "comm", "pipeline"):
         # PNG with matplotlib, else the hand-written SVG; the JSON names where it went.
         (plot,) = files - {"results.json"}
-        stem = {"async": "async_accuracy", "comm": "comm"}[bench]
+        stem = {"async": "async_accuracy", "comm": "comm", "pipeline": "pipeline"}[bench]
         assert plot in (f"{stem}.png", f"{stem}.svg") and printed["plot"] == str(out / plot)
         assert (out / plot).stat().st_size > 0
     else:
@@ -160,7 +208,7 @@ def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
     assert str(Path("bench-results") / "async" / "results.json") in table
 
 
-@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience", "comm"])
+@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience", "comm", "pipeline"])
 def test_a_failed_run_stops_the_bench_with_exit_1_and_says_why(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,10 @@ and the mini-batch redone, nothing trained twice."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ SHAPE = (64,)
 def spec_of(fleet: str, helpers: list[str], *, block_ms: float = 0.0, rounds: int = 2) -> FleetSpec:
     emulated = {"block_ms": block_ms} if block_ms else {}
     return FleetSpec(devices={"dev1": "edge1"}, model="chain12", input_shape=SHAPE, fleet=fleet,
-                     cloud={"rounds": rounds, "batch_size": 64, "micro_batches": 4, "lr": 0.05, "momentum": 0.9,
+                     cloud={"rounds": rounds, "batch_size": 128, "micro_batches": 4, "lr": 0.05, "momentum": 0.9,
                             "seed": 5, "autostart": False, "chains": {"dev1": helpers}, "deadline_s": 300.0},
                      helpers={h: ("dev1",) for h in helpers}, device_extra={"dev1": dict(emulated)},
                      edge_extra=dict(emulated), helper_extra={h: dict(emulated) for h in helpers})
@@ -113,3 +116,19 @@ def test_a_helper_killed_mid_round_is_left_out_without_training_twice(tmp_path: 
     assert layouts[-1]["chain"] == ["dev1", "h1", "edge1"]
     assert [r["devices"]["dev1"]["stages"] for r in rounds] == [3, 3]  # the stages it ended each round with
     assert rounds[0]["participants"] == 1 and not retried  # recovered within the round
+
+
+def test_the_pipeline_bench_measures_every_figure_at_a_tiny_size(tmp_path: Path) -> None:
+    """``mqttfl bench pipeline --small --json``: one JSON object with the issue's figures; every run of it (S = 2, 3,
+    4, GPipe, unequal speeds, a helper slowed mid-run) ends on the unsplit model's weights."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mqttfl.tools.cli", "bench", "pipeline", "--small", "--json", "--workdir",
+         str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    for key in ("speedup_s3", "dp_vs_equal", "rebalance_recovery", "max_abs_diff", "stash_max", "throughput",
+                "speedup_s2", "speedup_s4", "stash_bound", "rebalance", "plot"):
+        assert key in r, key
+    assert r["max_abs_diff"] <= TOL and len(r["max_abs_diff_by_run"]) == 8
+    assert r["stash_within_bound"] and r["stash_max"]["gpipe"] == [4, 4, 4, 1]
+    assert (tmp_path / "out" / "results.json").exists() and Path(r["plot"]).exists()
