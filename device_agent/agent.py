@@ -37,7 +37,8 @@ def build(cfg: AgentConfig) -> Node:
             labels=labels, label_format=data.label_format, eval_samples=len(held_out) if held_out else 0,
             schemas=schema_of, act_timeout_s=sec.act_timeout_s, migrate_timeout_s=sec.migrate_timeout_s,
             id_prefix=prefix, encodings=sec.encodings(), topk_ratio=sec.topk_ratio,
-            attack_scale=sec.attack_scale, restored=restored)
+            attack_scale=sec.attack_scale, restored=restored, klass=sec.klass,
+            memory_limit=int(sec.memory_mb * 2**20))
     machine: Machine = device if device is not None else HelperDevice(None, _server(cfg, sec, prefix))
     if device is not None and sec.serve:
         machine = HelperDevice(device, _server(cfg, sec, prefix))  # trains its own data and helps its neighbours

@@ -92,3 +92,41 @@ def reference_global(spec: FleetSpec, train: Dataset, rounds: int | Iterable[Ite
 def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
     assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
     return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a)
+
+
+def hetero_reference(spec: FleetSpec, train: Dataset, classes: Mapping[str, Mapping[str, object]],
+                     steps: Mapping[str, list[int]] | None = None, rounds: int = 1) -> dict[str, np.ndarray]:
+    """Rounds of devices training their class's model (docs/algorithms.md, "Heterogeneous devices"): each device
+    replayed with the torch backend (its class's local model; ``steps``: per round, the mini-batches a cutoff left
+    it), then
+    the masked mean over all devices, each weighted by the examples it processed per epoch, applied to the
+    global model. This is what the edges' means and the cloud's mean of them must come to."""
+    from mqttfl.fl.aggregate import masked_average
+    from mqttfl.ml.backend import TorchBackend
+    from mqttfl.protocol import stage
+    from mqttfl.protocol.hetero import DeviceClass
+    from mqttfl.protocol.plan import Plan, round_steps
+
+    t, horizon = training_of(spec)
+    shards = make_shards(spec, train)
+    g = initial_global(spec)
+    n = len(build_model(spec.model, input_shape=spec.input_shape, num_classes=t.num_classes))
+    with one_thread():
+        for rnd in range(rounds):
+            plan = Plan.of(replace(t, lr=round_lr(t, rnd, horizon)), run="reference", round=rnd)
+            items = []
+            for d in sorted(spec.devices):
+                cls = spec.device_extra.get(d, {}).get("class")
+                local = DeviceClass.of(str(cls), classes[str(cls)]).local() if cls in classes else None
+                backend = TorchBackend(d, data=shards[d])
+                opened = backend.run(stage.Open("s", plan, 0, n, g, data=True, local=local))
+                cut_short = (steps or {}).get(d)
+                total = cut_short[rnd] if cut_short else round_steps(len(shards[d]), plan)
+                seen = sum(backend.run(stage.LocalBatch("s", i, 1)).n for i in range(total))
+                weights = backend.run(stage.Weights("s"))
+                masks = {k: m.astype(np.float32) for k, m in (opened.masks if opened else {}).items()}
+                samples = len(shards[d]) if not cut_short else min(len(shards[d]), seen // t.epochs)
+                items.append((delta(weights, {k: g[k] for k in weights}), masks, float(samples)))
+            zeros = {k: np.zeros_like(v) for k, v in g.items()}
+            g = apply_delta(g, masked_average(items, zeros))
+    return g

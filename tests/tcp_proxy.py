@@ -4,13 +4,15 @@ Severing closes every forwarded connection at once (both sockets shut down, as w
 mid-transfer) and, until :meth:`TcpProxy.restore`, accepts new connections only to close them at once,
 so the client's reconnect attempts fail the way they do against an unreachable broker.
 :meth:`TcpProxy.sever_after` arms a cut that fires inside the client-to-broker byte stream, so a test
-can cut a link while a message is half sent without guessing at timing.
+can cut a link while a message is half sent without guessing at timing. :meth:`TcpProxy.throttle` paces the
+bytes it forwards, each way, to a given rate: a link that turns slow.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class TcpProxy:
@@ -31,6 +33,7 @@ class TcpProxy:
         self.accepted = 0
         self.refused = 0
         self.severs = 0
+        self.rate: float | None = None  # bytes per second each way; None: as fast as it goes
         self.severed_event = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="tcp-proxy", daemon=True)
 
@@ -60,6 +63,10 @@ class TcpProxy:
         with self._lock:
             self._severed = False
         self.severed_event.clear()
+
+    def throttle(self, bytes_per_s: float | None) -> None:
+        """Forward at most this many bytes per second in each direction (None: no limit)."""
+        self.rate = bytes_per_s
 
     @property
     def severed(self) -> bool:
@@ -104,10 +111,13 @@ class TcpProxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
         while True:
+            rate = self.rate
             try:
-                data = src.recv(65536)
+                data = src.recv(4096 if rate else 65536)
             except OSError:
                 data = b""
+            if rate and data:
+                time.sleep(len(data) / rate)
             if not data:
                 break
             fire = False

@@ -13,6 +13,7 @@ from mqttfl.fl.aggregate import (
     apply_delta,
     check_compatible,
     delta,
+    masked_average,
     weighted_average,
 )
 
@@ -131,3 +132,80 @@ def test_incompatible_states_name_the_offending_key() -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Masked averaging
+
+# ---------------------------------------------------------------------------------------------------------
+# Masked averaging
+
+
+def test_masked_average_with_full_masks_is_fedavg() -> None:
+    rng = np.random.default_rng(6)
+    base = random_state(rng)
+    states = [random_state(rng) for _ in range(3)]
+    weights = [5.0, 1.0, 9.0]
+    full = {k: np.ones(shape, dtype=bool) for k, shape in SHAPES.items()}
+    expected = weighted_average(list(zip(states, weights, strict=True)))
+    for masks in ([None, None, None], [full, None, full]):
+        out = masked_average(list(zip(states, masks, weights, strict=True)), base)
+        for key in SHAPES:
+            np.testing.assert_allclose(out[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_parameter_no_client_covered_is_unchanged() -> None:
+    rng = np.random.default_rng(7)
+    base = random_state(rng)
+    mask = {k: np.ones(shape, dtype=bool) for k, shape in SHAPES.items()}
+    mask["conv.weight"][0] = False  # output channel 0 pruned by everyone
+    items = [(random_state(rng), mask, 2.0), (random_state(rng), mask, 3.0)]
+    out = masked_average(items, base)
+    np.testing.assert_array_equal(out["conv.weight"][0], base["conv.weight"][0])
+    expected = (2 * items[0][0]["conv.weight"][1:] + 3 * items[1][0]["conv.weight"][1:]) / 5
+    np.testing.assert_allclose(out["conv.weight"][1:], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_partially_masked_entries_average_over_covering_clients_only() -> None:
+    base = {"w": np.zeros(3, dtype=np.float32)}
+    a = ({"w": np.array([1.0, 1.0, 1.0], np.float32)}, {"w": np.array([1, 1, 0])}, 1.0)
+    b = ({"w": np.array([3.0, np.nan, 5.0], np.float32)}, {"w": np.array([1, 0, 1])}, 3.0)
+    out = masked_average([a, b], base)
+    np.testing.assert_allclose(out["w"], [(1 + 9) / 4, 1.0, 5.0])
+
+
+def test_weak_clients_that_omit_frozen_layers_do_not_touch_them() -> None:
+    # EmbracingFL: weak clients train only the output-side "fc" layer and leave "conv.*" out of their upload.
+    rng = np.random.default_rng(8)
+    base = random_state(rng)
+    strong = [(random_state(rng), None, 4.0), (random_state(rng), None, 6.0)]
+    weak = [({"fc.weight": random_state(rng)["fc.weight"]}, None, 50.0) for _ in range(3)]
+    out = masked_average(strong + weak, base)
+    strong_only = weighted_average([(s, n) for s, _, n in strong])
+    for key in ("conv.weight", "conv.bias"):
+        np.testing.assert_allclose(out[key], strong_only[key], rtol=1e-6, atol=1e-7)
+    everyone = (
+        4 * strong[0][0]["fc.weight"].astype(np.float64)
+        + 6 * strong[1][0]["fc.weight"]
+        + 50 * sum(w[0]["fc.weight"].astype(np.float64) for w in weak)
+    ) / 160
+    np.testing.assert_allclose(out["fc.weight"], everyone, rtol=1e-5, atol=1e-6)
+
+
+def test_per_channel_mask_broadcasts_for_width_reduction() -> None:
+    rng = np.random.default_rng(9)
+    base = random_state(rng)
+    narrow = random_state(rng)
+    channel_mask = {
+        "conv.weight": np.array([1, 1, 0, 0]).reshape(4, 1, 1, 1),
+        "conv.bias": np.array([1, 1, 0, 0]),
+    }
+    out = masked_average([(narrow, channel_mask, 1.0)], base)
+    np.testing.assert_array_equal(out["conv.weight"][2:], base["conv.weight"][2:])
+    np.testing.assert_array_equal(out["conv.weight"][:2], narrow["conv.weight"][:2])
+    np.testing.assert_array_equal(out["fc.weight"], narrow["fc.weight"])
+
+
+def test_masked_average_refuses_unknown_keys_and_misfit_masks() -> None:
+    rng = np.random.default_rng(10)
+    base = random_state(rng)
+    with pytest.raises(AggregationError, match="extra"):
+        masked_average([({"extra": np.zeros(1, np.float32)}, None, 1.0)], base)
+    with pytest.raises(AggregationError, match="conv.bias"):
+        masked_average([(random_state(rng), {"conv.bias": np.ones(5)}, 1.0)], base)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mqttfl.tools.bench import async_, comm, data, migration, pipeline, resilience, split, transport
+from mqttfl.tools.bench import async_, comm, data, hetero, migration, pipeline, resilience, split, transport
 from mqttfl.tools.cli import main
 from mqttfl.tools.testbed import RunFailed
 
@@ -42,6 +42,36 @@ RESILIENCE = {"memory": {"rss_baseline_mb": 224.7, "rss_peak_mb": 338.8, "rss_af
                          "returned_fraction": 0.9, "expired": 3, "memory_released": 3},
               "model": "mlp", "kill_at": 12, "down_s": 1.0, "resume_every": 4, "resume": CRASH,
               "rejoin": {**CRASH, "replayed_steps": 48}}
+
+
+def _acc(*seeds: float) -> dict[str, Any]:
+    return {"mean": sum(seeds) / len(seeds), "std": 0.01, "seeds": list(seeds)}
+
+
+def _variant(acc: float, mem: float) -> dict[str, Any]:
+    return {"accuracy": acc, "bytes_up_per_round": 1000, "train_mem_mb": mem, "batch_ms": 10.0}
+
+
+def _cutoff(round_s: float, acc: float) -> dict[str, Any]:
+    return {"round_s": round_s, "accuracy": acc, "accuracy_seeds": [acc]}
+
+
+def _plan_run(round_s: float, cut: int) -> dict[str, Any]:
+    return {"round_s": round_s, "predicted_round_s": round_s * 0.9, "cuts": {"dev1": cut}, "T_local": {"dev1": 1.0}}
+
+
+HETERO = {
+    "inclusive": {"strong": 4, "weak": [0, 4], "rounds": 2, "alpha": 0.3, "seeds": 2,
+                  "accuracy": {"strong_only@0": _acc(0.6, 0.62), "strong_only@4": _acc(0.6, 0.62),
+                               "partial@4": _acc(0.75, 0.71), "width@4": _acc(0.65, 0.66)}},
+    "compressed": {"model": "vgg5", "devices": 6, "rounds": 2, "memory_shape": [3, 32, 32], "memory_batch": 64,
+                   "variants": {k: _variant(0.9, 40.0 if k == "int8" else 100.0) for k in hetero.VARIANTS}},
+    "cutoffs": {"rounds": 2, "epochs": 5, "slowdown": 4.0, "tau_s": 1.0, "fast_only": _cutoff(2.0, 0.9),
+                "no_cutoff": _cutoff(8.0, 0.92), "tau_fast": _cutoff(2.1, 0.9), "tau_1.5x": _cutoff(3.0, 0.91),
+                "tau_fast_fednova": _cutoff(2.1, 0.9), "acc_delta_seeds": [-0.02], "time_ratio_seeds": [1.05]},
+    "planner": {"model": "vgg5", "speeds": [1.0, 8.0], "rounds": 4, "best_fixed": "cut2", "planned_vs_fixed": 0.8,
+                "runs": {"cut1": _plan_run(12.0, 1), "cut2": _plan_run(10.0, 2), "planned": _plan_run(8.0, 5)}},
+}
 
 
 def _real(acc: float, per_round: int, delta: int) -> dict[str, Any]:
@@ -126,9 +156,9 @@ def canned(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(async_, "run_one", fake_async_run)
     else:
         result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION, "data": DATA,
-                  "resilience": RESILIENCE, "comm": COMM, "pipeline": PIPELINE}[bench]
+                  "resilience": RESILIENCE, "comm": COMM, "pipeline": PIPELINE, "hetero": HETERO}[bench]
         module = {"transport": transport, "split": split, "migration": migration, "data": data,
-                  "resilience": resilience, "comm": comm, "pipeline": pipeline}[bench]
+                  "resilience": resilience, "comm": comm, "pipeline": pipeline, "hetero": hetero}[bench]
         monkeypatch.setattr(module, "measure", lambda *a, **kw: json.loads(json.dumps(result)))
 
 
@@ -137,7 +167,7 @@ def failing(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
         raise RunFailed({"run": "bench-x", "round": 0, "reason": "round 0: quorum not met in 1 attempts"})
 
     module = {"split": split, "migration": migration, "resilience": resilience, "comm": comm,
-              "pipeline": pipeline}.get(bench)
+              "pipeline": pipeline, "hetero": hetero}.get(bench)
     if module is None:
         monkeypatch.setattr(async_, "run_one", fail)
     else:
@@ -153,7 +183,7 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data", "resilience", "comm",
-                                   "pipeline"])
+                                   "pipeline", "hetero"])
 def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_working_directory(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,10 +193,10 @@ def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_w
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((out / "results.json").read_text()) == printed
     files = {p.name for p in out.iterdir()}
-    if bench in ("async", "comm", "pipeline"):
+    if bench in ("async", "comm", "pipeline", "hetero"):
         # PNG with matplotlib, else the hand-written SVG; the JSON names where it went.
         (plot,) = files - {"results.json"}
-        stem = {"async": "async_accuracy", "comm": "comm", "pipeline": "pipeline"}[bench]
+        stem = {"async": "async_accuracy", "comm": "comm", "pipeline": "pipeline", "hetero": "hetero"}[bench]
         assert plot in (f"{stem}.png", f"{stem}.svg") and printed["plot"] == str(out / plot)
         assert (out / plot).stat().st_size > 0
     else:
@@ -197,6 +227,21 @@ def test_comm_summarises_every_figure_the_issue_asks_for(cwd: Path, tmp_path: Pa
     assert r["targets"] == {"split_int8": True, "fedlama_phi2": False, "delta_topk": True, "robust": True}
 
 
+def test_hetero_summarises_every_figure_the_issue_asks_for(cwd: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    canned("hetero", monkeypatch)
+    assert main(["bench", "hetero", "--json", "--out", str(tmp_path / "h")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # Per seed: partial - width = 0.10, 0.05; partial - strong only = 0.15, 0.09.
+    assert r["acc_partial_minus_width"] == pytest.approx(0.075) and r["acc_partial_minus_width_std"] > 0
+    assert r["acc_partial_minus_strong_only"] == pytest.approx(0.12)
+    assert r["planned_vs_fixed"] == 0.8
+    assert r["tau_time_ratio"] == pytest.approx(1.05) and r["tau_acc_delta"] == pytest.approx(-0.02)
+    assert r["int8_memory_ratio"] == pytest.approx(0.4)
+    assert r["targets"] == {"partial_beats_width_and_strong_only": True, "planned_vs_fixed": True, "tau": True}
+
+
 def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
         cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     canned("async", monkeypatch)
@@ -208,7 +253,7 @@ def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
     assert str(Path("bench-results") / "async" / "results.json") in table
 
 
-@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience", "comm", "pipeline"])
+@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience", "comm", "pipeline", "hetero"])
 def test_a_failed_run_stops_the_bench_with_exit_1_and_says_why(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

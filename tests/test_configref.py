@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mqttfl.protocol.cloud.settings import CloudSettings
-from mqttfl.runtime.config import CloudRuntime, ConfigError, DeviceSection, EdgeSection, MqttConfig
+from mqttfl.runtime.config import TOML_NAMES, CloudRuntime, ConfigError, DeviceSection, EdgeSection, MqttConfig
 from mqttfl.tools.configref import check, reference
 from mqttfl.tools.testbed import write_toml
 
@@ -22,7 +22,7 @@ def test_docs_config_md_is_the_generated_reference() -> None:
 
 def test_every_key_of_every_section_is_documented_with_a_meaning() -> None:
     text = reference()
-    keys = [f.name for dc in (DeviceSection, EdgeSection, CloudRuntime) for f in fields(dc)]
+    keys = [TOML_NAMES.get(f.name, f.name) for dc in (DeviceSection, EdgeSection, CloudRuntime) for f in fields(dc)]
     keys += [f.name for f in fields(MqttConfig) if f.name != "password"]
     keys += [k for k in CloudSettings().flat()]
     for key in keys:

@@ -145,6 +145,24 @@ def test_a_pipelined_devices_chain_plan_stage_times_bubble_and_stash_show() -> N
     assert "pipelines" in text and "h1 [4,8) 60.0/60.0 ms 3/3" in text and "bubble 0.2" in text
 
 
+def test_the_last_rounds_costs_per_device_class_show_as_a_table() -> None:
+    v = FleetView("lab")
+    weak = {"devices": 3, "T_local": 1.5, "T_upload": 0.01, "T_global": 0.2, "T_download": 0.02, "T": 1.73,
+            "T_max": 2.0, "peak_rss_mb": 310.5, "train_mem_mb": 0.8, "bytes_up": 61_560, "bytes_down": 2_000_000,
+            "energy_j": 9.5, "cutoffs": 1}
+    v.update(msg("metrics", "cloud", {"node": "cloud", "role": "cloud", "kind": "round", "round": 4,
+                                      "classes": {"weak": weak, "default": {**weak, "energy_j": None}}}), now=NOW)
+    lines = v.render(now=NOW).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("device classes (round 4"))
+    assert lines[at + 2].split()[:3] == ["CLASS", "DEVICES", "T_LOCAL"]
+    assert lines[at + 3].split() == ["default", "3", "1.5", "0.01", "0.2", "0.02", "1.73", "2", "310", "0.8", "0.06",
+                                     "2.00", "-", "1"]
+    assert lines[at + 4].split()[0] == "weak" and lines[at + 4].split()[-2] == "9.5"
+    assert v.snapshot(now=NOW)["classes"]["weak"] == weak
+
+
+
+
 def test_render_and_snapshot_show_every_node() -> None:
     v = FleetView("lab")
     v.update(msg("status", "cloud", status("cloud", "cloud", "running", round=2), retained=True), now=NOW)

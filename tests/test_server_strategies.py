@@ -170,7 +170,11 @@ def test_partial_rounds_aggregate_their_layers_only() -> None:
         np.testing.assert_array_equal(got["w"], model["w"])
         assert not np.array_equal(got["b"], model["b"])
     with pytest.raises(UpdateRejected, match="keys differ"):
-        FedAvg().aggregate(model, [ups[0], Update("x", state(1), 1)])
+        make_strategy("median").aggregate(model, [ups[0], Update("x", state(1), 1)])
+    # FedAvg takes updates that cover parts of the model: each key is averaged over the updates that carry it.
+    mixed = FedAvg().aggregate(model, [ups[0], Update("x", state(1), 1)])
+    np.testing.assert_allclose(mixed["w"], model["w"] + state(1)["w"], rtol=1e-6)
+    np.testing.assert_allclose(mixed["b"], model["b"] + (ups[0].delta["b"] + state(1)["b"]) / 2, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- privacy

@@ -3,7 +3,8 @@
 Edges and the cloud run the same functions: an edge averages its devices weighted by samples and the cloud
 averages the edges weighted by their total samples, which equals flat FedAvg over all devices (docs/design.md, "Round").
 Sums are accumulated in float64 so that this two-level equality holds to float32 rounding, whatever the order
-in which updates arrive. Floating entries keep their dtype; integer entries (BatchNorm's
+in which updates arrive. :func:`masked_average` generalises FedAvg to clients that trained only part of the model
+(docs/algorithms.md, "Heterogeneous devices"). Floating entries keep their dtype; integer entries (BatchNorm's
 ``num_batches_tracked``) are averaged and rounded back to their integer dtype.
 """
 
@@ -20,6 +21,7 @@ __all__ = [
     "cast_like",
     "check_compatible",
     "delta",
+    "masked_average",
     "weighted_average",
 ]
 
@@ -99,3 +101,56 @@ def apply_delta(base: Mapping[str, np.ndarray], d: Mapping[str, np.ndarray], sca
     return {
         k: cast_like(base[k].astype(np.float64) + scale * d[k].astype(np.float64), base[k]) for k in base
     }
+
+
+def masked_average(
+    items: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None, float]],
+    base: Mapping[str, np.ndarray],
+) -> State:
+    """Per-parameter average over the clients that trained it.
+
+    w_j <- sum_i n_i m_ij w_ij / sum_i n_i m_ij, and w_j = base_j where no client covered j. Each item is
+    (state, mask, n). A client's state may omit keys it did not train (a weak client's frozen input-side layers):
+    those count as mask 0. ``mask`` None means the full model; a mask mapping without a key the state has means
+    that key is full; a mask array must broadcast to its parameter (a per-output-channel mask, or a scalar
+    share of the client's weight). With every mask full this is :func:`weighted_average`.
+    """
+    if not items:
+        raise AggregationError("nothing to aggregate")
+    weights = [_check_weight(n, i) for i, (_, _, n) in enumerate(items)]
+    if sum(weights) <= 0:
+        raise AggregationError("total weight is zero")
+    for i, (state, mask, _) in enumerate(items):
+        for key, value in state.items():
+            if key not in base:
+                raise AggregationError(f"client {i}: key {key!r} is not in the base model")
+            if value.shape != base[key].shape:
+                raise AggregationError(f"client {i}: key {key!r} has shape {value.shape}, expected {base[key].shape}")
+        for key in mask or {}:
+            if key not in base:
+                raise AggregationError(f"client {i}: mask key {key!r} is not in the base model")
+
+    out: State = {}
+    for key, ref in base.items():
+        num = np.zeros(ref.shape, dtype=np.float64)
+        den = np.zeros(ref.shape, dtype=np.float64)
+        for i, ((state, mask, _), n) in enumerate(zip(items, weights, strict=True)):
+            if key not in state or n == 0:
+                continue
+            if mask is None or key not in mask:
+                m = np.ones(ref.shape, dtype=np.float64)
+            else:
+                try:
+                    m = np.broadcast_to(np.asarray(mask[key], dtype=np.float64), ref.shape)
+                except ValueError as exc:
+                    raise AggregationError(f"client {i}: mask for {key!r} of shape {np.shape(mask[key])} does not "
+                                           f"fit {ref.shape}") from exc
+                if not np.all(np.isfinite(m)) or np.any(m < 0):
+                    raise AggregationError(f"client {i}: mask for {key!r} must be finite and >= 0")
+            # np.where, not a product: a pruned position may hold anything (even NaN) and must add nothing.
+            num += np.where(m > 0, n * m * state[key].astype(np.float64), 0.0)
+            den += n * m
+        covered = den > 0
+        avg = np.divide(num, den, out=np.zeros_like(num), where=covered)
+        out[key] = np.where(covered, cast_like(avg, ref), ref)
+    return out

@@ -70,16 +70,31 @@ class ServerOptimizer:
         self.v = {k: np.array(v, np.float64) for k, v in d["v"].items()}
 
 
-def nova(deltas: Sequence[State], samples: Sequence[float], steps: Sequence[int]) -> State:
-    """FedNova's normalised average; a client with zero steps contributes nothing."""
-    total = float(sum(samples))
-    p = [n / total for n in samples]
-    tau_eff = sum(pi * t for pi, t in zip(p, steps, strict=True))
+def nova(deltas: Sequence[State], samples: Sequence[float], steps: Sequence[int],
+         masks: Sequence[State | None] | None = None, shapes: Mapping[str, np.ndarray] | None = None) -> State:
+    """FedNova's normalised average; a client with zero steps contributes nothing.
+
+    With clients that trained part of the model (a key left out, or ``masks``: the share of the client's weight
+    behind each entry), the weights p_i, tau_eff and the sum run per entry over the clients that trained it;
+    ``shapes`` gives each key's shape. With full clients this is the formula above."""
+    keys = list(dict.fromkeys(k for d in deltas for k in d))
+    masks = masks or [None] * len(deltas)
     out: State = {}
-    for k in deltas[0]:
-        acc = np.zeros(np.shape(deltas[0][k]))
-        for d, pi, t in zip(deltas, p, steps, strict=True):
-            if t > 0 and pi > 0:
-                acc += (pi / t) * np.asarray(d[k], np.float64)
+    for k in keys:
+        shape = np.shape(shapes[k]) if shapes is not None else np.shape(next(d[k] for d in deltas if k in d))
+        weight = np.zeros(shape)
+        for d, n, m in zip(deltas, samples, masks, strict=True):
+            if k in d:
+                weight += n * (np.asarray(m[k], np.float64) if m and k in m else 1.0)
+        acc = np.zeros(shape)
+        tau_eff = np.zeros(shape)
+        for d, n, t, m in zip(deltas, samples, steps, masks, strict=True):
+            if k not in d:
+                continue
+            share = n * (np.asarray(m[k], np.float64) if m and k in m else 1.0)
+            p = np.divide(share, weight, out=np.zeros(shape), where=weight > 0)
+            tau_eff += p * t
+            if t > 0:
+                acc += np.where(p > 0, (p / t) * np.asarray(d[k], np.float64), 0.0)
         out[k] = (tau_eff * acc).astype(np.float32)
     return out

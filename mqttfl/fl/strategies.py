@@ -12,6 +12,9 @@ makes that survive a restart. Two families share the interface:
   device's delta (robust rules, FedNova, DP); ``prox_mu`` is the proximal weight local training adds (FedProx);
   ``buffers`` are the keys of non-trainable float buffers (BatchNorm statistics), which adaptive and noisy
   rules leave to the plain mean; ``last_report`` says what the rule did (selected, clipped, privacy spent);
+  ``masks`` says whether the rule takes updates that cover part of the model (devices that trained a partial,
+  pruned or narrower model: each entry is then averaged over the updates that trained it, docs/algorithms.md,
+  "Heterogeneous devices");
 - *asynchronous* strategies take one update at a time: ``submit(model, update)`` returns ``(model,
   advanced)``; ``version`` counts the global models produced and increments exactly when ``advanced`` is
   True. An update's staleness is ``version - update.base_version`` at arrival. The cloud feeds them the
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from mqttfl.fl import fedopt, privacy, robust
-from mqttfl.fl.aggregate import AggregationError, apply_delta, cast_like, weighted_average
+from mqttfl.fl.aggregate import AggregationError, apply_delta, cast_like, masked_average, weighted_average
 from mqttfl.fl.staleness import StalenessFn, polynomial
 from mqttfl.fl.staleness import by_name as staleness_by_name
 
@@ -62,6 +65,9 @@ class Update:
     base_version: int = 0
     group: int | None = None
     steps: int = 0  # local optimizer steps (FedNova); 0 when unknown (an edge's mean)
+    # Part of the model: per key, the share of ``num_samples`` behind each entry (0/1 for a device's pruned or
+    # narrower model, a fraction for an edge's mean; it broadcasts to the key); keys the delta leaves out count 0.
+    mask: State | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 0:
@@ -85,12 +91,23 @@ class Grouping(StrEnum):
     ECOFL = "ecofl"  # latency and label mix, regrouped at run time (Eco-FL)
 
 
+def partial(updates: Sequence[Update]) -> bool:
+    """Whether some update covers only part of the round's keys or entries."""
+    return any(u.mask for u in updates) or len({frozenset(u.delta) for u in updates}) > 1
+
+
 def mean_delta(updates: Sequence[Update]) -> State:
-    """FedAvg's sample-weighted mean of the updates' deltas: the one weighted mean every round close uses."""
+    """FedAvg's sample-weighted mean of the updates' deltas: the one weighted mean every round close uses. When
+    updates cover parts of the model, each entry is the mean over the updates that trained it (0 where none
+    did: the parameter stays as it is)."""
     if not updates:
         raise UpdateRejected("nothing to aggregate")
     try:
-        return weighted_average([(u.delta, float(u.num_samples)) for u in updates])
+        if not partial(updates):
+            return weighted_average([(u.delta, float(u.num_samples)) for u in updates])
+        keys = list(dict.fromkeys(k for u in updates for k in u.delta))
+        zeros = {k: np.zeros(np.shape(next(u.delta[k] for u in updates if k in u.delta)), np.float32) for k in keys}
+        return masked_average([(u.delta, u.mask, float(u.num_samples)) for u in updates], zeros)
     except AggregationError as e:
         raise UpdateRejected(str(e)) from e
 
@@ -104,18 +121,23 @@ def _check_delta(model: State, upd: Update) -> None:
             raise UpdateRejected(f"{upd.client}: {k} has shape {np.shape(upd.delta[k])}, model {np.shape(m)}")
 
 
-def _check_round(model: State, updates: Sequence[Update]) -> list[str]:
-    """The key set every update of a synchronous round shares (a subset of the model's, in its order)."""
+def _check_round(model: State, updates: Sequence[Update], masks: bool = False) -> list[str]:
+    """The key set of a synchronous round (a subset of the model's, in its order): every update's, or, for a rule
+    that takes ``masks``, the union of the updates' keys."""
     if not updates:
         raise UpdateRejected("nothing to aggregate")
     keys = set(updates[0].delta)
+    if masks:
+        keys = {k for u in updates for k in u.delta}
     for u in updates:
-        if set(u.delta) != keys:
+        if u.mask and not masks:
+            raise UpdateRejected(f"{u.client}: this rule takes no update that covers part of the model")
+        if set(u.delta) != keys and not masks:
             raise UpdateRejected(f"{u.client}: keys differ from {updates[0].client}'s in the same round")
-        extra = keys - set(model)
+        extra = set(u.delta) - set(model)
         if extra:
             raise UpdateRejected(f"{u.client}: keys the model lacks {sorted(extra)[:3]}")
-        for k in keys:
+        for k in u.delta:
             if np.shape(u.delta[k]) != np.shape(model[k]):
                 raise UpdateRejected(f"{u.client}: {k} has shape {np.shape(u.delta[k])}, model {np.shape(model[k])}")
     return [k for k in model if k in keys]
@@ -142,6 +164,7 @@ class Strategy:
     version = 0
     preaggregate = True
     prox_mu = 0.0
+    masks = False
     buffers: frozenset[str] = frozenset()
     last_report: dict[str, Any] = {}
 
@@ -173,7 +196,7 @@ class SyncStrategy(Strategy):
     """A synchronous rule: ``combine`` turns the round's updates into one delta over their keys."""
 
     def aggregate(self, model: State, updates: Sequence[Update], info: RoundInfo | None = None) -> State:
-        keys = _check_round(model, updates)
+        keys = _check_round(model, updates, self.masks)
         counted = [u for u in updates if u.num_samples > 0]
         if not counted:
             raise UpdateRejected("no update carries samples")
@@ -189,9 +212,11 @@ class SyncStrategy(Strategy):
 
 
 class FedAvg(SyncStrategy):
-    """FedAvg (McMahan et al., arXiv 1602.05629): x <- x + sum_i n_i delta_i / sum_i n_i."""
+    """FedAvg (McMahan et al., arXiv 1602.05629): x <- x + sum_i n_i delta_i / sum_i n_i; each entry over the
+    updates that trained it when they cover parts of the model."""
 
     name = "fedavg"
+    masks = True
 
     def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
         return mean_delta(updates)
@@ -235,12 +260,13 @@ class FedNova(SyncStrategy):
 
     name = "fednova"
     preaggregate = False
+    masks = True
 
     def combine(self, model: State, updates: Sequence[Update], info: RoundInfo) -> State:
         if not any(u.steps > 0 for u in updates):
             raise UpdateRejected("FedNova needs each device's local steps")
         return fedopt.nova([u.delta for u in updates], [float(u.num_samples) for u in updates],
-                           [u.steps for u in updates])
+                           [u.steps for u in updates], [u.mask for u in updates], shapes=model)
 
 
 class Median(SyncStrategy):

@@ -583,7 +583,7 @@ class PipelineCoordinator:
         if r is None or r.pipe is None:
             return False
         if isinstance(ev.job, stage.Profile):
-            self._pipe_profiled(self.node, tuple(ev.result), 0, now)
+            self._pipe_profiled(self.node, tuple(ev.result.block_s), 0, now)
             return True
         if isinstance(ev.job, stage.Open):
             self._pipe_opened(now)

@@ -56,6 +56,7 @@ from mqttfl.protocol.chain import PIPE_TIMER, Pipeline, PipelineCoordinator
 from mqttfl.protocol.control import arg, check_id
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.events import (
+    CancelTimer,
     Command,
     CommandError,
     Count,
@@ -77,12 +78,15 @@ from mqttfl.protocol.events import (
     Started,
     TimerFired,
 )
+from mqttfl.protocol.hetero import DEFAULT_CLASS, LocalModel, compact
 from mqttfl.protocol.links import Downstream
 from mqttfl.protocol.messages import (
     Abort,
     Activations,
     Ckpt,
+    DeviceProfile,
     DeviceUpdate,
+    Echo,
     EdgeSession,
     EvalReport,
     EvaluateModel,
@@ -106,16 +110,23 @@ from mqttfl.protocol.messages import (
     Transfer,
 )
 from mqttfl.protocol.plan import LabelFormat, Plan, batches_per_epoch, check_encodings, reconnect_within, round_steps
+from mqttfl.protocol.probe import LinkProbe
 from mqttfl.protocol.resume import DeviceSnapshot, Snapshots
 from mqttfl.protocol.schedule import Action, actions
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch
 from mqttfl.protocol.status import NodeState
 from mqttfl.wire.compress import TopK
+from mqttfl.wire.encoding import encoded_bytes
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
 Key = tuple[int, int]
 ACT_TIMER = "act"
 MIGRATE_TIMER = "migrate"
+PROBE_TIMER = "probe"
+# A round whose own compute per mini-batch leaves this band around the profile's prediction has the device
+# measure its blocks again before the next round (split-point planning: the profile drifted).
+DRIFT = (0.7, 1.4)
+TRAINING_JOBS = (stage.Forward, stage.Backward, stage.Step, stage.LocalBatch)
 STATE_FORMAT = 1
 State = dict[str, np.ndarray]
 
@@ -173,6 +184,15 @@ class DeviceRound:
     encodings: dict[str, str] = field(default_factory=dict)
     weights: State = field(default_factory=dict)  # at the end of the round
     pipe: Pipeline | None = None  # a pipelined round: its stages across the device's helpers
+    variant: LocalModel | None = None  # the device class's model (None: the whole model in fp32)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # entries a pruned or width model trains
+    prelude: bool = True  # profiling and meters before the first mini-batch
+    probed: bool = False
+    skip_profile: bool = False
+    compute_s: float = 0.0  # this device's own training jobs, on its clock
+    job_t0: float = 0.0
+    cutoff: bool = False  # the class's tau_s ended the round early
+    train_mem: int = 0
 
 
 class DeviceMachine(PipelineCoordinator):
@@ -182,7 +202,8 @@ class DeviceMachine(PipelineCoordinator):
                  cut: int | None = None, labels: list[int] | None = None, label_format: LabelFormat | None = None,
                  eval_samples: int = 0, act_timeout_s: float = 10.0, migrate_timeout_s: float = 10.0,
                  id_prefix: str = "0", encodings: dict[str, str] | None = None, topk_ratio: float = 0.0,
-                 attack_scale: float = 1.0, restored: dict[str, Any] | None = None) -> None:
+                 attack_scale: float = 1.0, restored: dict[str, Any] | None = None, klass: str = DEFAULT_CLASS,
+                 memory_limit: int = 0) -> None:
         check_id(edge, "edge")
         self.node, self.edge, self.cloud = node, edge, cloud
         self.n_samples = n_samples
@@ -224,6 +245,13 @@ class DeviceMachine(PipelineCoordinator):
         self.lama: LamaMemory | None = None
         self.profiles: dict[tuple[str, str, int], tuple[float, ...]] = {}  # pipelines: (run, stage, rows) -> s/block
         self.stage_memory: dict[str, int] = {}
+        self.klass = klass  # the cloud's [cloud.classes] say what a device of this class trains
+        self.memory_limit = memory_limit  # bytes for training (0: no limit), for split-point planning
+        self.blocks: tuple[tuple[str, int], stage.BlockProfile] | None = None  # (fingerprint, batch) measured
+        self.reprofile = False
+        self.probe: LinkProbe | None = None
+        self._probe_seq = 0
+        self._clock = 0.0
         if restored:
             self._restore(restored)
 
@@ -251,6 +279,8 @@ class DeviceMachine(PipelineCoordinator):
         if self.labels is not None:
             # Eco-FL grouping uses the label mix; a device may keep it to itself (share_labels = false).
             status["labels"] = list(self.labels)
+        if self.klass != DEFAULT_CLASS:
+            status["class"] = self.klass
         return status
 
     def metrics(self) -> dict[str, Any]:
@@ -268,6 +298,7 @@ class DeviceMachine(PipelineCoordinator):
 
     def handle(self, ev: Event, now: float) -> list[Effect]:
         self._fx = []
+        self._clock = now
         if isinstance(ev, Received):
             self._on_message(ev, now)
         elif isinstance(ev, JobDone):
@@ -298,6 +329,7 @@ class DeviceMachine(PipelineCoordinator):
     def _run(self, job: stage.Job) -> None:
         assert self.round is not None
         self.round.waiting = job
+        self.round.job_t0 = self._clock
         self._do(Run(job))
 
     def _send(self, dst: str, msg: Any, reliable: bool = False, encoding: str = "none") -> None:
@@ -318,6 +350,8 @@ class DeviceMachine(PipelineCoordinator):
             self._on_evaluate(ev, msg)
         elif isinstance(msg, (StageReady, StageState, StageProfile)):
             self._pipe_on_message(ev.src, msg, now)
+        elif isinstance(msg, Echo):
+            self._on_echo(ev, msg, now)
         else:
             self._do(Drop("unexpected", f"{msg.kind}/{msg.op} is not for a device", ev.src))
 
@@ -340,8 +374,14 @@ class DeviceMachine(PipelineCoordinator):
         try:
             if not 1 <= msg.cut <= schema.n_blocks:
                 raise ProtocolError("bad_plan", f"cut {msg.cut} outside 1..{schema.n_blocks}")
-            if msg.helpers and (msg.partial or msg.cut == schema.n_blocks or self.node in msg.helpers):
+            if msg.helpers and (msg.partial or msg.cut == schema.n_blocks or self.node in msg.helpers
+                                or msg.local is not None):
                 raise ProtocolError("bad_plan", "a pipeline needs a split round with the whole model")
+            if msg.local is not None and msg.local.local_only and msg.cut != schema.n_blocks:
+                raise ProtocolError("bad_plan", f"a {msg.local.train} {msg.local.precision} model trains locally, "
+                                                f"not at cut {msg.cut}")
+            if msg.local is not None and msg.local.frozen(schema.n_blocks) >= schema.n_blocks:
+                raise ProtocolError("bad_plan", "a partial model that trains no block")
             specs = schema.specs(0, schema.n_blocks if msg.helpers else msg.cut)
             if msg.partial:
                 if not plan.fedlama:
@@ -429,7 +469,8 @@ class DeviceMachine(PipelineCoordinator):
         self.round = r = DeviceRound(
             plan=plan, cut=msg.cut, local=msg.cut == schema.n_blocks, base=base, session=self._new_id("r"),
             started=now, first_start=first, t_download=t_download, total=round_steps(self.n_samples, plan),
-            down=Downstream(self.act_timeout_s), start=start, encodings=plan.encodings(msg.encodings))
+            down=Downstream(self.act_timeout_s), start=start, encodings=plan.encodings(msg.encodings),
+            variant=msg.local)
         self.refused = None
         if msg.helpers:
             r.pipe = Pipeline(tuple(msg.helpers), schema, plan, msg.cut)
@@ -439,7 +480,65 @@ class DeviceMachine(PipelineCoordinator):
         self._status(NodeState.TRAINING, round=plan.round, run=plan.run, fingerprint=schema.fingerprint, refused=None)
         self._do(ReconnectWithin(reconnect_within(plan.deadline_s)))
         self._do(Log("info", "round start", {"round": plan.round, "cut": msg.cut, "steps": r.total}))
+        self._begin(now)
+
+    # ------------------------------------------------------------------ profiles (split-point planning)
+    def _begin(self, now: float) -> None:
+        """Before the first mini-batch: when the plan asks for profiles, measure the blocks (once per model and
+        batch size, again after the measured compute drifted from them) and the link to the edge, and tell the
+        cloud; then the meters, and training starts."""
+        r = self.round
+        assert r is not None
+        plan = r.plan
+        if plan.profile and not r.skip_profile and r.pipe is None and (r.variant is None or not r.variant.local_only):
+            key = (plan.fingerprint, plan.batch_size)
+            if self.blocks is None or self.blocks[0] != key or self.reprofile:
+                self._run(stage.Profile(r.session, plan))
+                return
+            if not r.probed:
+                r.probed = True
+                self.probe = LinkProbe(self._probe_seq)
+                self._send(self.edge, self.probe.next(now))
+                self._do(SetTimer(PROBE_TIMER, now + self.act_timeout_s))
+                return
+        r.prelude = False
+        r.started = now  # the round's own clock (its cutoff) starts with training
         self._run(stage.Measure(r.session))
+
+    def _on_echo(self, ev: Received, msg: Echo, now: float) -> None:
+        r, p = self.round, self.probe
+        if r is None or p is None or ev.src != self.edge or not p.answered(msg, now):
+            return  # a late echo of a probe that timed out, or of an earlier round
+        if not p.done:
+            self._send(self.edge, p.next(now))
+            self._do(SetTimer(PROBE_TIMER, now + self.act_timeout_s))
+            return
+        self._profiled(now)
+
+    def _profiled(self, now: float) -> None:
+        r, p = self.round, self.probe
+        assert r is not None and p is not None and self.blocks is not None
+        self.probe, self._probe_seq = None, p.seq + 1
+        self._do(CancelTimer(PROBE_TIMER))
+        bandwidth, latency = p.result()
+        (fingerprint, batch), blocks = self.blocks
+        self._send(self.cloud, DeviceProfile(
+            run=r.plan.run, round=r.plan.round, fingerprint=fingerprint, batch_size=batch, block_s=blocks.block_s,
+            block_bytes=blocks.block_bytes, edge=self.edge, bandwidth=round(bandwidth, 1),
+            latency_s=round(latency, 6), memory_limit=self.memory_limit))
+        self._begin(now)
+
+    def _check_drift(self, r: DeviceRound) -> None:
+        """After a round: has this device's compute per mini-batch left the band around its profile?"""
+        if not (r.plan.profile and self.blocks is not None and r.step and r.compute_s > 0) or r.skip_profile \
+                or r.pipe is not None:
+            return
+        predicted = sum(self.blocks[1].block_s[:r.cut])
+        ratio = (r.compute_s / r.step) / predicted if predicted > 0 else 1.0
+        if not DRIFT[0] <= ratio <= DRIFT[1]:
+            self.reprofile = True
+            self._do(Emit("profile_drift", fields={"device": self.node, "round": r.plan.round,
+                                                   "measured_over_profile": round(ratio, 3)}))
 
     # ------------------------------------------------------------------ jobs
     def _on_job(self, ev: JobDone, now: float) -> None:
@@ -451,10 +550,26 @@ class DeviceMachine(PipelineCoordinator):
             return  # the result of a job of an aborted round
         r.waiting = None
         job = ev.job
+        if isinstance(job, TRAINING_JOBS):
+            r.compute_s += max(0.0, now - r.job_t0)
+        if isinstance(job, stage.Profile) and r.pipe is None:
+            if ev.error is not None:
+                r.skip_profile = True  # train without: the cloud keeps the cut it has
+                self._do(Emit("profile_failed", "warning", {"device": self.node, "error": ev.error[:300]}))
+            else:
+                self.blocks, self.reprofile = ((r.plan.fingerprint, r.plan.batch_size), ev.result), False
+            self._begin(now)
+            return
         if ev.error is not None:
             self._abort(now, f"training failed: {ev.error}")
             return
         if self._pipe_job(ev, now):
+            return
+        if isinstance(job, stage.Open) and isinstance(ev.result, stage.Opened):
+            r.masks = ev.result.masks
+        if isinstance(job, stage.Memory):
+            r.train_mem = int(ev.result)
+            self._run(stage.Measure(r.session))
             return
         if isinstance(job, stage.Measure):
             if r.delta is None:
@@ -462,7 +577,7 @@ class DeviceMachine(PipelineCoordinator):
                 if r.pipe is not None:
                     self._pipe_begin(now)
                 else:
-                    self._run(stage.Open(r.session, r.plan, 0, r.cut, r.start, data=True))
+                    self._run(stage.Open(r.session, r.plan, 0, r.cut, r.start, data=True, local=r.variant))
             else:
                 self._deliver(ev.result, now)
             return
@@ -485,9 +600,12 @@ class DeviceMachine(PipelineCoordinator):
             return
         elif isinstance(job, stage.Weights):
             r.weights = ev.result
-            due = r.plan.due(r.base)
+            due = [k for k in r.plan.due(r.base) if k in ev.result]  # a partial model: its trained blocks
             r.delta = delta({k: ev.result[k] for k in due}, {k: r.base[k] for k in due})
-            self._run(stage.Measure(r.session))
+            for k, m in r.masks.items():
+                if k in r.delta:  # pruned entries trained nothing (their weight is 0, not the global's)
+                    r.delta[k] = np.where(m, r.delta[k], np.float32(0.0)).astype(np.float32)
+            self._run(stage.Memory(r.session))
             return
         elif isinstance(job, stage.Snapshot) and r.pipe is not None:
             self._pipe_at_boundary(ev.result, now)
@@ -507,7 +625,7 @@ class DeviceMachine(PipelineCoordinator):
     def _advance(self, now: float) -> None:
         """Run the next action of the round, unless something must come first (a job, a gradient, a move)."""
         r = self.round
-        if r is None or r.waiting is not None or r.migration is not None:
+        if r is None or r.waiting is not None or r.migration is not None or r.prelude:
             return
         pipe = r.pipe
         if pipe is not None and (not pipe.running or pipe.layout is None):
@@ -566,6 +684,11 @@ class DeviceMachine(PipelineCoordinator):
         assert r is not None
         r.step += 1
         r.actions = []
+        tau = r.variant.tau_s if r.variant is not None else 0.0
+        if tau > 0 and r.step < r.total and now - r.started >= tau:
+            # The class's cutoff (Flower's tau): checked after every mini-batch, so it fires at most one late;
+            # the round reports what it has, weighted by the examples it processed.
+            r.cutoff, r.total = True, r.step
         if r.pipe is not None:
             # Our state at every boundary: with the helpers' (they send theirs at each flush) it is the whole
             # pipeline's, from which the device lays it out again (docs/design.md, "Pipeline").
@@ -630,6 +753,11 @@ class DeviceMachine(PipelineCoordinator):
         if ev.key == PIPE_TIMER and r.pipe is not None:
             self._pipe_timer(now)
             return
+        if ev.key == PROBE_TIMER:
+            if self.probe is not None and r.prelude:
+                self.probe.timed_out(now)
+                self._profiled(now)  # an edge that does not answer: report what was measured
+            return
         if ev.key == MIGRATE_TIMER and r.migration is not None:
             if now >= r.migration.started + self.migrate_timeout_s:  # a moved deadline re-arms the timer
                 m = r.migration
@@ -662,20 +790,30 @@ class DeviceMachine(PipelineCoordinator):
     def _deliver(self, meters: stage.Meters, now: float) -> None:
         r = self.round
         assert r is not None and r.delta is not None
+        # A round cut short weighs by the examples it processed (per epoch, so a full round weighs its shard).
+        samples = min(self.n_samples, r.seen // r.plan.epochs) if r.cutoff else self.n_samples
+        tensors, masks = compact(self._outgoing(r), r.masks)
         report = Report(
-            samples=self.n_samples, attempt=r.plan.attempt, steps=r.step, loss_sum=r.loss_sum, correct=r.correct,
+            samples=samples, attempt=r.plan.attempt, steps=r.step, loss_sum=r.loss_sum, correct=r.correct,
             seen=r.seen, cut=r.cut, t_local=now - r.started, t_download=r.t_download,
-            t_total=now - r.first_start, bytes_up=meters.tx_bytes - r.meters0.tx_bytes,
+            t_total=now - r.first_start,
+            # What it sent during the round, and the delta about to go (its tensors as they will travel).
+            bytes_up=meters.tx_bytes - r.meters0.tx_bytes + encoded_bytes(r.encodings["delta"],
+                                                                          [*tensors.values(), *masks.values()]),
             # Since the end of the previous round, so the model message that opened this one counts.
             bytes_down=meters.rx_bytes - self.rx_mark, peak_rss_mb=round(meters.peak_rss_mb, 1),
-            resends=r.down.resends, stages=r.pipe.layout.stages if r.pipe and r.pipe.layout else 0)
+            resends=r.down.resends, stages=r.pipe.layout.stages if r.pipe and r.pipe.layout else 0,
+            cpu_s=round(max(0.0, meters.cpu_s - r.meters0.cpu_s), 4),
+            energy_j=round(max(0.0, meters.energy_j - r.meters0.energy_j), 3),
+            train_mem_mb=round(r.train_mem / 2**20, 3), cutoff=int(r.cutoff))
+        self._check_drift(r)
         if r.plan.fedlama and self.lama is not None:
             ends = self.lama.ends
             ends[r.plan.round] = r.weights
             for old in sorted(ends)[:-2]:
                 del ends[old]
-        self._send(self.edge, DeviceUpdate(run=r.plan.run, round=r.plan.round, report=report,
-                                           delta=self._outgoing(r)), reliable=True, encoding=r.encodings["delta"])
+        self._send(self.edge, DeviceUpdate(run=r.plan.run, round=r.plan.round, report=report, delta=tensors,
+                                           masks=masks), reliable=True, encoding=r.encodings["delta"])
         if r.encodings["delta"] == "topk":
             # After the delta went to the outbox: a crash in between sends this round's share twice rather than
             # losing it.
@@ -760,6 +898,9 @@ class DeviceMachine(PipelineCoordinator):
             self._pipe_close()
         self._do(Run(stage.Close(r.session)), ReconnectWithin(None))
         self.round = None
+        if self.probe is not None:
+            self._probe_seq = self.probe.seq + 1
+            self.probe = None
         if self.pending_move is not None:
             self.edge, _ = self.pending_move
             self.pending_move = None

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from mqttfl.fl.aggregate import delta, weighted_average
+from mqttfl.fl.aggregate import delta, masked_average, weighted_average
 from mqttfl.protocol import stage
 from mqttfl.protocol.checkpoint import CheckpointError, EdgeCheckpoint, from_message
 from mqttfl.protocol.errors import ProtocolError
@@ -76,12 +76,15 @@ from mqttfl.protocol.events import (
     Started,
     TimerFired,
 )
+from mqttfl.protocol.hetero import LocalModel, compact, expand
 from mqttfl.protocol.links import Upstream
 from mqttfl.protocol.messages import (
     Abort,
     Activations,
     ChainSet,
     DeviceUpdate,
+    Echo,
+    EdgeProfile,
     EdgeSession,
     EdgeUpdate,
     EvaluateModel,
@@ -94,6 +97,7 @@ from mqttfl.protocol.messages import (
     Nothing,
     OpenEval,
     OpenRound,
+    Probe,
     ProfileAsk,
     Ready,
     Refused,
@@ -152,6 +156,7 @@ class Session:
     installed_by: str | None = None  # migration id that brought this session here (an abort undoes it)
     closing: tuple[Received, DeviceUpdate] | None = None  # a device delta waiting for the stage's weights
     refused: str | None = None  # why the device's delta was refused (it counts as missing)
+    mask: State = field(default_factory=dict)  # 0/1 masks of the entries a pruned or width model trained
     saved: int = 0  # the mini-batch boundary this session is saved at (edge resume)
     restored: bool = False  # read back after a restart: the device has yet to come back to ``up.expected``
     # A pipelined device (docs/design.md, "Pipeline"): its helpers in the round's announcement, the node its
@@ -183,6 +188,7 @@ class EdgeRound:
     tag: RoundTag | None = None  # echoed to the cloud (asynchronous groups: group, version)
     samples: dict[str, int] = field(default_factory=dict)  # what each device declared when it joined
     wall: float | None = None  # wall clock minus this machine's clock, to save the deadline across a restart
+    locals: dict[str, LocalModel] = field(default_factory=dict)  # devices that train a class's model
 
 
 class EdgeMachine:
@@ -207,6 +213,7 @@ class EdgeMachine:
         self._ids = 0
         self._id_prefix = id_prefix
         self._fx: list[Effect] = []
+        self.profiled: tuple[str, int] | None = None  # (fingerprint, batch size) this edge reported its blocks for
 
     # ------------------------------------------------------------------ interface
     def presence(self) -> dict[str, Any]:
@@ -271,6 +278,7 @@ class EdgeMachine:
         handlers: dict[type, Callable[[Received, Any, float], None]] = {
             OpenRound: self._on_open_round, OpenEval: self._on_open_eval, Activations: self._on_act,
             DeviceUpdate: self._on_device_update, ChainSet: self._on_chain, ProfileAsk: self._on_profile_ask,
+            Probe: self._on_probe,
             Freeze: self._on_freeze, Transfer: self._on_transfer, Expect: self._on_expect,
             Release: self._on_release, Leave: self._on_leave, Abort: self._on_abort,
         }
@@ -279,6 +287,18 @@ class EdgeMachine:
             self._drop("unexpected", f"{msg.kind}/{msg.op} is not for an edge", ev.src)
             return
         handler(ev, msg, now)
+
+    # ------------------------------------------------------------------ profiles (split-point planning)
+    def _on_probe(self, ev: Received, msg: Probe, now: float) -> None:
+        """A device measures its link: answer at once with as many bytes as it asks for."""
+        self._do(Send(ev.src, Echo(seq=msg.seq, pad=np.zeros(msg.reply_bytes, np.uint8))))
+
+    def _profile(self, plan: Plan) -> None:
+        """Measure this edge's blocks of the plan's model once per model and batch size, for the cloud's planner."""
+        key = (plan.fingerprint, plan.batch_size)
+        if plan.profile and self.profiled != key:
+            self.profiled = key
+            self._run(stage.Profile("profile", plan), "profile", key)
 
     # ------------------------------------------------------------------ round start
     def _schema(self, plan: Plan, cloud_schema: Any) -> ModelSchema | None:
@@ -373,6 +393,7 @@ class EdgeMachine:
                           started=now, tag=msg.tag, samples=dict(msg.samples),
                           wall=ev.received_at - now if ev.received_at else None)
             self._do(SetTimer(("round", plan.key), r.deadline))
+        r.locals.update(msg.locals)
         for device in devices:
             self._leave(device, now)  # a newer round supersedes whatever the device was doing
             self.device_round[device] = plan.key
@@ -392,9 +413,10 @@ class EdgeMachine:
             enc = plan.encodings(msg.encodings.get(device))
             self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
                                              state={k: r.global_state[k] for k in keys}, schema=msg.schema,
-                                             encodings=enc, partial=local is not None, helpers=s.helpers),
-                          encoding=enc["model"]))
+                                             encodings=enc, partial=local is not None, helpers=s.helpers,
+                                             local=msg.locals.get(device)), encoding=enc["model"]))
         self._set_status()
+        self._profile(plan)
         if not devices:
             self._finish_round(r, now)
 
@@ -550,7 +572,7 @@ class EdgeMachine:
             self._drop("unexpected", f"profile asked by {ev.src}, not in a round here", ev.src)
             return
         self._ids += 1
-        self._run(stage.Profile(f"profile/{self._id_prefix}.{self._ids}", msg.plan, msg.rows), "profile",
+        self._run(stage.Profile(f"profile/{self._id_prefix}.{self._ids}", msg.plan, msg.rows), "stage_profile",
                   (ev.src, msg))
 
     # ------------------------------------------------------------------ round end
@@ -574,9 +596,15 @@ class EdgeMachine:
             return
         try:
             schema = self.schemas(r.plan.model_ref)
-            specs = schema.specs(0, s.cut)
+            local = r.locals.get(ev.src)
+            # A partial model sends only its trained blocks; a pruned or width model its kept entries.
+            frozen = local.frozen(schema.n_blocks) if local is not None else 0
+            specs = schema.specs(min(frozen, s.cut), s.cut)
             due = set(r.plan.due(specs))  # FedLAMA: only the layers due this round; else every one
-            check_state(msg.delta, {k: v for k, v in specs.items() if k in due}, f"delta of {ev.src}")
+            dense, masks = expand(msg.delta, msg.masks, specs, f"delta of {ev.src}")
+            if masks and (local is None or local.train not in ("pruned", "width")):
+                raise ProtocolError("bad_field", f"{ev.src} sent masks, but its model masks nothing")
+            dense = check_state(dense, {k: v for k, v in specs.items() if k in due}, f"delta of {ev.src}")
             declared = r.samples.get(ev.src)
             if declared is not None and msg.report.samples > declared:
                 raise ProtocolError("implausible_samples", f"{ev.src} reports {msg.report.samples} samples, "
@@ -591,14 +619,15 @@ class EdgeMachine:
                 self._refuse(r, s, ev, "implausible_samples", now)
             return
         if s.sid is None:
-            self._device_done(r, s, ev, msg, {}, now)
+            self._device_done(r, s, ev, msg, {}, now, dense, masks)
         else:
             s.closing = (ev, msg)
             self._run(stage.Weights(s.sid), "weights", s)
 
     def _device_done(self, r: EdgeRound, s: Session, ev: Received, msg: DeviceUpdate,
-                     edge_weights: dict[str, np.ndarray], now: float) -> None:
-        full = {k: np.array(v, dtype=np.float32) for k, v in msg.delta.items()}
+                     edge_weights: dict[str, np.ndarray], now: float, dense: State | None = None,
+                     masks: State | None = None) -> None:
+        full = {k: np.array(v, dtype=np.float32) for k, v in (msg.delta if dense is None else dense).items()}
         if edge_weights:
             due = r.plan.due(s.base)
             full.update(delta({k: edge_weights[k] for k in due}, {k: s.base[k] for k in due}))
@@ -613,6 +642,7 @@ class EdgeMachine:
                 self._refuse(r, s, ev, "implausible_update", now)
                 return
         s.delta = full
+        s.mask = dict(masks or {})
         if r.plan.fedlama and self.lama is not None and self.lama.run == r.plan.run:
             rounds = self.lama.local.setdefault(s.device, {})
             rounds[r.plan.round] = (s.cut, {k: np.array(edge_weights[k]) for k in s.base})
@@ -652,8 +682,10 @@ class EdgeMachine:
         delta: dict[str, np.ndarray] = {}
         deltas = {d: s.delta for d, s in done.items() if s.delta is not None}
         weights = {d: float(s.report.samples) for d, s in done.items() if s.report is not None}
+        masks = {d: s.mask for d, s in done.items() if s.mask}
+        coverage: State = {}
         if done and r.plan.preaggregate:
-            delta = weighted_average([(deltas[d], weights[d]) for d in sorted(deltas)])
+            delta, coverage = _edge_mean(deltas, weights, masks)
         sqnorms: dict[str, float] = {}
         if done and r.plan.fedlama:
             # FedLAMA's discrepancy needs sum_i n_i |x_i - u|^2 per layer; with these sums the cloud gets it from
@@ -664,10 +696,17 @@ class EdgeMachine:
         if missing:
             self._do(Emit("devices_missing", "warning", {"round": r.plan.round, "devices": list(missing),
                                                          "timed_out": timed_out}))
+        forwarded: dict[str, State] = {}
+        packed: dict[str, State] = {}
+        if not r.plan.preaggregate:
+            for d, dd in deltas.items():
+                forwarded[d], p = compact(dd, {k: m > 0 for k, m in masks.get(d, {}).items()})
+                if p:
+                    packed[d] = p
         update = EdgeUpdate(run=r.plan.run, round=r.plan.round, attempt=r.plan.attempt,
                             reports={d: s.report for d, s in done.items() if s.report is not None},
                             missing=missing, delta=delta, edge_time_s=now - r.started, tag=r.tag,
-                            deltas={} if r.plan.preaggregate else deltas, sqnorms=sqnorms)
+                            deltas=forwarded, sqnorms=sqnorms, masks=packed, coverage=coverage)
         self._do(Send(self.cloud, update, reliable=True,  # in the outbox on disk before the sessions go
                       encoding=self.delta_encoding or r.plan.delta_encoding))
         for d in r.sessions:
@@ -690,9 +729,10 @@ class EdgeMachine:
             s, device, encoding, asked = ctx
             if s.sid is not None and s.frozen is None and isinstance(ev.job, stage.Loss):
                 self._grad_ready(s, device, ev.job, ev.result, encoding, max(0.0, now - asked))
-        elif what == "profile":
+        elif what == "stage_profile":
             device, ask = ctx
-            self._do(Send(device, StageProfile(run=ask.run, round=ask.round, rows=ask.rows, block_s=tuple(ev.result))))
+            self._do(Send(device, StageProfile(run=ask.run, round=ask.round, rows=ask.rows,
+                                               block_s=tuple(ev.result.block_s))))
         elif what == "weights":
             session: Session = ctx
             r, current = self.session_of(session.device)
@@ -707,6 +747,11 @@ class EdgeMachine:
             if every > 0 and stepped.up.expected[0] % every == 0 and stepped.sid is not None \
                     and self._current(stepped):
                 self._run(stage.Snapshot(stepped.sid), "save", stepped)
+        elif what == "profile":
+            fingerprint, batch = ctx
+            res: stage.BlockProfile = ev.result
+            self._do(Send(self.cloud, EdgeProfile(fingerprint=fingerprint, batch_size=batch, block_s=res.block_s,
+                                                  block_bytes=res.block_bytes)))
         elif what == "save":
             saving: Session = ctx
             r, current = self.session_of(saving.device)
@@ -862,7 +907,7 @@ class EdgeMachine:
             optimizer=snap.optimizer if snap else {}, rng=snap.rng if snap else None, expected=s.up.expected,
             steps=s.steps, loss_sum=s.loss_sum, seen=s.seen, n_micro=s.up.n_micro, tag=r.tag,
             deadline_wall=None if r.wall is None else r.deadline + r.wall, declared=r.samples.get(s.device),
-            report=s.report, delta=s.delta,
+            report=s.report, delta=s.delta, mask=s.mask,
             grads=[g for k, g in s.up.cache.items() if k[0] == s.up.expected[0] - 1] if snap else [])
         self._do(Persist(saved.to_state(), key=record_key(s.device)))
         s.saved = s.up.expected[0]
@@ -938,8 +983,37 @@ class EdgeMachine:
                        up=Upstream(expected=saved.expected, n_micro=saved.n_micro,
                                    cache=OrderedDict((g.key, g) for g in saved.grads)), steps=saved.steps,
                        loss_sum=saved.loss_sum, seen=saved.seen, delta=saved.delta, report=saved.report,
-                       saved=saved.expected[0], restored=sid is not None)
+                       saved=saved.expected[0], restored=sid is not None, mask=saved.mask)
 
+
+
+def _edge_mean(deltas: dict[str, State], weights: dict[str, float], masks: dict[str, State]) -> tuple[State, State]:
+    """The edge's mean of its devices' deltas, and the coverage of keys not every sample trained.
+
+    When every device trained every entry of the same keys this is FedAvg's sample-weighted mean, with no
+    coverage. Otherwise each entry is averaged over the devices that trained it (``masked_average``) and the
+    coverage says how many samples stand behind it, so the cloud's mean over edges equals the masked mean over
+    all devices: a scalar for a key some devices left out, one number per entry for a masked key."""
+    order = sorted(deltas)
+    keys = list(dict.fromkeys(k for d in order for k in deltas[d]))
+    if not masks and all(set(deltas[d]) == set(keys) for d in order):
+        return weighted_average([(deltas[d], weights[d]) for d in order]), {}
+    shapes = {k: next(deltas[d][k] for d in order if k in deltas[d]).shape for k in keys}
+    zeros = {k: np.zeros(shape, np.float32) for k, shape in shapes.items()}
+    mean = masked_average([(deltas[d], masks.get(d), weights[d]) for d in order], zeros)
+    coverage: State = {}
+    for k in keys:
+        have = [d for d in order if k in deltas[d]]
+        if len(have) == len(order) and not any(k in masks.get(d, {}) for d in have):
+            continue
+        if not any(k in masks.get(d, {}) for d in have):
+            coverage[k] = np.asarray(sum(weights[d] for d in have), np.float32)
+            continue
+        cov = np.zeros(shapes[k], np.float64)
+        for d in have:
+            cov += weights[d] * np.broadcast_to(masks.get(d, {}).get(k, np.float32(1.0)), shapes[k])
+        coverage[k] = cov.astype(np.float32)
+    return mean, coverage
 
 
 def check_activation(msg: Activations, shape: tuple[int, ...], plan: Plan) -> None:

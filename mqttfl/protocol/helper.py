@@ -352,7 +352,7 @@ class StageServer:
             client, ask = ctx
             if ev.error is None:
                 self._do(Send(client, StageProfile(run=ask.run, round=ask.round, rows=ask.rows,
-                                                   block_s=tuple(ev.result), memory_bytes=self.memory_bytes)))
+                                                   block_s=tuple(ev.result.block_s), memory_bytes=self.memory_bytes)))
             return
         if s is None or self.sessions.get(s.client) is not s:
             return  # a session replaced or closed meanwhile

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mqttfl.protocol.errors import ProtocolError
+from mqttfl.protocol.hetero import COVERAGE, MASK, LocalModel, split_masks
 from mqttfl.protocol.plan import Plan, check_encodings
 from mqttfl.protocol.schema import parse_description
 from mqttfl.wire.topics import TopicError, validate_id
@@ -231,11 +232,13 @@ class OpenRound(Message):
     encodings: dict[str, dict[str, str]] = field(default_factory=dict)  # a device's own tensor encodings
     partial: bool = False  # FedLAMA: only the layers aggregated last round; the edge keeps the rest
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a pipelined device's helpers online now
+    locals: dict[str, LocalModel] = field(default_factory=dict)  # a device's class model, where not the plain one
 
     def body(self) -> dict[str, Any]:
         devices = {d: {"cut": c, **({"samples": self.samples[d]} if d in self.samples else {}),
                        **({"enc": self.encodings[d]} if self.encodings.get(d) else {}),
-                       **({"chain": list(self.chains[d])} if self.chains.get(d) else {})}
+                       **({"chain": list(self.chains[d])} if self.chains.get(d) else {}),
+                       **({"local": self.locals[d].to_body()} if d in self.locals else {})}
                    for d, c in self.cuts.items()}
         return {"plan": self.plan.to_body(), "devices": devices, "tag": self.tag.to_body() if self.tag else None,
                 "schema": _rows(self.schema), **({"partial": True, "keys": list(self.state)} if self.partial else {})}
@@ -249,7 +252,7 @@ class OpenRound(Message):
         devices = _get(body, "devices")
         if not isinstance(devices, Mapping):
             raise ProtocolError("bad_field", "devices must be a map")
-        cuts, samples, encodings, chains = {}, {}, {}, {}
+        cuts, samples, encodings, chains, locals_ = {}, {}, {}, {}, {}
         for d, c in devices.items():
             validated = id_field({"d": d}, "d")
             entry = c if isinstance(c, Mapping) else {}
@@ -260,11 +263,13 @@ class OpenRound(Message):
                 samples[validated] = int_field(entry, "samples")
             if entry.get("enc"):
                 encodings[validated] = check_encodings(entry["enc"], f"encodings of {validated}")
+            if "local" in entry:
+                locals_[validated] = LocalModel.from_body(entry["local"])
         partial = body.get("partial", False) is True
         keys_field(body, tensors)
         return cls(run=run, round=round, plan=plan, cuts=cuts, state=dict(tensors), samples=samples,
                    tag=RoundTag.from_body(body.get("tag")), schema=parse_description(body.get("schema", [])),
-                   encodings=encodings, partial=partial, chains=chains)
+                   encodings=encodings, partial=partial, chains=chains, locals=locals_)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,12 +287,14 @@ class TrainRound(Message):
     partial: bool = False  # FedLAMA: only the layers aggregated last round; the device keeps the rest
     helpers: tuple[str, ...] = ()  # a pipeline: the device's helpers online now, in chain order (then the whole
     # model comes, and ``cut`` is where the edge's blocks start)
+    local: LocalModel | None = None  # the device's class model (None: the whole model in fp32, no cutoff)
 
     def body(self) -> dict[str, Any]:
         return {"plan": self.plan.to_body(), "cut": self.cut, "edge": self.edge, "schema": _rows(self.schema),
                 "encodings": dict(self.encodings), **({"partial": True, "keys": list(self.state)} if self.partial
                                                       else {}), **({"helpers": list(self.helpers)} if self.helpers
-                                                                   else {})}
+                                                                   else {}),
+                **({"local": self.local.to_body()} if self.local is not None else {})}
 
     def tensors(self) -> State:
         return dict(self.state)
@@ -298,7 +305,8 @@ class TrainRound(Message):
         return cls(run=run, round=round, plan=Plan.from_body(_get(body, "plan")), cut=int_field(body, "cut", low=1),
                    edge=id_field(body, "edge"), state=dict(tensors), schema=parse_description(body.get("schema", [])),
                    encodings=check_encodings(body.get("encodings", {}), "encodings"),
-                   partial=body.get("partial", False) is True, helpers=ids_field(body, "helpers"))
+                   partial=body.get("partial", False) is True, helpers=ids_field(body, "helpers"),
+                   local=LocalModel.from_body(body["local"]) if "local" in body else None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -433,6 +441,10 @@ class Report:
     peak_rss_mb: float = 0.0
     resends: int = 0
     stages: int = 0  # a pipelined device: the stages its blocks were trained on (it, its helpers, its edge)
+    cpu_s: float = 0.0  # the device process's CPU time this round
+    energy_j: float = 0.0  # from the board's power sensor this round; 0: none (the cloud estimates from cpu_s)
+    train_mem_mb: float = 0.0  # training memory: weights, gradients, optimizer state and stored activations
+    cutoff: int = 0  # 1: the class's cutoff tau_s ended the round early (steps and seen say how far it got)
 
     def to_body(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -535,17 +547,22 @@ class DeviceUpdate(Message):
     op: ClassVar[str] = "device"
     report: Report
     delta: State
+    masks: State = field(default_factory=dict)  # packed masks of the masked keys, whose delta holds kept values
 
     def body(self) -> dict[str, Any]:
         return {"report": self.report.to_body(), "keys": list(self.delta)}
 
     def tensors(self) -> State:
-        return dict(self.delta)
+        return {**self.delta, **{k + MASK: m for k, m in self.masks.items()}}
 
     @classmethod
     def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> DeviceUpdate:
-        keys_field(body, tensors)
-        return cls(run=run, round=round, report=Report.from_body(_get(body, "report")), delta=dict(tensors))
+        plain, masks = split_masks(tensors)
+        keys_field(body, plain)
+        if set(masks) - set(plain):
+            raise ProtocolError("bad_field", "a mask for a key the update does not carry")
+        return cls(run=run, round=round, report=Report.from_body(_get(body, "report")), delta=dict(plain),
+                   masks=dict(masks))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -553,7 +570,12 @@ class EdgeUpdate(Message):
     """edge -> cloud: the sample-weighted mean of its devices' full-model deltas (empty when none finished), or,
     when the round's strategy may not pre-aggregate (``plan.preaggregate`` false), each device's own delta in
     ``deltas`` (tensors ``"<device>|<key>"``). Under FedLAMA the deltas hold only the layers due and
-    ``sqnorms`` carries, per layer, the sum over the edge's devices of ``samples * |delta|^2``."""
+    ``sqnorms`` carries, per layer, the sum over the edge's devices of ``samples * |delta|^2``.
+
+    Devices that trained part of the model (docs/algorithms.md, "Heterogeneous devices"): a forwarded device
+    delta may hold a subset of the keys and masked keys (``masks[device]``, as the device sent them); a mean
+    averages each entry over the devices that trained it, and ``coverage`` (tensors ``"<key>|cov"``) gives, for
+    each key not trained by every sample, the samples behind each entry (a scalar per key, or one per entry)."""
 
     kind: ClassVar[str] = "delta"
     op: ClassVar[str] = "edge"
@@ -565,6 +587,8 @@ class EdgeUpdate(Message):
     tag: RoundTag | None = None
     deltas: dict[str, State] = field(default_factory=dict)
     sqnorms: dict[str, float] = field(default_factory=dict)
+    masks: dict[str, State] = field(default_factory=dict)  # per device: packed masks of its masked keys
+    coverage: State = field(default_factory=dict)  # a mean's keys not covered by every sample
 
     @property
     def samples(self) -> int:
@@ -583,8 +607,9 @@ class EdgeUpdate(Message):
 
     def tensors(self) -> State:
         if self.deltas:
-            return {f"{d}|{k}": v for d, state in self.deltas.items() for k, v in state.items()}
-        return dict(self.delta)
+            return {**{f"{d}|{k}": v for d, state in self.deltas.items() for k, v in state.items()},
+                    **{f"{d}|{k}{MASK}": v for d, state in self.masks.items() for k, v in state.items()}}
+        return {**self.delta, **{k + COVERAGE: v for k, v in self.coverage.items()}}
 
     @classmethod
     def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> EdgeUpdate:
@@ -597,26 +622,37 @@ class EdgeUpdate(Message):
         if not isinstance(sq, Mapping):
             raise ProtocolError("bad_field", "sqnorms must be a map")
         sqnorms = {str(k): float_field(sq, k) for k in sq}
-        delta: State = dict(tensors)
+        plain, coverage = split_masks(tensors, COVERAGE)
+        delta: State = dict(plain)
         deltas: dict[str, State] = {}
+        masks: dict[str, State] = {}
         if body.get("per_device") is True:
-            # Every reporting device brings exactly one delta, all over the same keys (the body's).
-            delta = {}
-            for name, v in tensors.items():
+            # Every reporting device brings exactly one delta, over the body's keys or (a device that trained part
+            # of the model) a subset of them.
+            delta, coverage = {}, {}
+            plain, packed = split_masks(tensors)
+            for name, v in plain.items():
                 d, sep, k = str(name).partition("|")
                 if not sep or d not in reports:
                     raise ProtocolError("bad_field", f"per-device tensor {name!r} names no reporting device")
                 deltas.setdefault(d, {})[k] = v
+            for name, v in packed.items():
+                d, _, k = str(name).partition("|")
+                if k not in deltas.get(d, {}):
+                    raise ProtocolError("bad_field", f"mask {name!r} for a key its device does not carry")
+                masks.setdefault(d, {})[k] = v
             keys = _get(body, "keys")
             if not isinstance(keys, list) or set(deltas) != {d for d, r in reports.items() if r.samples > 0} or \
-                    any(set(s) != set(keys) for s in deltas.values()):
+                    any(not set(s) <= set(keys) for s in deltas.values()):
                 raise ProtocolError("bad_field", "per-device deltas must cover every reporting device, over 'keys'")
         else:
-            keys_field(body, tensors)
+            keys_field(body, plain)
+            if set(coverage) - set(plain):
+                raise ProtocolError("bad_field", "coverage for a key the delta does not carry")
         return cls(run=run, round=round, attempt=int_field(body, "attempt"), reports=reports,
                    missing=tuple(id_field({"d": d}, "d") for d in missing), delta=delta,
                    edge_time_s=float_field(body, "edge_time_s", 0.0), tag=RoundTag.from_body(body.get("tag")),
-                   deltas=deltas, sqnorms=sqnorms)
+                   deltas=deltas, sqnorms=sqnorms, masks=masks, coverage=dict(coverage))
 
 
 # ------------------------------------------------------------------------------------------------ migration
@@ -969,13 +1005,123 @@ class StageProfile(Message):
                    block_s=numbers_field(body, "block_s", MAX_BLOCKS), memory_bytes=int_field(body, "memory_bytes", 0))
 
 
+# ------------------------------------------------------------------------------------------------ profiles
+
+MAX_PROBE_BYTES = 4 * 1024 * 1024
+
+
+def _numbers(body: Mapping[str, Any], name: str, integer: bool = False) -> tuple[Any, ...]:
+    v = _get(body, name)
+    if not isinstance(v, list) or len(v) > MAX_BLOCKS:
+        raise ProtocolError("bad_field", f"{name!r} must be a list of at most {MAX_BLOCKS} numbers")
+    check = int_field if integer else float_field
+    return tuple(check({"v": x}, "v") for x in v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeProfile(Message):
+    """edge -> cloud: forward + backward seconds and training memory of each block of the model, measured on this
+    node for one mini-batch of ``batch_size`` (split-point planning, docs/algorithms.md)."""
+
+    kind: ClassVar[str] = "profile"
+    op: ClassVar[str] = "edge"
+    fingerprint: str
+    batch_size: int
+    block_s: tuple[float, ...]
+    block_bytes: tuple[int, ...]
+
+    def body(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "batch_size": self.batch_size, "block_s": list(self.block_s),
+                "block_bytes": list(self.block_bytes)}
+
+    @classmethod
+    def _fields(cls, body: Mapping[str, Any]) -> dict[str, Any]:
+        block_s, block_bytes = _numbers(body, "block_s"), _numbers(body, "block_bytes", integer=True)
+        if len(block_s) != len(block_bytes):
+            raise ProtocolError("bad_field", "block_s and block_bytes must have one entry per block")
+        return {"fingerprint": str_field(body, "fingerprint", max_len=64),
+                "batch_size": int_field(body, "batch_size", low=1), "block_s": block_s, "block_bytes": block_bytes}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> EdgeProfile:
+        return cls(run=run, round=round, **cls._fields(body))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceProfile(EdgeProfile):
+    """device -> cloud: its blocks as :class:`EdgeProfile`, its link to ``edge`` (bytes per second and one-way
+    latency, from probes on the real connection; bandwidth 0: not measured) and its memory limit (bytes, 0:
+    none)."""
+
+    op: ClassVar[str] = "device"
+    edge: str
+    bandwidth: float
+    latency_s: float
+    memory_limit: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "edge": self.edge, "bandwidth": self.bandwidth, "latency_s": self.latency_s,
+                "memory_limit": self.memory_limit}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> DeviceProfile:
+        return cls(run=run, round=round, **cls._fields(body), edge=id_field(body, "edge"),
+                   bandwidth=float_field(body, "bandwidth"), latency_s=float_field(body, "latency_s"),
+                   memory_limit=int_field(body, "memory_limit", 0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Probe(Message):
+    """device -> edge: measure the link: ``pad`` bytes out, ``reply_bytes`` back in the :class:`Echo`."""
+
+    kind: ClassVar[str] = "profile"
+    op: ClassVar[str] = "probe"
+    seq: int
+    reply_bytes: int
+    pad: np.ndarray
+
+    def body(self) -> dict[str, Any]:
+        return {"seq": self.seq, "reply_bytes": self.reply_bytes}
+
+    def tensors(self) -> State:
+        return {"pad": self.pad}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Probe:
+        reply = int_field(body, "reply_bytes")
+        if reply > MAX_PROBE_BYTES:
+            raise ProtocolError("bad_field", f"a probe may ask for at most {MAX_PROBE_BYTES} bytes back")
+        return cls(run=run, round=round, seq=int_field(body, "seq"), reply_bytes=reply, pad=tensor(tensors, "pad"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Echo(Message):
+    """edge -> device: the answer to a :class:`Probe`."""
+
+    kind: ClassVar[str] = "profile"
+    op: ClassVar[str] = "echo"
+    seq: int
+    pad: np.ndarray
+
+    def body(self) -> dict[str, Any]:
+        return {"seq": self.seq}
+
+    def tensors(self) -> State:
+        return {"pad": self.pad}
+
+    @classmethod
+    def from_wire(cls, run: str, round: int, body: Mapping[str, Any], tensors: Mapping[str, Any]) -> Echo:
+        return cls(run=run, round=round, seq=int_field(body, "seq"), pad=tensor(tensors, "pad"))
+
+
 # ------------------------------------------------------------------------------------------------ parsing
 
 MESSAGES: dict[tuple[str, str], type[Message]] = {
     (c.kind, str(c.op)): c
     for c in (OpenRound, TrainRound, Resume, Activations, Gradients, DeviceUpdate, EdgeUpdate, Expect, Freeze,
               Frozen, Transfer, Ready, Release, Abort, Leave, Nothing, Refused, Restart, OpenEval, EvaluateModel,
-              EvalReport, StageOpen, ChainSet, StageReady, StageClose, StageState, ProfileAsk, StageProfile)
+              EvalReport, StageOpen, ChainSet, StageReady, StageClose, StageState, ProfileAsk, StageProfile,
+              DeviceProfile, EdgeProfile, Probe, Echo)
 }
 
 

@@ -249,6 +249,7 @@ class Plan(Training):
     preaggregate: bool = True  # edges send their devices' mean (linear strategies) or each device's delta
     fedlama: bool = False  # FedLAMA: devices and edges keep their local layers between rounds
     intervals: tuple[tuple[str, int], ...] = ()  # FedLAMA: aggregation interval (rounds) of each layer not at 1
+    profile: bool = False  # split-point planning: devices and edges report their profiles (docs/algorithms.md)
 
     @classmethod
     def of(cls, training: Training, *, run: str, round: int, attempt: int = 0, **changes: Any) -> Plan:

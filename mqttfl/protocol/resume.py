@@ -63,6 +63,7 @@ class SavedSession:
     declared: int | None = None  # the samples the device declared when it joined (the cloud's word)
     report: Report | None = None  # set once the device's delta is in
     delta: State | None = None
+    mask: State = field(default_factory=dict)  # 0/1 masks of a pruned or width model's delta
     # The gradients of the mini-batch before ``expected``: the edge may die after saving the boundary but
     # before the device got the last of them; restored, they answer the device's re-sent activations.
     grads: list[Gradients] = field(default_factory=list)
@@ -74,7 +75,7 @@ class SavedSession:
             "expected": list(self.expected), "steps": self.steps, "loss_sum": self.loss_sum, "seen": self.seen,
             "n_micro": self.n_micro, "tag": self.tag.to_body() if self.tag else None,
             "deadline_wall": self.deadline_wall, "declared": self.declared,
-            "report": self.report.to_body() if self.report else None, "delta": self.delta,
+            "report": self.report.to_body() if self.report else None, "delta": self.delta, "mask": self.mask,
             "grads": [[g.step, g.micro, g.loss_sum, g.correct, g.g] for g in self.grads],
         }
 
@@ -98,14 +99,18 @@ class SavedSession:
                 raise ProtocolError("bad_field", "saved RNG state must be uint8")
             expected = (int(d["expected"][0]), int(d["expected"][1]))
             report = Report.from_body(d["report"]) if d["report"] is not None else None
-            delta = check_state(d["delta"], schema.specs(), "saved delta") if d["delta"] is not None else None
+            every = schema.specs()
+            # A device that trained part of the model (a partial model, FedLAMA's due layers) has a partial delta.
+            delta = None if d["delta"] is None else check_state(
+                d["delta"], {k: every[k] for k in d["delta"]}, "saved delta")
+            mask = check_state(d.get("mask") or {}, {k: every[k] for k in d.get("mask") or {}}, "saved mask")
             grads = [_gradient(plan, cut, schema, g) for g in d.get("grads", [])]
             out = cls(device=str(d["device"]), plan=plan, cut=cut, base=base, weights=weights, optimizer=optimizer,
                       rng=rng, expected=expected, steps=int(d["steps"]), loss_sum=float(d["loss_sum"]),
                       seen=int(d["seen"]), n_micro=int(d["n_micro"]), tag=RoundTag.from_body(d.get("tag")),
                       deadline_wall=None if d["deadline_wall"] is None else float(d["deadline_wall"]),
                       declared=None if d["declared"] is None else int(d["declared"]), report=report, delta=delta,
-                      grads=grads)
+                      mask=mask, grads=grads)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ProtocolError("bad_field", f"session record: {type(e).__name__}: {e}") from None
         if expected[1] != 0 or min(expected[0], out.steps, out.seen, out.n_micro) < 0:

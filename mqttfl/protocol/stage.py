@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mqttfl.protocol.hetero import LocalModel
 from mqttfl.protocol.plan import Plan
 from mqttfl.protocol.schema import ModelRef
 
@@ -43,6 +44,8 @@ class Open(Job):
     rng: np.ndarray | None = None
     data: bool = False
     anchor: State | None = None  # FedProx: the round's starting weights when they are not ``state`` (a move)
+    local: LocalModel | None = None  # a device class's model (docs/algorithms.md, "Heterogeneous devices"):
+    # frozen input side, masks, precision. Result: :class:`Opened` with the masks, when there are any.
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,17 +122,25 @@ class Evaluate(Job):
 
 
 @dataclass(frozen=True, eq=False)
-class Profile(Job):
-    """Time one micro-batch of ``rows`` samples forward and backward through each block of the plan's model on
-    this node, at its emulated speed (a pipeline's planner weighs stages by it). Result: seconds per block."""
-
-    plan: Plan
-    rows: int
+class Measure(Job):
+    """The node's own meters (bytes sent and received, peak memory). Result: :class:`Meters`."""
 
 
 @dataclass(frozen=True, eq=False)
-class Measure(Job):
-    """The node's own meters (bytes sent and received, peak memory). Result: :class:`Meters`."""
+class Memory(Job):
+    """The session's training memory at its peak so far (weights, gradients, optimizer state, the activations
+    stored for backward), bytes. Result: int."""
+
+
+@dataclass(frozen=True, eq=False)
+class Profile(Job):
+    """Measure the plan's model block by block on this node, at its emulated speed: forward + backward seconds of
+    ``rows`` samples (0: one mini-batch of ``plan.batch_size``; a pipeline profiles one micro-batch) and the
+    training memory of each block. The split-point planner and a pipeline's partitioner weigh nodes by it.
+    Result: :class:`BlockProfile`."""
+
+    plan: Plan
+    rows: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -176,6 +187,19 @@ class Meters:
     tx_bytes: int = 0
     rx_bytes: int = 0
     peak_rss_mb: float = 0.0
+    cpu_s: float = 0.0  # the process's CPU time so far
+    energy_j: float = 0.0  # the board's energy counter, where it has one (0: none)
+
+
+@dataclass(frozen=True)
+class Opened:
+    masks: dict[str, np.ndarray]  # key -> bool mask of the entries this session trains (pruned, width)
+
+
+@dataclass(frozen=True)
+class BlockProfile:
+    block_s: tuple[float, ...]
+    block_bytes: tuple[int, ...]
 
 
 class JobFailed(Exception):

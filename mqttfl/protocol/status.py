@@ -50,6 +50,7 @@ class Presence:
     refused: str | None = None  # ... and why
 
     encodings: tuple[tuple[str, str], ...] = ()  # a device's own tensor encodings (kind, name), over the plan's
+    klass: str | None = None  # a device's class ([device] class): what the cloud's [cloud.classes] has it train
 
     def refuses(self, run: str) -> bool:
         return self.refused_run == run
@@ -97,7 +98,13 @@ def parse_status(src: str, data: Mapping[str, Any]) -> Presence:
             raise ProtocolError("bad_field", "status field 'refused' must be {run, reason}")
         refused_run, reason = refused["run"][:64], refused["reason"][:500]
     encodings = tuple(sorted(check_encodings(data.get("encodings") or {}, "status field 'encodings'").items()))
+    klass = data.get("class")
+    if klass is not None:
+        try:
+            validate_id(klass)
+        except TopicError as e:
+            raise ProtocolError("bad_field", f"status field 'class': {e}") from None
     return Presence(node=src, role=role, state=state, boot=opt_int("boot", 0) or 0, edge=edge,
                     cut=None if cut is None or cut < 0 else cut, samples=opt_int("samples", 0), labels=labels,
                     eval_samples=opt_int("eval_samples", 0), fingerprint=fingerprint, refused_run=refused_run,
-                    refused=reason, encodings=encodings)
+                    refused=reason, encodings=encodings, klass=klass)

@@ -171,9 +171,13 @@ class DeviceSection:
     serve: list[str] = field(default_factory=list, metadata=doc(
         "device ids whose pipelines this node may be a middle stage of (a helper: Eco-FL, docs/design.md "
         "\"Pipeline\"; the cloud's [cloud] chains names it for them); without data it trains nothing of its own"))
+    klass: str = field(default="default", metadata=doc(
+        "the device's class: the cloud's [cloud.classes.NAME] of that name says what it trains "
+        "(a partial, pruned or narrower model, reduced precision), its cutoff and its power"))
     memory_mb: float = field(default=0.0, metadata=doc(
-        "memory this node offers a pipeline stage, MB (the planner keeps its blocks, optimizer state and stashed "
-        "micro-batches within it); 0: no limit"))
+        "memory this node may use for training, MB (weights, gradients, optimizer state, stored activations): "
+        "the split-point planner ([cloud] plan_cuts) keeps its cut within it, and a pipeline's planner its "
+        "stage's blocks and stashed micro-batches; 0: no limit"))
     block_ms: float = field(default=0.0, metadata=doc(
         "emulated compute: every block of the model costs this many ms per mini-batch forward, twice that "
         "backward (x slowdown), slept, not computed (benchmarks of pipelines on a shared CPU)"))
@@ -216,6 +220,12 @@ class DeviceSection:
                        "it) or -1 for the run's default")
         if self.act_timeout_s <= 0 or self.migrate_timeout_s <= 0 or self.slowdown < 1 or self.step_delay_s < 0:
             out.append("[device] timeouts must be > 0, slowdown >= 1, step_delay_s >= 0")
+        try:
+            validate_id(self.klass)
+        except ValueError as e:
+            out.append(f"[device] class: {e}")
+        if not self.memory_mb >= 0:
+            out.append("[device] memory_mb must be >= 0")
         return out
 
 
@@ -296,13 +306,18 @@ def read_cloud_section(section: Mapping[str, Any]) -> tuple[CloudRuntime, Roles,
     return rt, roles, settings
 
 
+# Section fields whose TOML key is a Python keyword.
+TOML_NAMES = {"klass": "class"}
+
+
 def parse_section(cls: type, values: Mapping[str, Any], name: str, *, extra: frozenset[str] = frozenset()) -> Any:
     """A section dataclass from its TOML table: unknown keys and wrong types are refused by name.
     Keys in ``extra`` belong to another reader of the same section and are skipped here."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known - extra
+    fields_of = {TOML_NAMES.get(f.name, f.name): f.name for f in fields(cls)}
+    unknown = set(values) - set(fields_of) - extra
     if unknown:
-        raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}; known: {sorted(known | extra)}")
+        raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}; known: {sorted(set(fields_of) | extra)}")
+    values = {fields_of.get(k, k): v for k, v in values.items()}
     section = cls(**_typed(cls, values, name))
     bad = section.problems()
     if bad:

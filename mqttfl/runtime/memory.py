@@ -15,7 +15,8 @@ Model of the world (what it keeps from the real runtime, and why):
   ``block_ms`` per block and ``slowdown``, :class:`EmulatedCompute`) and feeds their results back before
   anything else. A message arriving while a node computes waits for it, so a node's clock may run ahead of
   ``fleet.now``; whatever it sends leaves at its own clock.
-* Messages take ``latency_s`` per link (``set_latency`` per link). By default they go through the tensor
+* Messages take ``latency_s`` per link (``set_latency`` per link), plus their size over the link's bandwidth
+  where one is set (``set_bandwidth``; wire mode only). By default they go through the tensor
   encoding, the real codec and the typed parser, so a field that does not survive serialisation breaks here
   as it would on the wire (``wire=False`` hands the typed message over instead). Receivers drop ids they
   have seen (``Transport``'s dedupe); reliable messages stay in the sender's outbox and are re-sent every
@@ -211,6 +212,7 @@ class SimNode(MachineRunner):
     reconnect_cap: float | None = None  # the last ReconnectWithin (link changes are not modelled)
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     commanders: set[str] = field(default_factory=set)
+    busy_s: float = 0.0  # virtual compute time so far: the CPU time its meters report
 
     @property
     def strict(self) -> bool:  # type: ignore[override]
@@ -220,8 +222,16 @@ class SimNode(MachineRunner):
         return self.clock
 
     def run_job(self, job: stage.Job) -> E.JobDone:
-        self.clock += self.compute(job) * self.slowdown  # the node computes: its clock runs ahead while it does
-        return super().run_job(job)
+        cost = self.compute(job) * self.slowdown
+        self.clock += cost  # the node computes: its clock runs ahead while it does
+        self.busy_s += cost
+        done = super().run_job(job)
+        block_s = self.fleet.profile_s(self.name, job.plan) if isinstance(job, stage.Profile) and \
+            self.fleet.profile_s is not None and done.error is None else None
+        if block_s is not None:
+            # The node's blocks as the fleet's compute model has them (virtual seconds), with the memory measured.
+            return E.JobDone(job, stage.BlockProfile(tuple(block_s), done.result.block_bytes))
+        return done
 
     def emulate(self, slowdown: float | None, block_ms: float | None) -> dict[str, Any]:
         if slowdown is not None:
@@ -298,7 +308,7 @@ class SimNode(MachineRunner):
         self.fleet._transmit(Packet(self.name, dst, "ctl", data=self.fleet._json(data)), self.clock)
 
     def meters(self) -> stage.Meters:
-        return stage.Meters(self.counts["tx_bytes"], self.counts["rx_bytes"], 0.0)
+        return stage.Meters(self.counts["tx_bytes"], self.counts["rx_bytes"], 0.0, self.busy_s)
 
     def backend(self) -> Any:
         return self._backend
@@ -321,7 +331,8 @@ class MemoryFleet:
 
     def __init__(self, *, seed: int = 0, latency_s: float = 0.002, compute_s: Compute = 0.001,
                  resend_after_s: float = 5.0, wire: bool = True, strict: bool = True,
-                 operators: tuple[str, ...] = ("operator",)) -> None:
+                 operators: tuple[str, ...] = ("operator",),
+                 profile_s: Callable[[str, Any], tuple[float, ...] | None] | None = None) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
         encoding.seed(seed)  # stochastic rounding (int8) reproducible per seed, like everything else here
@@ -334,6 +345,10 @@ class MemoryFleet:
         self.nodes: dict[str, SimNode] = {}
         self.cloud = ""
         self.links: dict[tuple[str, str], float] = {}
+        self.bandwidth: dict[tuple[str, str], float] = {}  # bytes per second of a link (none: instant)
+        # Split-point planning: a node's forward + backward seconds per block (node, plan) -> times, so that its
+        # profile speaks the fleet's virtual time (None, or no times for a node: what torch measured here).
+        self.profile_s = profile_s
         self.faults: list[Fault] = []
         self.retained: dict[str, dict[str, Any]] = {}
         self.event_log: list[dict[str, Any]] = []
@@ -469,7 +484,11 @@ class MemoryFleet:
                 extra["block_ms"] = float(extra["block_ms"])
             if extra.get("cut", -1) <= 0:
                 extra.pop("cut", None)
-            # [device] encoding keys as the agent reads them: one map of the device's own choices.
+            # [device] keys as the agent reads them: one map of the device's own encodings, its class, its memory.
+            if "class" in extra:
+                extra["klass"] = extra.pop("class")
+            if "memory_mb" in extra:
+                extra["memory_limit"] = int(float(extra.pop("memory_mb")) * 2**20)
             encodings = {k[: -len("_encoding")]: extra.pop(k) for k in list(extra) if k.endswith("_encoding")}
             if encodings:
                 extra["encodings"] = {k: v for k, v in encodings.items() if v}
@@ -480,6 +499,14 @@ class MemoryFleet:
         self.links[(src, dst)] = seconds
         if both:
             self.links[(dst, src)] = seconds
+
+    def set_bandwidth(self, src: str, dst: str, bytes_per_s: float | None, *, both: bool = True) -> None:
+        """A message on this link takes its size over ``bytes_per_s`` on top of the latency (None: instant)."""
+        for key in [(src, dst), *([(dst, src)] if both else [])]:
+            if bytes_per_s is None:
+                self.bandwidth.pop(key, None)
+            else:
+                self.bandwidth[key] = bytes_per_s
 
     # ------------------------------------------------------------------ faults
     def _fault(self, action: str, pred: Callable[[Packet], bool], times: int | None, **kw: Any) -> Fault:
@@ -720,6 +747,9 @@ class MemoryFleet:
 
     def _transmit(self, p: Packet, at: float, *, faults: bool = True) -> None:
         arrive = at + self._latency(p.src, p.dst)
+        bandwidth = self.bandwidth.get((p.src, p.dst))
+        if bandwidth:
+            arrive += len(p.payload) / bandwidth
         rule = None
         for f in self.faults if faults else ():
             if f.action == "watch" and f.match(p):

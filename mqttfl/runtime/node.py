@@ -88,6 +88,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time (user + system) so far: the energy estimate's CPU time."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+POWER_SENSORS = (Path("/sys/class/powercap/intel-rapl:0/energy_uj"), Path("/sys/class/powercap/intel-rapl/energy_uj"))
+
+
+def board_energy_j() -> float:
+    """The board's energy counter in joules where it exposes one (RAPL through powercap), else 0. The counter
+    covers the whole package, not this process; it is what the hardware measures."""
+    for path in POWER_SENSORS:
+        try:
+            return int(path.read_text().strip()) / 1e6
+        except (OSError, ValueError):
+            continue
+    return 0.0
+
+
 class Node(MachineRunner):
     metrics_interval_s = 10.0
     resend_after_s = 5.0
@@ -292,7 +312,7 @@ class Node(MachineRunner):
 
     def meters(self) -> stage.Meters:
         s = self.transport.stats_snapshot()
-        return stage.Meters(s.get("tx_bytes", 0), s.get("rx_bytes", 0), peak_rss_mb())
+        return stage.Meters(s.get("tx_bytes", 0), s.get("rx_bytes", 0), peak_rss_mb(), cpu_seconds(), board_energy_j())
 
     def backend(self) -> Backend | None:
         return self._backend

@@ -31,6 +31,7 @@ BENCHES = {
     "resilience": ("mqttfl.tools.bench.resilience", "memory returned by expired transfers; an edge killed mid-round"),
     "comm": ("mqttfl.tools.bench.comm", "compression on the wire, FedLAMA and server strategies"),
     "pipeline": ("mqttfl.tools.bench.pipeline", "Eco-FL pipelines across helpers: speed-up, DP partition, rebalancing"),
+    "hetero": ("mqttfl.tools.bench.hetero", "weak clients, compressed local models, cutoffs and planned cuts"),
 }
 
 

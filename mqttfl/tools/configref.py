@@ -14,10 +14,12 @@ from typing import Any
 from mqttfl.fl.strategies import StrategyParams
 from mqttfl.protocol.cloud.roles import Roles
 from mqttfl.protocol.cloud.settings import CloudSettings
+from mqttfl.protocol.hetero import DeviceClass
 from mqttfl.protocol.plan import Training
 from mqttfl.runtime.config import (
     LIMIT_KEYS,
     ROLE_BUDGETS,
+    TOML_NAMES,
     AgentConfig,
     Budget,
     CloudRuntime,
@@ -62,7 +64,7 @@ def _default(f: Field[Any], obj: Any = None) -> str:
 
 def _rows(dc: type, reader: str, *, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str, str, str]]:
     inst = dc()
-    return [(f.name, str(f.type), _default(f, inst), f.metadata.get("doc", ""), reader)
+    return [(TOML_NAMES.get(f.name, f.name), str(f.type), _default(f, inst), f.metadata.get("doc", ""), reader)
             for f in fields(dc) if f.name not in skip]
 
 
@@ -89,6 +91,7 @@ def sections() -> dict[str, list[tuple[str, str, str, str, str]]]:
                     *_rows(CloudSettings, "cloud", skip=("training", "params")),
                     *_rows(Training, "cloud; sent to every edge and device in the round plan"),
                     *_rows(StrategyParams, "cloud")],
+        "[cloud.classes.NAME]": _rows(DeviceClass, "cloud; sent to the class's devices in the round plan"),
     }
 
 

@@ -15,6 +15,8 @@ MQTT, so it is tested with hand-made messages:
   predicted and the measured milliseconds per micro-batch of each stage, the bubble (the share of stage time
   spent idle in the last mini-batch) and the most micro-batches each stage stashed, from its ``pipeline`` and
   ``pipeline_step`` metrics.
+- device classes: the system costs per class of the cloud's last round (``classes`` in its round metrics: the
+  heterogeneous-IoT cost model's times and T, memory, bytes, energy, cutoffs), one line per class.
 
 Plain text, redrawn every ``--interval`` seconds (no curses); ``--once`` prints one table (or one JSON object
 with ``--json``) after collecting for ``--interval`` seconds. Nothing here imports torch.
@@ -88,6 +90,8 @@ class FleetView:
         self.fleet = fleet
         self.nodes: dict[str, NodeView] = {}
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_events)
+        self.classes: dict[str, dict[str, Any]] = {}  # the last round's costs per device class
+        self.classes_round: Any = None
 
     def update(self, msg: Inbound, now: float | None = None) -> None:
         data = msg.data
@@ -124,6 +128,9 @@ class FleetView:
 
     def _metrics(self, nv: NodeView, data: dict[str, Any]) -> None:
         kind = data.get("kind")
+        if kind == "round" and isinstance(data.get("classes"), dict):
+            self.classes = {str(k): v for k, v in data["classes"].items() if isinstance(v, dict)}
+            self.classes_round = data.get("round")
         if kind == "round":
             acc, loss = _number(data.get("accuracy")), _number(data.get("loss"))
             if acc is not None:
@@ -198,7 +205,7 @@ class FleetView:
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         return {"fleet": self.fleet, "ts": now, "nodes": {r["node"]: r for r in self.rows(now)},
-                "events": list(self.events)}
+                "events": list(self.events), "classes": dict(self.classes)}
 
     def render(self, now: float | None = None, *, connected: bool = True) -> str:
         now = time.time() if now is None else now
@@ -228,6 +235,10 @@ class FleetView:
                           f"{_at(stash, k)}/{_at(bound, k)}" for k, n in enumerate(chain) if k + 1 < len(blocks)]
                 bubble = p.get("bubble", p.get("predicted_bubble"))
                 lines.append(f"  {r['node']}: epoch {p.get('epoch')}, bubble {_cell(bubble)}: " + " | ".join(stages))
+        if self.classes:
+            lines += ["", f"device classes (round {_cell(self.classes_round)}; seconds, MB, joules):", ""]
+            lines += _table(CLASS_COLUMNS, [[name, *(_cost(k, c.get(k)) for _, k in CLASS_COLUMNS[1:])]
+                                            for name, c in sorted(self.classes.items())])
         if self.events:
             lines += ["", "recent events:"]
             for e in list(self.events)[-10:]:
@@ -239,6 +250,26 @@ class FleetView:
                 line = f"  {stamp} {e['node']:<10} {e['level']:<7} {e['event']} {detail}".rstrip()
                 lines.append(line if len(line) <= 160 else line[:157] + "...")
         return "\n".join(lines)
+
+
+CLASS_COLUMNS = [("CLASS", ""), ("DEVICES", "devices"), ("T_LOCAL", "T_local"), ("T_UP", "T_upload"),
+                 ("T_GLOBAL", "T_global"), ("T_DOWN", "T_download"), ("T", "T"), ("T_MAX", "T_max"),
+                 ("PEAK_MB", "peak_rss_mb"), ("TRAIN_MB", "train_mem_mb"), ("MB_UP", "bytes_up"),
+                 ("MB_DOWN", "bytes_down"), ("ENERGY_J", "energy_j"), ("CUTOFFS", "cutoffs")]
+
+
+def _cost(key: str, v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "-"
+    if key.startswith("bytes"):
+        return f"{v / 1e6:.2f}"
+    return str(v) if isinstance(v, int) else f"{v:.3g}"
+
+
+def _table(columns: list[tuple[str, str]], rows: list[list[str]]) -> list[str]:
+    table = [[c for c, _ in columns], *rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table]
 
 
 def _cell(v: Any) -> str:

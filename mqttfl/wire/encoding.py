@@ -21,7 +21,7 @@ so it differs per kind and per device (``act_encoding``, ``grad_encoding``, ``de
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -171,6 +171,23 @@ def seed(value: int) -> None:
 
 def tensor_bytes(tensors: Mapping[str, Any]) -> int:
     return sum(int(np.asarray(v).nbytes) for v in tensors.values())
+
+
+def encoded_bytes(name: str, tensors: Iterable[np.ndarray]) -> int:
+    """The bytes ``tensors`` take on the wire under encoding ``name``, without encoding them (no rounding noise is
+    drawn): what a sender counts for a message it has yet to send."""
+    total = 0
+    for v in tensors:
+        arr = np.asarray(v)
+        if not _is_float(arr) or name == IDENTITY:
+            total += arr.astype(np.float32).nbytes if _is_float(arr) else arr.nbytes
+        elif name == "fp16":
+            total += 2 * arr.size
+        elif name in ("int8", "int8c"):
+            total += arr.size + 4 * (arr.shape[1] if name == "int8c" and arr.ndim > 1 else 1)
+        else:  # topk: the non-zero entries, or the dense tensor when that is smaller
+            total += min(8 * int(np.count_nonzero(arr)) + 8 * (arr.ndim + 1), 4 * arr.size)
+    return total
 
 
 def encode_tensors(name: str, body: dict[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

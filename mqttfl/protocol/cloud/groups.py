@@ -391,7 +391,7 @@ class AsyncGroups:
             "alpha_t": None if mixing is None else round(float(mixing), 5), "participants": sorted(reports),
             "missing": sorted(set(r.devices) - set(reports)), "round_s": round(now - r.started, 3),
             "groups": self._groups_field(), "group_versions": {str(g): n for g, n in self.group_versions.items()},
-            "devices": device_costs(reports, 0.0, r.edge_of()),
+            "devices": device_costs(reports, 0.0, r.edge_of(), {d: c.class_of(d) for d in reports}),
         }
         self.dirty = False
         c.commit(new, entry, now)

@@ -36,9 +36,10 @@ import numpy as np
 from mqttfl.protocol import stage
 from mqttfl.protocol.cloud import fedeval
 from mqttfl.protocol.cloud.context import Policy
+from mqttfl.protocol.cloud.cutplan import CutPlanner
 from mqttfl.protocol.cloud.groups import AsyncGroups
 from mqttfl.protocol.cloud.roles import Roles
-from mqttfl.protocol.cloud.rounds import CloudRound
+from mqttfl.protocol.cloud.rounds import CloudRound, class_costs
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.cloud.sync import SyncRounds
 from mqttfl.protocol.control import arg, check_id
@@ -68,7 +69,17 @@ from mqttfl.protocol.events import (
     StatusSeen,
     TimerFired,
 )
-from mqttfl.protocol.messages import EdgeUpdate, EvalReport, MovePath, OpenRound, Restart, RoundTag
+from mqttfl.protocol.hetero import DEFAULT_CLASS, LocalModel, expand
+from mqttfl.protocol.messages import (
+    DeviceProfile,
+    EdgeProfile,
+    EdgeUpdate,
+    EvalReport,
+    MovePath,
+    OpenRound,
+    Restart,
+    RoundTag,
+)
 from mqttfl.protocol.plan import BEST_METRIC, PARTITIONS, PIPELINE_SCHEDULES, Plan, round_lr
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, state_norm
 from mqttfl.protocol.status import NodeState, Presence
@@ -143,6 +154,8 @@ class CloudMachine:
         self._waiting: list[str] | None = None  # the devices round 0 waits for, as last announced
         self._refusals: set[tuple[str, str, str]] = set()  # (node, run, reason) already reported
         self.chain_overrides: dict[str, tuple[str, ...]] = {}  # device -> helpers, set by the chain command
+        self.cut_planner = CutPlanner()  # devices' and edges' profiles (split-point planning)
+        self._unknown_classes: set[tuple[str, str]] = set()  # (device, class) reported as not configured
         self._fx: list[Effect] = []
         saved_policy: dict[str, Any] | None = None
         if restored:
@@ -233,6 +246,8 @@ class CloudMachine:
                 self._do(*fx)
                 if why is not None:
                     self.drop("wrong_round", why, ev.src)
+            elif isinstance(ev.msg, EdgeProfile):
+                self._on_profile(ev.src, ev.msg)
             else:
                 self.drop("unexpected", f"{ev.msg.kind}/{ev.msg.op} is not for the cloud", ev.src)
         elif isinstance(ev, JobDone):
@@ -358,7 +373,28 @@ class CloudMachine:
         joined = self.joined.get(device)
         return joined[1] if joined is not None else 0
 
+    def local_for(self, device: str) -> LocalModel | None:
+        """What a device's class trains (None: the whole model in fp32, no cutoff): ``[cloud.classes]`` by the
+        class in the device's status."""
+        p = self.fleet.get(device)
+        name = (p.klass if p is not None else None) or DEFAULT_CLASS
+        c = self.settings.classes.get(name)
+        if c is None:
+            if name != DEFAULT_CLASS and (device, name) not in self._unknown_classes:
+                self._unknown_classes.add((device, name))
+                self._do(Emit("unknown_class", "warning", {"device": device, "class": name,
+                                                           "action": "trains the whole model"}))
+            return None
+        return None if c.plain else c.local()
+
+    def class_of(self, device: str) -> str:
+        p = self.fleet.get(device)
+        return (p.klass if p is not None else None) or DEFAULT_CLASS
+
     def cut_for(self, device: str) -> int:
+        local = self.local_for(device)
+        if local is not None and local.local_only:
+            return self.schema.n_blocks  # a class's compressed or partial model trains locally
         p = self.fleet.get(device)
         cut = p.cut if p is not None else None
         if cut is not None and 1 <= cut <= self.schema.n_blocks:
@@ -381,20 +417,44 @@ class CloudMachine:
         return dict(p.encodings) if p is not None else {}
 
     def announce(self, plan: Plan, by_edge: dict[str, list[str]], tag: RoundTag | None = None,
-                 partial: dict[str, list[str]] | None = None) -> None:
-        """Open the round at each edge with its devices, their cuts, encodings and declared sample counts, and
-        the global model (only the layers in ``partial[edge]`` for an edge that keeps a copy of the rest:
-        FedLAMA)."""
+                 partial: dict[str, list[str]] | None = None, cuts: dict[str, int] | None = None) -> None:
+        """Open the round at each edge with its devices, their cuts (planned, or each device's configured one),
+        class models, encodings and declared sample counts, and the global model (only the layers in
+        ``partial[edge]`` for an edge that keeps a copy of the rest: FedLAMA)."""
         for edge, devs in by_edge.items():
             keys = (partial or {}).get(edge)
             state = self.global_state if keys is None else {k: self.global_state[k] for k in keys}
             encodings = {d: e for d in devs if (e := self.encodings_for(d))}
+            chains = self.chains_for(devs)
+            # A pipelined device trains the whole model across its chain: its class's local model does not apply.
+            locals_ = {d: m for d in devs if d not in chains and (m := self.local_for(d)) is not None}
             self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
-                                          cuts={d: self.cut_for(d) for d in devs}, state=state,
-                                          samples={d: self.declared(d) for d in devs}, encodings=encodings,
-                                          partial=keys is not None, schema=self.schema.describe(),
-                                          chains=self.chains_for(devs)),
+                                          cuts={d: (cuts or {}).get(d) or self.cut_for(d) for d in devs},
+                                          state=state, samples={d: self.declared(d) for d in devs},
+                                          encodings=encodings, partial=keys is not None,
+                                          schema=self.schema.describe(), locals=locals_, chains=chains),
                           encoding=plan.model_encoding))
+
+    def _on_profile(self, src: str, msg: EdgeProfile) -> None:
+        """A device's or an edge's profile for split-point planning, from a node in that role."""
+        role = self.role_of(src)
+        if role != ("device" if isinstance(msg, DeviceProfile) else "edge"):
+            self.drop("unexpected", f"{msg.op} profile from {src}, which is {role or 'nothing'} here", src)
+            return
+        why = self.cut_planner.on_profile(src, msg, self.schema)
+        if why is not None:
+            self.drop("bad_profile", why, src)
+
+    def plan_cuts(self, plan: Plan, by_edge: dict[str, list[str]]) -> tuple[dict[str, int], dict[str, Any]]:
+        """Each device's cut for this round from the latest profiles (``[cloud] plan_cuts``), with the report
+        for ``metrics``."""
+        devices = [d for ds in by_edge.values() for d in ds]
+        fixed = {d for d in devices if (p := self.fleet.get(d)) is not None and p.cut is not None}
+        fixed |= set(self.chains_for(devices))  # a pipelined device's blocks are laid out by its pipeline
+        local_only = {d for d in devices if (m := self.local_for(d)) is not None and m.local_only}
+        return self.cut_planner.plan(plan, by_edge, self.schema, {d: self.cut_for(d) for d in devices}, fixed,
+                                     local_only, {d: self.declared(d) for d in devices},
+                                     {d: self.encodings_for(d) for d in devices})
 
     def check_update(self, src: str, msg: EdgeUpdate, r: CloudRound | None, keys: list[str] | None = None
                      ) -> dict[str, np.ndarray] | None:
@@ -422,8 +482,18 @@ class CloudMachine:
             specs = {k: specs[k] for k in keys}
         bound = self.settings.training.max_update_norm
         checked: dict[str, np.ndarray] = {}
+        # Devices that trained part of the model (docs/algorithms.md, "Heterogeneous devices") send part of the
+        # keys, or masked keys; an edge's mean of them says which samples stand behind each entry.
+        partial = any(not m.plain for m in self.settings.classes.values())
+        for k, c in msg.coverage.items():
+            if not partial or k not in specs or (c.shape != () and c.shape != specs[k].shape) or \
+                    not np.isfinite(c).all() or c.min(initial=0.0) < 0 or c.max(initial=0.0) > msg.samples + 0.5:
+                raise ProtocolError("bad_field", f"coverage of {k!r} from {src} does not fit the key or its samples")
         for who, part in (msg.deltas or {src: msg.delta}).items():
-            checked = check_state(part, specs, f"delta of {who}")
+            if msg.masks.get(who):
+                part, _ = expand(part, msg.masks[who], specs, f"delta of {who}")
+            want = specs if not partial else {k: specs[k] for k in part if k in specs}
+            checked = check_state(part, want, f"delta of {who}")
             if bound > 0:
                 norm, ref = state_norm(checked), state_norm({k: self.global_state[k] for k in checked})
                 if not norm <= bound * max(ref, 1e-12):
@@ -449,6 +519,8 @@ class CloudMachine:
         t_global = round(max(0.0, now - entry.pop("closed_at", now)), 4)
         for costs in entry.get("devices", {}).values():
             costs["T_global"] = t_global
+        if entry.get("devices"):
+            entry["classes"] = class_costs(entry["devices"], self.settings.classes)
         res: stage.EvalResult | None = ev.result if ev.error is None else None
         if ev.error is not None:
             self._do(Emit("evaluation_failed", "error", {"error": ev.error[:300]}))

@@ -18,6 +18,7 @@ from typing import Any
 
 from mqttfl.fl import strategies
 from mqttfl.fl.staleness import by_name as staleness_by_name
+from mqttfl.protocol.hetero import DeviceClass
 from mqttfl.protocol.plan import TRAINING_FIELDS, Training
 from mqttfl.wire.topics import TopicError, validate_id
 
@@ -76,6 +77,15 @@ class CloudSettings:
         "and only the layers due travel); 0: off, 1: every layer every round through the layer-wise path")})
     fedlama_warmup: int = field(default=1, metadata={"doc": (
         "sync, FedLAMA: windows of phi rounds before intervals are first adjusted")})
+    # Heterogeneous devices (docs/algorithms.md, "Split-point planning", "Heterogeneous devices")
+    plan_cuts: bool = field(default=False, metadata={"doc": (
+        "sync: devices and edges report profiles (per-block time and memory, the device's link) and the cloud "
+        "chooses each device's cut before every round to minimise its time under its memory limit; a device's "
+        "own [device] cut wins; [cloud] cut (or the model's default) holds until a device's profile is in")})
+    classes: Mapping[str, DeviceClass] = field(default_factory=dict, metadata={"doc": (
+        "device classes: [cloud.classes.NAME] tables (keys below) saying what a device whose [device] class is "
+        "NAME trains, its cutoff and its power; devices of an unlisted class, and class default unless listed, "
+        "train the whole model")})
     training: Training = field(default_factory=Training)
     params: strategies.StrategyParams = field(default_factory=strategies.StrategyParams)
 
@@ -125,6 +135,22 @@ class CloudSettings:
             out.append("fedlama_phi must be >= 0 and fedlama_warmup >= 1")
         if self.fedlama_phi and self.mode != "sync":
             out.append("fedlama_phi needs mode = \"sync\"")
+        if self.plan_cuts and self.mode != "sync":
+            out.append("plan_cuts needs mode = \"sync\"")
+        for name, c in self.classes.items():
+            try:
+                validate_id(name)
+            except TopicError as e:
+                out.append(f"classes: {e}")
+            if c.plain:
+                continue
+            if self.mode != "sync" or self.fedlama_phi:
+                out.append(f"class {name}: device classes with their own local model or cutoff need mode = "
+                           f"\"sync\" without fedlama_phi")
+            elif c.train != "full" and self.strategy_name in strategies.REGISTRY and \
+                    not strategies.make_strategy(self.strategy_name, self.params).masks:
+                out.append(f"class {name}: a {c.train} model covers part of the model, which strategy "
+                           f"{self.strategy_name} cannot aggregate (fedavg, fedprox and fednova can)")
         out += self.params.problems()
         return out
 
@@ -132,6 +158,7 @@ class CloudSettings:
         """The ``[cloud]`` keys and values (for persistence, status and the config reference)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("training", "params")}
         out["wait_for"] = list(self.wait_for)
+        out["classes"] = {name: c.flat() for name, c in sorted(self.classes.items())}
         out.update(asdict(self.training))
         out["input_shape"] = list(self.training.input_shape)
         out.update(asdict(self.params))
@@ -147,6 +174,10 @@ class CloudSettings:
         top = {k: v for k, v in values.items() if k in own}
         if "wait_for" in top:
             top["wait_for"] = tuple(top["wait_for"])
+        if "classes" in top:
+            if not isinstance(top["classes"], Mapping):
+                raise ValueError("[cloud] classes must be a table of [cloud.classes.NAME] tables")
+            top["classes"] = {str(n): DeviceClass.of(str(n), v) for n, v in top["classes"].items()}
         train = {k: v for k, v in values.items() if k in TRAINING_FIELDS}
         if "input_shape" in train:
             train["input_shape"] = tuple(train["input_shape"])

@@ -10,7 +10,9 @@ the round it was in: devices that finished the old attempt recognise a new plan 
 ignoring a re-delivered announcement.
 
 The plan carries what the strategy asks of local training (FedProx's ``prox_mu``) and of the edges (whether they
-may pre-aggregate), and under FedLAMA (``fedlama_phi``) the layers' intervals (``layerwise.LayerWise``).
+may pre-aggregate), and under FedLAMA (``fedlama_phi``) the layers' intervals (``layerwise.LayerWise``). With
+``plan_cuts`` it asks devices and edges for profiles, and each round's cuts are planned from the latest ones
+(``cutplan.CutPlanner``); the plan and its predicted times go into the round's metrics (``cut_plan``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class SyncRounds:
         self.attempt = 0
         self.failures = 0  # quorum misses of the current round
         self.current: CloudRound | None = None
+        self.cut_plan: dict[str, Any] = {}  # the current round's planned cuts and predicted times
+        self.last_cuts: dict[str, int] = {}  # each device's cut in the last round it was planned for
         if saved:
             self.completed = int(saved["round"])
             # The round in flight at the crash starts over as a new attempt.
@@ -98,18 +102,28 @@ class SyncRounds:
         c = self.cloud
         s = c.settings
         plan = c.plan(self.completed, self.attempt, prox_mu=self.strategy.prox_mu,
-                      preaggregate=self.strategy.preaggregate, **(self.lama.plan_fields() if self.lama else {}))
+                      preaggregate=self.strategy.preaggregate, profile=s.plan_cuts,
+                      **(self.lama.plan_fields() if self.lama else {}))
         sampled = sample_clients(devices, fraction=s.sample_fraction, size=s.sample_size, seed=s.training.seed,
                                  round=plan.round, attempt=plan.attempt)
         by_edge: dict[str, list[str]] = {}
         for d in sampled:
             by_edge.setdefault(str(devices[d].edge), []).append(d)
+        cuts: dict[str, int] = {}
+        if s.plan_cuts:
+            cuts, self.cut_plan = c.plan_cuts(plan, by_edge)
+            changed = {d: [self.last_cuts[d], cut] for d, cut in cuts.items()
+                       if d in self.last_cuts and self.last_cuts[d] != cut}
+            self.last_cuts.update(cuts)
+            if changed:
+                c.do(Emit("cuts_planned", fields={"run": plan.run, "round": plan.round, "changed": changed,
+                                                  "predicted_round_s": self.cut_plan.get("predicted_round_s")}))
         self.current = CloudRound(plan, by_edge, started=now, deadline=now + plan.deadline_s,
-                                  eligible=len(devices), declared={d: c.declared(d) for d in sampled})
+                                  eligible=len(devices), declared={d: c.declared(d) for d in sampled}, cuts=cuts)
         # This attempt is on disk before it is announced: a cloud restarted during the round opens the next
         # attempt, never this one again (devices ignore the announcement of an attempt they finished).
         c.persist(now)
-        c.announce(plan, by_edge, partial=self.lama.partial(by_edge) if self.lama else None)
+        c.announce(plan, by_edge, partial=self.lama.partial(by_edge) if self.lama else None, cuts=cuts)
         c.do(SetTimer(("deadline", plan.key), self.current.deadline))
         c.publish_status()
         c.do(Emit("round_started", fields={"run": plan.run, "round": plan.round, "attempt": plan.attempt,
@@ -153,7 +167,11 @@ class SyncRounds:
         self.current = None
         reports = r.device_reports()
         needed = quorum_needed(c.settings.quorum, len(r.expected))
-        updates = r.updates()
+        try:
+            updates = r.updates(c.schema.specs())
+        except ProtocolError as e:
+            c.drop(e.code, str(e))
+            updates = []
         if len(reports) < needed or not updates:
             self._retry(r, len(reports), needed, now)
             return
@@ -161,6 +179,10 @@ class SyncRounds:
         info = RoundInfo(expected=len(r.expected), population=max(population, len(r.expected)))
         try:
             new = self.strategy.aggregate(c.global_state, updates, info)
+        except ProtocolError as e:  # a masked update that does not unpack (checked when it came in)
+            c.drop(e.code, str(e))
+            self._retry(r, len(reports), needed, now)
+            return
         except UpdateRejected as e:
             c.drop("rejected", str(e))
             self._retry(r, len(reports), needed, now)
@@ -175,8 +197,10 @@ class SyncRounds:
             "round_s": round(now - r.started, 3),
             "bytes_up": sum(rep.bytes_up for rep in reports.values()),
             "bytes_down": sum(rep.bytes_down for rep in reports.values()),
-            "devices": device_costs(reports, 0.0, r.edge_of()),
+            "devices": device_costs(reports, 0.0, r.edge_of(), {d: c.class_of(d) for d in reports}),
         }
+        if r.cuts:
+            entry["cut_plan"] = self.cut_plan
         if self.strategy.last_report:
             entry["aggregation"] = dict(self.strategy.last_report)
         if self.lama is not None:
@@ -213,10 +237,14 @@ class SyncRounds:
             return
         r.move(ev.src, msg.edge)
         enc = c.encodings_for(ev.src)
-        c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan, cuts={ev.src: c.cut_for(ev.src)},
+        chains = c.chains_for([ev.src])
+        local = None if chains else c.local_for(ev.src)  # a pipelined device trains the whole model
+        c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan,
+                                      cuts={ev.src: r.cuts.get(ev.src) or c.cut_for(ev.src)},
                                       samples={ev.src: r.declared.get(ev.src, c.declared(ev.src))},
                                       state=c.global_state, encodings={ev.src: enc} if enc else {},
-                                      schema=c.schema.describe(), chains=c.chains_for([ev.src])),
+                                      locals={ev.src: local} if local is not None else {},
+                                      schema=c.schema.describe(), chains=chains),
                   encoding=r.plan.model_encoding))
         c.do(Emit("round_restarted_for_device", "warning", {"device": ev.src, "edge": msg.edge,
                                                             "round": r.plan.round, "source": msg.source}))
