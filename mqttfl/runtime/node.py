@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import resource
 import signal
 import time
@@ -35,6 +36,7 @@ from mqttfl.runtime.log import get_logger
 from mqttfl.runtime.loop import Backend, Machine, MachineRunner
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.persist import load_state, save_state
+from mqttfl.runtime.preload import Preload
 from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.wire.codec import CodecError
@@ -88,14 +90,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (the kernel's start time, so interpreter start-up and imports count);
+    None where /proc does not say."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat(5), counted after the name
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 class Node(MachineRunner):
     metrics_interval_s = 10.0
     resend_after_s = 5.0
 
     def __init__(self, cfg: AgentConfig, machine: Machine, backend: Backend | None = None, *,
                  cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = (),
-                 keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None) -> None:
+                 keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None,
+                 preload: Preload | None = None) -> None:
+        """``preload``: the torch modules this node loads once it is online (a device)."""
         self.cfg = cfg
+        self.preload = preload
         self.name = cfg.node
         self.machine = machine
         self._backend = backend
@@ -120,6 +136,7 @@ class Node(MachineRunner):
         self.watchdog = sdnotify.Watchdog(interval) if (interval := sdnotify.watchdog_interval()) else None
         self._last_metrics = 0.0
         self.started = time.time()
+        self.cold_start_s: float | None = None  # process start to ready (connected, subscribed, Started handled)
 
     # ------------------------------------------------------------------ loop
     def run(self, *, connect_timeout: float | None = 60.0) -> int:
@@ -135,7 +152,12 @@ class Node(MachineRunner):
                 self.logger.warning("site broker unreachable", broker=f"{broker[0]}:{broker[1]}")
         self.feed(E.Started(wall=time.time()))
         sdnotify.ready()
-        self.logger.info("ready")
+        age = process_age_s()
+        self.cold_start_s = None if age is None else round(age, 3)
+        self.logger.info("ready", cold_start_s=self.cold_start_s)
+        if self.preload is not None:
+            self.preload.load()  # online first, then the training stack (docs/design.md, "Runtime")
+            self.logger.info("training stack loaded", seconds=round(self.preload.ready_s or 0.0, 3))
         try:
             while self.running:
                 self.step(timeout=0.05)
@@ -184,10 +206,18 @@ class Node(MachineRunner):
         if now - self._last_metrics >= self.metrics_interval_s:
             self._last_metrics = now
             self.transport.metrics(kind="agent", transport=self.transport.stats_snapshot(),
-                                   peak_rss_mb=round(peak_rss_mb(), 1), **self.machine.metrics())
+                                   peak_rss_mb=round(peak_rss_mb(), 1), cold_start_s=self.cold_start_s,
+                                   **self._load_time(), **self.machine.metrics())
         if self.watchdog is not None:
             self.watchdog.progress(now)
             self.watchdog.tick(now)
+
+    def _load_time(self) -> dict[str, Any]:
+        """A node that loads torch after going online: how long that took."""
+        if self.preload is None:
+            return {}
+        ready = self.preload.ready_s
+        return {"torch_load_s": None if ready is None else round(ready, 3)}
 
     def stop(self) -> None:
         sdnotify.stopping()
@@ -299,6 +329,7 @@ class Node(MachineRunner):
 
     def status_report(self) -> dict[str, Any]:
         return {**self.transport.status, "uptime_s": round(time.time() - self.started, 1),
+                "cold_start_s": self.cold_start_s, "peak_rss_mb": round(peak_rss_mb(), 1),
                 "transport": self.transport.stats_snapshot()}
 
     def shutdown(self) -> None:
