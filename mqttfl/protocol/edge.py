@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from mqttfl.fl.aggregate import delta, weighted_average
+from mqttfl.fl.aggregate import delta
+from mqttfl.fl.streaming import RunningMean
 from mqttfl.protocol import stage
 from mqttfl.protocol.checkpoint import CheckpointError, EdgeCheckpoint, from_message
 from mqttfl.protocol.errors import ProtocolError
@@ -141,6 +142,7 @@ class Session:
     refused: str | None = None  # why the device's delta was refused (it counts as missing)
     saved: int = 0  # the mini-batch boundary this session is saved at (edge resume)
     restored: bool = False  # read back after a restart: the device has yet to come back to ``up.expected``
+    folded: bool = False  # its delta is in the round's running mean and no longer held here (``delta`` is {})
 
     @property
     def over(self) -> bool:
@@ -159,6 +161,17 @@ class EdgeRound:
     tag: RoundTag | None = None  # echoed to the cloud (asynchronous groups: group, version)
     samples: dict[str, int] = field(default_factory=dict)  # what each device declared when it joined
     wall: float | None = None  # wall clock minus this machine's clock, to save the deadline across a restart
+    # A linear rule (plan.preaggregate): the sample-weighted mean of the devices done so far, folded in as they
+    # finish, so the edge holds one model's worth of deltas, not one per device (mqttfl.fl.streaming).
+    mean: RunningMean | None = None
+
+    def fold(self, s: Session) -> None:
+        if s.folded or s.delta is None or s.report is None or s.report.samples <= 0:
+            return
+        if self.mean is None:
+            self.mean = RunningMean(sqnorms=self.plan.fedlama)
+        self.mean.add(s.delta, float(s.report.samples))
+        s.delta, s.folded = {}, True
 
 
 class EdgeMachine:
@@ -409,6 +422,8 @@ class EdgeMachine:
         old_r, old_s = self.session_of(device)
         self.device_round.pop(device, None)
         if old_r is not None and not old_r.sent:
+            if old_s is not None and old_s.folded:
+                return  # done, and in the round's mean: it is reported with the round it finished
             old_r.sessions.pop(device, None)
             self._close(old_s)
             self._unsave(device)
@@ -536,6 +551,8 @@ class EdgeMachine:
                 del rounds[old]
         s.report = replace(msg.report, t_upload=ev.transit_s, edge_steps=s.steps)
         self._save(r, s)  # acknowledged below: a restarted edge must still have it
+        if r.plan.preaggregate:
+            r.fold(s)  # saved above with its delta; here only the running mean keeps it
         self._do(Ack(ev), Log("info", "device done", {"device": ev.src, "round": r.plan.round,
                                                        "samples": msg.report.samples}))
         if all(x.over for x in r.sessions.values()):
@@ -566,14 +583,19 @@ class EdgeMachine:
                 and s.report.samples > 0}
         missing = tuple(sorted(set(r.sessions) - set(done)))
         delta: dict[str, np.ndarray] = {}
-        deltas = {d: s.delta for d, s in done.items() if s.delta is not None}
+        deltas = {d: s.delta for d, s in done.items() if s.delta is not None and not s.folded}
         weights = {d: float(s.report.samples) for d, s in done.items() if s.report is not None}
-        if done and r.plan.preaggregate:
-            delta = weighted_average([(deltas[d], weights[d]) for d in sorted(deltas)])
         sqnorms: dict[str, float] = {}
-        if done and r.plan.fedlama:
+        if done and r.plan.preaggregate:
+            for d in sorted(deltas):  # restored from disk after a restart: not folded yet
+                r.fold(done[d])
+            assert r.mean is not None
+            delta = r.mean.mean()
+            deltas = {}
             # FedLAMA's discrepancy needs sum_i n_i |x_i - u|^2 per layer; with these sums the cloud gets it from
             # the global mean u without the devices' own deltas (docs/algorithms.md, "FedLAMA").
+            sqnorms = r.mean.sqnorms()
+        elif done and r.plan.fedlama:
             keys = next(iter(deltas.values())).keys()
             sqnorms = {k: sum(weights[d] * float(np.sum(np.square(deltas[d][k], dtype=np.float64))) for d in deltas)
                        for k in keys}
@@ -748,6 +770,8 @@ class EdgeMachine:
             self._drop_session(r, ev.src, msg.migration, now)
 
     def _drop_session(self, r: EdgeRound, device: str, mid: str, now: float) -> None:
+        if (s := r.sessions.get(device)) is not None and s.folded:
+            return  # finished here, and in the round's mean
         self._close(r.sessions.pop(device, None))
         r.devices.pop(device, None)
         self.device_round.pop(device, None)
@@ -766,8 +790,8 @@ class EdgeMachine:
     def _save(self, r: EdgeRound, s: Session, snap: stage.StageSnapshot | None = None) -> None:
         """Write the session at its current boundary (``snap``: the stage's state there; None: the session has
         not stepped since it opened, or holds no stage)."""
-        if r.plan.resume_every <= 0 or r.sent:
-            return
+        if r.plan.resume_every <= 0 or r.sent or s.folded:
+            return  # a folded session was saved, delta and all, when it finished
         if snap is None and s.sid is not None and s.steps > 0 and s.delta is None:
             return  # its weights moved on since the last save; the next boundary saves them
         saved = SavedSession(
