@@ -1,43 +1,16 @@
 """Device agent: the device's protocol machine, its local data and its first stage, on the runtime loop.
 
-Everything the device decides is in :mod:`mqttfl.protocol.device`; this shell only reads ``[device]``, opens
-the data shard and wires machine, torch backend and transport together. The torch modules load once the agent
-is online (``mqttfl.runtime.preload``): a device's cold start does not wait for them.
+Everything the device decides is in :mod:`mqttfl.protocol.device`; the node is built by
+:func:`mqttfl.runtime.device.build_device` from ``[device]``. The torch modules load once the agent is online
+(``mqttfl.runtime.preload``): a device's cold start does not wait for them.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any
-
-from mqttfl.ml.shard import label_counts, open_shard
-from mqttfl.protocol.device import DeviceMachine
-from mqttfl.runtime.config import AgentConfig, DeviceSection, parse_section
+from mqttfl.runtime.config import AgentConfig
+from mqttfl.runtime.device import build_device
 from mqttfl.runtime.node import Node
-from mqttfl.runtime.persist import load_state
-from mqttfl.runtime.preload import DeferredBackend, Preload, deferred
-
-STATE_FILE = "device.state"  # the top-k error-feedback residual (docs/algorithms.md, "Compression")
 
 
 def build(cfg: AgentConfig) -> Node:
-    sec: DeviceSection = parse_section(DeviceSection, cfg.section, "device")
-    data = open_shard(sec.data)  # memory-mapped: batches are read from disk as training asks for them
-    held_out = open_shard(sec.eval_data) if sec.eval_data else None
-    labels = label_counts(data.labels()) if sec.share_labels else None
-    restored = load_state(Path(cfg.state_dir) / STATE_FILE) if cfg.state_dir else None
-    preload = Preload(("mqttfl.ml.backend", "mqttfl.ml.models"))
-    machine = DeviceMachine(
-        cfg.node, edge=sec.edge, cloud=sec.cloud, n_samples=len(data), cut=sec.cut if sec.cut > 0 else None,
-        labels=labels, label_format=data.label_format, eval_samples=len(held_out) if held_out else 0,
-        schemas=deferred(preload, "mqttfl.ml.models", "schema_of"), act_timeout_s=sec.act_timeout_s,
-        migrate_timeout_s=sec.migrate_timeout_s, id_prefix=os.urandom(4).hex(), encodings=sec.encodings(),
-        topk_ratio=sec.topk_ratio, attack_scale=sec.attack_scale, restored=restored)
-
-    def backend() -> Any:
-        return preload.module("mqttfl.ml.backend").TorchBackend(cfg.node, data=data, test=held_out,
-                                                                  slowdown=sec.slowdown, step_delay_s=sec.step_delay_s)
-
-    return Node(cfg, machine, DeferredBackend(backend), cloud=sec.cloud, edge_brokers=sec.brokers(),
-                state_file=STATE_FILE, preload=preload)
+    return build_device(cfg)

@@ -142,6 +142,19 @@ class Node(MachineRunner):
     def run(self, *, connect_timeout: float | None = 60.0) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.go_online(connect_timeout)
+        try:
+            while self.running:
+                self.step(timeout=0.05)
+        except Shutdown:
+            pass
+        finally:
+            self.stop()
+        return 0
+
+    def go_online(self, connect_timeout: float | None = 60.0) -> None:
+        """Connect, subscribe, start the machine and say so: what :meth:`run` does before its loop (a process of
+        virtual devices, ``mqttfl.tools.virtual``, does it for each of its nodes and steps them in turn)."""
         self.logger.info("starting", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", boot=self.transport.boot,
                        mqtt=self.cfg.mqtt.redacted())
         self.transport.start(timeout=connect_timeout)
@@ -158,14 +171,6 @@ class Node(MachineRunner):
         if self.preload is not None:
             self.preload.load()  # online first, then the training stack (docs/design.md, "Runtime")
             self.logger.info("training stack loaded", seconds=round(self.preload.ready_s or 0.0, 3))
-        try:
-            while self.running:
-                self.step(timeout=0.05)
-        except Shutdown:
-            pass
-        finally:
-            self.stop()
-        return 0
 
     def now(self) -> float:
         return time.monotonic()
@@ -173,7 +178,9 @@ class Node(MachineRunner):
     def wall_clock(self) -> float:
         return time.time()
 
-    def step(self, timeout: float) -> None:
+    def step(self, timeout: float) -> bool:
+        """Take at most one inbound message (waiting up to ``timeout`` or the next timer), then housekeeping;
+        whether a message was taken."""
         now = time.monotonic()
         due = min(self.timers.values(), default=now + timeout)
         msg = self.transport.get(timeout=max(0.0, min(timeout, due - now)))
@@ -187,6 +194,7 @@ class Node(MachineRunner):
             self.logger.info("moving to the site broker of the new edge", broker=f"{host}:{port}")
             if not self.transport.move_to(host, port):
                 self.logger.warning("site broker not reached yet; retrying in the background", broker=f"{host}:{port}")
+        return msg is not None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.running = False

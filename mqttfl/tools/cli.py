@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "ctl": ("mqttfl.tools.ctl", "send a control command to a node and print its reply"),
     "monitor": ("mqttfl.tools.monitor", "live view of every node of a fleet"),
     "config": ("mqttfl.tools.configref", "check an agent's config file, or print the reference of every key"),
+    "virtual": ("mqttfl.tools.virtual", "many virtual devices in one process, each its own MQTT client (load)"),
     "sim": ("mqttfl.tools.sim", "a whole fleet in one process on virtual time, no broker (the real protocol)"),
     "data": ("mqttfl.tools.datatool", "turn CSV/TSV, .npy/.npz or image folders into device shards; describe shards"),
     "export": ("mqttfl.tools.export", "write a kept global model as a PyTorch state dict and TorchScript"),
