@@ -31,6 +31,7 @@ BENCHES = {
     "data": ("mqttfl.tools.bench.data", "mqttfl data throughput and a device's memory with a memory-mapped shard"),
     "resilience": ("mqttfl.tools.bench.resilience", "memory returned by expired transfers; an edge killed mid-round"),
     "comm": ("mqttfl.tools.bench.comm", "compression on the wire, FedLAMA and server strategies"),
+    "scale": ("mqttfl.tools.bench.scale", "virtual devices over MQTT (N = 10..1000) and a 1000-client in-memory run"),
 }
 
 
