@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mqttfl.tools.bench import async_, comm, data, hetero, migration, pipeline, resilience, split, transport
+from mqttfl.tools.bench import async_, comm, data, hetero, migration, pipeline, resilience, scale, split, transport
 from mqttfl.tools.cli import main
 from mqttfl.tools.testbed import RunFailed
 
@@ -144,6 +144,19 @@ PIPELINE = {'batch_size': 64,
              'throughput': {'alone': 44.127, 's2': 74.358, 's3': 100.036, 's4': 119.465}}
 
 
+def _scale_run(n: int, round_s: float, rss: float) -> dict[str, Any]:
+    return {"devices": n, "rounds": 3, "online_s": n / 100, "round_s": [round_s * 2, round_s, round_s],
+            "round_overhead_s": round_s, "participants": [n, n, n], "cloud_cpu_s_per_round": 0.01 * n,
+            "edge_cpu_s_per_round": 0.02 * n, "broker_cpu_s_per_round": 0.005 * n,
+            "virtual_cpu_s_per_round": 0.03 * n, "cloud_peak_rss_mb": rss, "edge_peak_rss_mb": rss - 5,
+            "virtual_peak_rss_mb": 230.0 + n / 10, "messages_per_s": 100.0 * n, "model_mb": 0.5}
+
+
+SCALE = {"virtual": [_scale_run(10, 0.1, 240.0), _scale_run(100, 0.3, 240.4), _scale_run(1000, 1.5, 240.9)],
+         "sim": {"devices": 1000, "rounds": 10, "outcome": "run_complete", "wall_s": 200.0, "final_accuracy": 0.9,
+                 "participants": [1000] * 10}}
+
+
 def fake_async_run(strategy: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     curve = [[1.0, 0.5], [2.0, 0.92 if strategy == "ecofl" else 0.8], [3.0, 0.95]]
     return {"time_to_target_s": 2.0 if strategy == "ecofl" else 3.0, "final_accuracy": 0.95, "best_accuracy": 0.95,
@@ -156,9 +169,9 @@ def canned(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(async_, "run_one", fake_async_run)
     else:
         result = {"transport": TRANSPORT, "split": SPLIT, "migration": MIGRATION, "data": DATA,
-                  "resilience": RESILIENCE, "comm": COMM, "pipeline": PIPELINE, "hetero": HETERO}[bench]
+                  "resilience": RESILIENCE, "comm": COMM, "pipeline": PIPELINE, "hetero": HETERO, "scale": SCALE}[bench]
         module = {"transport": transport, "split": split, "migration": migration, "data": data,
-                  "resilience": resilience, "comm": comm, "pipeline": pipeline, "hetero": hetero}[bench]
+                  "resilience": resilience, "comm": comm, "pipeline": pipeline, "hetero": hetero, "scale": scale}[bench]
         monkeypatch.setattr(module, "measure", lambda *a, **kw: json.loads(json.dumps(result)))
 
 
@@ -167,7 +180,7 @@ def failing(bench: str, monkeypatch: pytest.MonkeyPatch) -> None:
         raise RunFailed({"run": "bench-x", "round": 0, "reason": "round 0: quorum not met in 1 attempts"})
 
     module = {"split": split, "migration": migration, "resilience": resilience, "comm": comm,
-              "pipeline": pipeline, "hetero": hetero}.get(bench)
+              "pipeline": pipeline, "hetero": hetero, "scale": scale}.get(bench)
     if module is None:
         monkeypatch.setattr(async_, "run_one", fail)
     else:
@@ -183,7 +196,7 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize("bench", ["transport", "split", "migration", "async", "data", "resilience", "comm",
-                                   "pipeline", "hetero"])
+                                   "pipeline", "hetero", "scale"])
 def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_working_directory(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,10 +206,11 @@ def test_every_bench_writes_its_files_into_the_out_folder_and_nothing_into_the_w
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((out / "results.json").read_text()) == printed
     files = {p.name for p in out.iterdir()}
-    if bench in ("async", "comm", "pipeline", "hetero"):
+    if bench in ("async", "comm", "pipeline", "hetero", "scale"):
         # PNG with matplotlib, else the hand-written SVG; the JSON names where it went.
         (plot,) = files - {"results.json"}
-        stem = {"async": "async_accuracy", "comm": "comm", "pipeline": "pipeline", "hetero": "hetero"}[bench]
+        stem = {"async": "async_accuracy", "comm": "comm", "pipeline": "pipeline", "hetero": "hetero",
+                "scale": "scale"}[bench]
         assert plot in (f"{stem}.png", f"{stem}.svg") and printed["plot"] == str(out / plot)
         assert (out / plot).stat().st_size > 0
     else:
@@ -242,6 +256,28 @@ def test_hetero_summarises_every_figure_the_issue_asks_for(cwd: Path, tmp_path: 
     assert r["targets"] == {"partial_beats_width_and_strong_only": True, "planned_vs_fixed": True, "tau": True}
 
 
+def test_scale_reports_per_fleet_size_the_figures_the_issue_asks_for(
+        cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    canned("scale", monkeypatch)
+    assert main(["bench", "scale", "--json", "--out", str(tmp_path / "s")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["round_overhead_s"] == {"10": 0.1, "100": 0.3, "1000": 1.5}
+    assert r["cloud_peak_rss_mb"] == {"10": 240.0, "100": 240.4, "1000": 240.9}
+    assert r["broker_cpu_s_per_round"]["1000"] == 5.0 and r["messages_per_s"]["100"] == 10000.0
+    assert r["sim_wall_s_1000x10"] == 200.0
+    assert r["cloud_rss_growth_mb"] == pytest.approx(0.9) and r["cloud_rss_growth_models"] == pytest.approx(1.8)
+    assert r["complete"] is True and len(r["runs"]) == 3
+
+
+def test_the_scale_bench_measures_a_real_broker_at_a_tiny_size(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "scale", "--json", "--small", "--out", str(tmp_path)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["round_overhead_s"]) == {"5", "10"} and r["complete"] is True
+    assert all(v > 0 for v in r["cloud_peak_rss_mb"].values()) and r["sim"]["outcome"] == "run_complete"
+    assert r["sim_wall_s_1000x10"] is None  # not measured at that size
+
+
 def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
         cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     canned("async", monkeypatch)
@@ -253,7 +289,8 @@ def test_by_default_the_files_go_to_bench_results_named_after_the_bench(
     assert str(Path("bench-results") / "async" / "results.json") in table
 
 
-@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience", "comm", "pipeline", "hetero"])
+@pytest.mark.parametrize("bench", ["split", "migration", "async", "resilience", "comm", "pipeline", "hetero",
+                                   "scale"])
 def test_a_failed_run_stops_the_bench_with_exit_1_and_says_why(
         bench: str, cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,11 +25,17 @@ def test_demo_trains_moves_a_device_and_prints_one_json_summary(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
-    for key in ("rounds", "final_accuracy", "wall_s", "bytes_total", "device_peak_rss_mb", "migrations"):
+    for key in ("rounds", "final_accuracy", "wall_s", "bytes_total", "device_peak_rss_mb", "device_cold_start_s",
+                "migrations"):
         assert key in summary, key
     assert summary["rounds"] == 4
     assert summary["final_accuracy"] > 0.5, "the demo fleet learned"
     assert summary["bytes_total"] > 0 and summary["device_peak_rss_mb"] > 0
+    # Every device reports its footprint: process start to online, and its peak RSS (figures: README).
+    assert set(summary["devices"]) == {"dev1", "dev2", "dev3", "dev4"}
+    for d in summary["devices"].values():
+        assert 0 < d["cold_start_s"] <= summary["wall_s"] and d["peak_rss_mb"] > 100
+    assert summary["device_cold_start_s"] == max(d["cold_start_s"] for d in summary["devices"].values())
     (migration,) = summary["migrations"]
     assert migration["event"] == "migration_done" and migration["device"] == "dev1"
     assert migration["destination"] == "edge2" and migration["pause_ms"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -262,3 +263,28 @@ def test_monitor_live_mode_redraws_the_table_and_exits_0_on_ctrl_c(fleet_up: Loc
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_a_large_fleet_is_summarised_by_state_with_its_slowest_and_offline_devices() -> None:
+    v = FleetView("big")
+    v.update(msg("status", "cloud", status("cloud", "cloud", "running", round=3), retained=True), now=NOW)
+    v.update(msg("status", "edge1", status("edge1", "edge", "idle"), retained=True), now=NOW)
+    for i in range(1, 61):
+        state = "offline" if i % 20 == 0 else ("training" if i % 3 == 0 else "idle")
+        v.update(msg("status", f"dev{i}", status(f"dev{i}", "device", state), retained=True), now=NOW)
+    costs = {f"dev{i}": {"T_total": i / 10, "edge": "edge1"} for i in range(1, 58)}
+    v.update(msg("metrics", "cloud", {"node": "cloud", "role": "cloud", "kind": "round", "round": 2,
+                                      "devices": costs, "round_s": 6.0, "wall_s": 20.0}), now=NOW)
+    sm = v.summary()
+    assert sm["devices"] == 60 and sm["by_state"] == {"idle": 38, "offline": 3, "training": 19}
+    assert [x["node"] for x in sm["slowest"]] == ["dev57", "dev56", "dev55", "dev54", "dev53"]
+    assert sm["offline"] == ["dev20", "dev40", "dev60"] and sm["round"] == 2
+    text = v.render(now=NOW, max_rows=40)
+    assert not any(re.match(r"dev\d+ ", line) for line in text.splitlines())  # no row per device
+    assert "devices: 60 (idle 38, offline 3, training 19)" in text
+    assert "slowest in round 2: dev57 5.70s, dev56 5.60s" in text and "offline: dev20 dev40 dev60" in text
+    assert any(line.startswith("edge1 ") for line in text.splitlines())
+    # Below the threshold every device keeps its row; the JSON snapshot always has every node and the summary.
+    assert sum(bool(re.match(r"dev\d+ ", line)) for line in v.render(now=NOW, max_rows=100).splitlines()) == 60
+    snap = v.snapshot(now=NOW)
+    assert len(snap["nodes"]) == 62 and snap["summary"] == sm

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mqttfl.ml.models import MODELS, Part, build_model, model_state
+from mqttfl.ml.sgd import SGD
 from mqttfl.ml.stage import LocalTrainer, Stage, evaluate, make_optimizer, micro_batches
 from tests.helpers import chunks, schema
 
@@ -197,9 +201,56 @@ def test_micro_batches_follow_tensor_split_and_keep_labels_aligned() -> None:
 
 def test_make_optimizer_uses_fedflys_defaults() -> None:
     opt = make_optimizer(build_model("mlp", seed=0).parameters())
-    assert isinstance(opt, torch.optim.SGD)
+    assert isinstance(opt, SGD)
     assert make_optimizer([]) is None
     assert (opt.defaults["lr"], opt.defaults["momentum"], opt.defaults["weight_decay"]) == (0.01, 0.9, 0.0)
+
+
+@pytest.mark.parametrize("settings", [{"momentum": 0.9}, {"momentum": 0.0}, {"momentum": 0.9, "weight_decay": 1e-3},
+                                      {"momentum": 0.9, "nesterov": True}, {"momentum": 0.5, "dampening": 0.1}])
+def test_own_sgd_is_bit_identical_to_torchs(settings: dict[str, Any]) -> None:
+    # The default optimizer avoids torch.optim (whose first construction imports torch._dynamo); it must not
+    # change a single bit of training, momentum state included.
+    models = [build_model("vgg5", seed=3) for _ in range(2)]
+    ours = SGD(models[0].parameters(), lr=0.05, **settings)
+    theirs = torch.optim.SGD(models[1].parameters(), lr=0.05, foreach=False, **settings)
+    x, y = _batches("vgg5", 1)[0]
+    for step in range(4):
+        for model, opt in zip(models, (ours, theirs), strict=True):
+            model.train()
+            if step == 2:  # a parameter without a gradient is skipped, momentum and all
+                model[0][0].weight.requires_grad_(False)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (k, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    for pa, pb in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        sa, sb = ours.state.get(pa, {}), theirs.state.get(pb, {})
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_device_never_imports_torchs_compiler_or_symbolic_shapes() -> None:
+    # What a device does in a round (the schema check, a split first stage's forward, backward and step, local
+    # training) must not pull in torch._dynamo (optimizer construction) or sympy (meta tensors, Tensor.backward's
+    # argument check): together over 150 MB and two seconds on a device (docs/design.md, "Measured").
+    code = ("import sys, torch\n"
+            "from mqttfl.ml.models import Part, build_model, schema_of\n"
+            "from mqttfl.ml.stage import LocalTrainer, Stage, make_optimizer\n"
+            "from mqttfl.protocol.schema import ModelRef\n"
+            "schema_of(ModelRef('vgg5', (3, 32, 32), 10))\n"
+            "m = build_model('vgg5', seed=0)\n"
+            "part = Part(m, 0, 2)\n"
+            "st = Stage(part, make_optimizer(part.module.parameters()))\n"
+            "out = st.forward((0, 0), torch.randn(4, 3, 32, 32))\n"
+            "st.backward((0, 0), torch.ones_like(out))\n"
+            "st.step()\n"
+            "m = build_model('cnn', input_shape=(1, 8, 8), seed=0)\n"
+            "LocalTrainer(m, make_optimizer(m.parameters())).train_batch(torch.randn(4, 1, 8, 8), torch.arange(4))\n"
+            "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_evaluate_uses_eval_mode_and_restores_training_mode() -> None:

@@ -179,9 +179,11 @@ def build_model(
 def schema_of(ref: ModelRef) -> ModelSchema:
     """The pure description of a model that the protocol machines check states and activations against.
 
-    Built on the meta device: shapes without weights or their init cost."""
+    Built on the CPU with one sample through it, in a forked RNG (the caller's random stream is untouched): the
+    meta device would skip the weights' init, but its first use imports torch's symbolic-shape and compiler
+    machinery, over 70 MB and a second on a device (docs/design.md, "Measured")."""
     spec = _spec(ref.model)
-    with torch.device("meta"):
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         model = spec.build(tuple(ref.input_shape), ref.num_classes)
         blocks = []
         for i, block in enumerate(model):
@@ -191,10 +193,9 @@ def schema_of(ref: ModelRef) -> ModelSchema:
         x = torch.zeros((1, *ref.input_shape))
         boundaries = [tuple(ref.input_shape)]
         model.eval()
-        with torch.no_grad():
-            for block in model:
-                x = block(x)
-                boundaries.append(tuple(x.shape[1:]))
+        for block in model:
+            x = block(x)
+            boundaries.append(tuple(x.shape[1:]))
     return ModelSchema(ref, tuple(blocks), tuple(boundaries), default_cut=min(spec.default_cut, len(model) - 1))
 
 

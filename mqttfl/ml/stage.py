@@ -34,7 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mqttfl.ml.models import Part
+from mqttfl.ml.sgd import SGD
 from mqttfl.protocol.plan import TASKS, Training
+
+Optimizer = torch.optim.Optimizer | SGD
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,14 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, m: int) -> list[tuple[torch.
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], training: Training | None = None,
-                   **changes: Any) -> torch.optim.Optimizer | None:
+                   **changes: Any) -> Optimizer | None:
     """The stage optimizer a plan names (``optimizer``, ``lr``, ``momentum``, ...; ``changes`` override the
     plan's values); None for a stage without parameters. Every stage and the unsplit reference build theirs here.
 
-    ``foreach=False``: the fused multi-tensor path pulls torch's compiler machinery in on first use (over a
-    second and ~80 MB on a small board) for no gain at these sizes."""
+    SGD is this project's own (``mqttfl.ml.sgd``, bit-identical to torch's): constructing a ``torch.optim``
+    optimizer imports torch's compiler machinery (over a second and ~80 MB on a small board), which a device
+    training with the default optimizer never needs. Adam and AdamW are torch's, with ``foreach=False``: the
+    multi-tensor path pulls the same machinery in on first use for no gain at these sizes."""
     t = training or Training()
     if changes:
         t = replace(t, **changes)
@@ -80,8 +85,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], training: Training | No
                                  weight_decay=t.weight_decay, foreach=False)
     if t.optimizer != "sgd":
         raise ValueError(f"unknown optimizer {t.optimizer!r}")
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
-                           foreach=False)
+    return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
 
 
 def loss_sum(loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ def correct(loss: str, out: torch.Tensor, y: torch.Tensor) -> int:
     return 0
 
 
-def _clip(optimizer: torch.optim.Optimizer, t: Training) -> None:
+def _clip(optimizer: Optimizer, t: Training) -> None:
     # Per tensor (torch.nn.utils.clip_grad_norm_'s formula on each tensor alone): a tensor lives on one side of
     # a cut, so a split model clips exactly as the unsplit one, which a global norm over all tensors could not.
     for group in optimizer.param_groups:
@@ -144,7 +148,7 @@ class Proximal:
                     p.grad.add_(term)
 
 
-def _step(optimizer: torch.optim.Optimizer | None, t: Training) -> None:
+def _step(optimizer: Optimizer | None, t: Training) -> None:
     if optimizer is not None:
         if t.clip_value > 0 or t.clip_norm > 0:
             _clip(optimizer, t)
@@ -155,7 +159,7 @@ def _step(optimizer: torch.optim.Optimizer | None, t: Training) -> None:
 class Stage:
     """Blocks ``[start, stop)`` with their optimizer; forward and backward by micro-batch key."""
 
-    def __init__(self, part: Part, optimizer: torch.optim.Optimizer | None, training: Training | None = None,
+    def __init__(self, part: Part, optimizer: Optimizer | None, training: Training | None = None,
                  proximal: Proximal | None = None) -> None:
         self.part = part
         self.optimizer = optimizer
@@ -193,7 +197,10 @@ class Stage:
             raise ValueError(f"gradient for {key!r} has shape {tuple(grad.shape)}, expected {tuple(out.shape)}")
         del self._stash[key]
         if out.requires_grad:
-            out.backward(grad.to(dtype=out.dtype))
+            # sum(out * grad) has exactly ``grad`` as its gradient at ``out`` (times 1.0): the same backward as
+            # ``out.backward(grad)``, whose argument check imports torch's symbolic-shape machinery (sympy, 37 MB
+            # and a noticeable first-round delay on a device) the first time it runs.
+            (out * grad.to(dtype=out.dtype)).sum().backward()
         return inp.grad if inp.requires_grad else None
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, StepResult]:
@@ -246,7 +253,7 @@ class Stage:
 class LocalTrainer:
     """Unsplit training with the same micro-batch cut: classic FL (cut = end) and the reference for tests."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+    def __init__(self, model: nn.Module, optimizer: Optimizer | None,
                  training: Training | None = None, proximal: Proximal | None = None) -> None:
         self.model = model
         self.optimizer = optimizer

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from mqttfl.fl.aggregate import delta, masked_average, weighted_average
+from mqttfl.fl.streaming import RunningMean
 from mqttfl.protocol import stage
 from mqttfl.protocol.checkpoint import CheckpointError, EdgeCheckpoint, from_message
 from mqttfl.protocol.errors import ProtocolError
@@ -166,6 +167,7 @@ class Session:
     epoch: int = 0
     ema_s: float = 0.0
     link_bps: float = 0.0
+    folded: bool = False  # its delta is in the round's running mean and no longer held here (``delta`` is {})
 
     @property
     def pipelined(self) -> bool:
@@ -189,6 +191,19 @@ class EdgeRound:
     samples: dict[str, int] = field(default_factory=dict)  # what each device declared when it joined
     wall: float | None = None  # wall clock minus this machine's clock, to save the deadline across a restart
     locals: dict[str, LocalModel] = field(default_factory=dict)  # devices that train a class's model
+    # A linear rule (plan.preaggregate): the sample-weighted mean of the devices done so far, folded in as they
+    # finish, so the edge holds one model's worth of deltas, not one per device (mqttfl.fl.streaming).
+    mean: RunningMean | None = None
+
+    def fold(self, s: Session) -> None:
+        # A device of a class model (partial keys, masks) stays out: the round's masked mean takes it at the end.
+        if s.folded or s.delta is None or s.report is None or s.report.samples <= 0 or s.device in self.locals \
+                or s.mask:
+            return
+        if self.mean is None:
+            self.mean = RunningMean(sqnorms=self.plan.fedlama)
+        self.mean.add(s.delta, float(s.report.samples))
+        s.delta, s.folded = {}, True
 
 
 class EdgeMachine:
@@ -459,6 +474,8 @@ class EdgeMachine:
         old_r, old_s = self.session_of(device)
         self.device_round.pop(device, None)
         if old_r is not None and not old_r.sent:
+            if old_s is not None and old_s.folded:
+                return  # done, and in the round's mean: it is reported with the round it finished
             old_r.sessions.pop(device, None)
             self._close(old_s)
             self._unsave(device)
@@ -650,6 +667,8 @@ class EdgeMachine:
                 del rounds[old]
         s.report = replace(msg.report, t_upload=ev.transit_s, edge_steps=s.steps)
         self._save(r, s)  # acknowledged below: a restarted edge must still have it
+        if r.plan.preaggregate:
+            r.fold(s)  # saved above with its delta; here only the running mean keeps it
         self._do(Ack(ev), Log("info", "device done", {"device": ev.src, "round": r.plan.round,
                                                        "samples": msg.report.samples}))
         if all(x.over for x in r.sessions.values()):
@@ -680,16 +699,34 @@ class EdgeMachine:
                 and s.report.samples > 0}
         missing = tuple(sorted(set(r.sessions) - set(done)))
         delta: dict[str, np.ndarray] = {}
-        deltas = {d: s.delta for d, s in done.items() if s.delta is not None}
+        deltas = {d: s.delta for d, s in done.items() if s.delta is not None and not s.folded}
         weights = {d: float(s.report.samples) for d, s in done.items() if s.report is not None}
         masks = {d: s.mask for d, s in done.items() if s.mask}
         coverage: State = {}
-        if done and r.plan.preaggregate:
-            delta, coverage = _edge_mean(deltas, weights, masks)
         sqnorms: dict[str, float] = {}
-        if done and r.plan.fedlama:
-            # FedLAMA's discrepancy needs sum_i n_i |x_i - u|^2 per layer; with these sums the cloud gets it from
-            # the global mean u without the devices' own deltas (docs/algorithms.md, "FedLAMA").
+        if done and r.plan.preaggregate:
+            for d in sorted(deltas):  # restored from disk after a restart, or a class model's: not folded yet
+                r.fold(done[d])
+            left = {d: dd for d, dd in deltas.items() if not done[d].folded}
+            if r.mean is not None and r.mean.weight > 0:
+                # The plain devices' running mean stands for them all, with their samples' weight and full
+                # coverage: the masked mean over it and the class models' deltas is the masked mean over all.
+                left[FOLDED] = r.mean.mean()
+                weights[FOLDED] = r.mean.weight
+                # FedLAMA's discrepancy needs sum_i n_i |x_i - u|^2 per layer; with these sums the cloud gets it
+                # from the global mean u without the devices' own deltas (docs/algorithms.md, "FedLAMA").
+                sqnorms = r.mean.sqnorms()
+            if set(left) == {FOLDED}:
+                delta = left[FOLDED]  # every device folded in: FedAvg's mean
+            elif left:
+                delta, coverage = _edge_mean(left, weights, masks)
+            for d, dd in left.items():
+                if r.plan.fedlama and d != FOLDED:
+                    for k, v in dd.items():
+                        sq = weights[d] * float(np.sum(np.square(v, dtype=np.float64)))
+                        sqnorms[k] = sqnorms.get(k, 0.0) + sq
+            deltas = {}
+        elif done and r.plan.fedlama:
             keys = next(iter(deltas.values())).keys()
             sqnorms = {k: sum(weights[d] * float(np.sum(np.square(deltas[d][k], dtype=np.float64))) for d in deltas)
                        for k in keys}
@@ -880,6 +917,8 @@ class EdgeMachine:
             self._drop_session(r, ev.src, msg.migration, now)
 
     def _drop_session(self, r: EdgeRound, device: str, mid: str, now: float) -> None:
+        if (s := r.sessions.get(device)) is not None and s.folded:
+            return  # finished here, and in the round's mean
         self._close(r.sessions.pop(device, None))
         r.devices.pop(device, None)
         self.device_round.pop(device, None)
@@ -898,8 +937,8 @@ class EdgeMachine:
     def _save(self, r: EdgeRound, s: Session, snap: stage.StageSnapshot | None = None) -> None:
         """Write the session at its current boundary (``snap``: the stage's state there; None: the session has
         not stepped since it opened, or holds no stage)."""
-        if r.plan.resume_every <= 0 or r.sent or s.pipelined:
-            return
+        if r.plan.resume_every <= 0 or r.sent or s.pipelined or s.folded:
+            return  # a folded session was saved, delta and all, when it finished
         if snap is None and s.sid is not None and s.steps > 0 and s.delta is None:
             return  # its weights moved on since the last save; the next boundary saves them
         saved = SavedSession(
@@ -985,6 +1024,9 @@ class EdgeMachine:
                        loss_sum=saved.loss_sum, seen=saved.seen, delta=saved.delta, report=saved.report,
                        saved=saved.expected[0], restored=sid is not None, mask=saved.mask)
 
+
+
+FOLDED = "|folded"  # not a node id: the running mean of the devices folded in, among the class models' deltas
 
 
 def _edge_mean(deltas: dict[str, State], weights: dict[str, float], masks: dict[str, State]) -> tuple[State, State]:

@@ -256,7 +256,9 @@ class Plan(Training):
         return cls(**{**asdict(training), **changes}, run=run, round=round, attempt=attempt)
 
     def to_body(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Field by field, not asdict: every message of a round carries its plan, and asdict's deep copy was a
+        # noticeable share of a thousand-client round in memory.
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["input_shape"] = list(self.input_shape)
         d["intervals"] = dict(self.intervals)
         return d

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import resource
 import signal
 import time
@@ -35,6 +36,7 @@ from mqttfl.runtime.log import get_logger
 from mqttfl.runtime.loop import Backend, Machine, MachineRunner
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.persist import load_state, save_state
+from mqttfl.runtime.preload import Preload
 from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.wire.codec import CodecError
@@ -106,6 +108,15 @@ def board_energy_j() -> float:
         except (OSError, ValueError):
             continue
     return 0.0
+def process_age_s() -> float | None:
+    """Seconds since this process started (the kernel's start time, so interpreter start-up and imports count);
+    None where /proc does not say."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat(5), counted after the name
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 class Node(MachineRunner):
@@ -114,8 +125,11 @@ class Node(MachineRunner):
 
     def __init__(self, cfg: AgentConfig, machine: Machine, backend: Backend | None = None, *,
                  cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = (),
-                 keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None) -> None:
+                 keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None,
+                 preload: Preload | None = None) -> None:
+        """``preload``: the torch modules this node loads once it is online (a device)."""
         self.cfg = cfg
+        self.preload = preload
         self.name = cfg.node
         self.machine = machine
         self._backend = backend
@@ -140,11 +154,25 @@ class Node(MachineRunner):
         self.watchdog = sdnotify.Watchdog(interval) if (interval := sdnotify.watchdog_interval()) else None
         self._last_metrics = 0.0
         self.started = time.time()
+        self.cold_start_s: float | None = None  # process start to ready (connected, subscribed, Started handled)
 
     # ------------------------------------------------------------------ loop
     def run(self, *, connect_timeout: float | None = 60.0) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.go_online(connect_timeout)
+        try:
+            while self.running:
+                self.step(timeout=0.05)
+        except Shutdown:
+            pass
+        finally:
+            self.stop()
+        return 0
+
+    def go_online(self, connect_timeout: float | None = 60.0) -> None:
+        """Connect, subscribe, start the machine and say so: what :meth:`run` does before its loop (a process of
+        virtual devices, ``mqttfl.tools.virtual``, does it for each of its nodes and steps them in turn)."""
         self.logger.info("starting", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", boot=self.transport.boot,
                        mqtt=self.cfg.mqtt.redacted())
         self.transport.start(timeout=connect_timeout)
@@ -155,15 +183,12 @@ class Node(MachineRunner):
                 self.logger.warning("site broker unreachable", broker=f"{broker[0]}:{broker[1]}")
         self.feed(E.Started(wall=time.time()))
         sdnotify.ready()
-        self.logger.info("ready")
-        try:
-            while self.running:
-                self.step(timeout=0.05)
-        except Shutdown:
-            pass
-        finally:
-            self.stop()
-        return 0
+        age = process_age_s()
+        self.cold_start_s = None if age is None else round(age, 3)
+        self.logger.info("ready", cold_start_s=self.cold_start_s)
+        if self.preload is not None:
+            self.preload.load()  # online first, then the training stack (docs/design.md, "Runtime")
+            self.logger.info("training stack loaded", seconds=round(self.preload.ready_s or 0.0, 3))
 
     def now(self) -> float:
         return time.monotonic()
@@ -171,7 +196,9 @@ class Node(MachineRunner):
     def wall_clock(self) -> float:
         return time.time()
 
-    def step(self, timeout: float) -> None:
+    def step(self, timeout: float) -> bool:
+        """Take at most one inbound message (waiting up to ``timeout`` or the next timer), then housekeeping;
+        whether a message was taken."""
         now = time.monotonic()
         due = min(self.timers.values(), default=now + timeout)
         msg = self.transport.get(timeout=max(0.0, min(timeout, due - now)))
@@ -185,6 +212,7 @@ class Node(MachineRunner):
             self.logger.info("moving to the site broker of the new edge", broker=f"{host}:{port}")
             if not self.transport.move_to(host, port):
                 self.logger.warning("site broker not reached yet; retrying in the background", broker=f"{host}:{port}")
+        return msg is not None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.running = False
@@ -204,10 +232,18 @@ class Node(MachineRunner):
         if now - self._last_metrics >= self.metrics_interval_s:
             self._last_metrics = now
             self.transport.metrics(kind="agent", transport=self.transport.stats_snapshot(),
-                                   peak_rss_mb=round(peak_rss_mb(), 1), **self.machine.metrics())
+                                   peak_rss_mb=round(peak_rss_mb(), 1), cold_start_s=self.cold_start_s,
+                                   **self._load_time(), **self.machine.metrics())
         if self.watchdog is not None:
             self.watchdog.progress(now)
             self.watchdog.tick(now)
+
+    def _load_time(self) -> dict[str, Any]:
+        """A node that loads torch after going online: how long that took."""
+        if self.preload is None:
+            return {}
+        ready = self.preload.ready_s
+        return {"torch_load_s": None if ready is None else round(ready, 3)}
 
     def stop(self) -> None:
         sdnotify.stopping()
@@ -319,6 +355,7 @@ class Node(MachineRunner):
 
     def status_report(self) -> dict[str, Any]:
         return {**self.transport.status, "uptime_s": round(time.time() - self.started, 1),
+                "cold_start_s": self.cold_start_s, "peak_rss_mb": round(peak_rss_mb(), 1),
                 "transport": self.transport.stats_snapshot()}
 
     def shutdown(self) -> None:

@@ -36,10 +36,14 @@ def agent_main(role: str, factory: Callable[[AgentConfig], Any], argv: list[str]
     except (ValueError, OSError, KeyError) as e:
         print(f"mqttfl-{role}: cannot start: {e}", file=sys.stderr)
         return 2
-    import torch
+    threads = a.threads or int(cfg.section.get("threads", 1))  # checked by the section's schema in factory()
+    preload = getattr(agent, "preload", None)
+    if preload is not None:
+        preload.threads = threads  # torch loads once the agent is online (a device)
+    else:
+        import torch
 
-    threads = cfg.section.get("threads", 1)  # checked by the section's schema in factory()
-    torch.set_num_threads(a.threads or int(threads))
+        torch.set_num_threads(threads)
     try:
         rc = int(agent.run())
     except TransportError as e:

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "ctl": ("mqttfl.tools.ctl", "send a control command to a node and print its reply"),
     "monitor": ("mqttfl.tools.monitor", "live view of every node of a fleet"),
     "config": ("mqttfl.tools.configref", "check an agent's config file, or print the reference of every key"),
+    "virtual": ("mqttfl.tools.virtual", "many virtual devices in one process, each its own MQTT client (load)"),
     "sim": ("mqttfl.tools.sim", "a whole fleet in one process on virtual time, no broker (the real protocol)"),
     "data": ("mqttfl.tools.datatool", "turn CSV/TSV, .npy/.npz or image folders into device shards; describe shards"),
     "export": ("mqttfl.tools.export", "write a kept global model as a PyTorch state dict and TorchScript"),
@@ -32,6 +33,7 @@ BENCHES = {
     "comm": ("mqttfl.tools.bench.comm", "compression on the wire, FedLAMA and server strategies"),
     "pipeline": ("mqttfl.tools.bench.pipeline", "Eco-FL pipelines across helpers: speed-up, DP partition, rebalancing"),
     "hetero": ("mqttfl.tools.bench.hetero", "weak clients, compressed local models, cutoffs and planned cuts"),
+    "scale": ("mqttfl.tools.bench.scale", "virtual devices over MQTT (N = 10..1000) and a 1000-client in-memory run"),
 }
 
 

@@ -18,6 +18,10 @@ MQTT, so it is tested with hand-made messages:
 - device classes: the system costs per class of the cloud's last round (``classes`` in its round metrics: the
   heterogeneous-IoT cost model's times and T, memory, bytes, energy, cutoffs), one line per class.
 
+A large fleet is summarised: beyond ``--rows`` devices (default 40) the table lists the cloud and the edges,
+and the devices as counts by state, the slowest devices of the latest round (their ``T_total`` in the cloud's
+round metrics) and the devices offline; ``--json`` always carries every node and the same ``summary``.
+
 Plain text, redrawn every ``--interval`` seconds (no curses); ``--once`` prints one table (or one JSON object
 with ``--json``) after collecting for ``--interval`` seconds. Nothing here imports torch.
 """
@@ -92,6 +96,8 @@ class FleetView:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_events)
         self.classes: dict[str, dict[str, Any]] = {}  # the last round's costs per device class
         self.classes_round: Any = None
+        self.device_s: dict[str, float] = {}  # T_total of each device in the latest round metrics
+        self.device_s_round: Any = None
 
     def update(self, msg: Inbound, now: float | None = None) -> None:
         data = msg.data
@@ -137,6 +143,11 @@ class FleetView:
                 nv.accuracy = acc
             if loss is not None:
                 nv.loss = loss
+            devices = data.get("devices")
+            if isinstance(devices, dict):
+                self.device_s = {d: t for d, c in devices.items()
+                                 if isinstance(c, dict) and (t := _number(c.get("T_total"))) is not None}
+                self.device_s_round = data.get("round")
             wall, rnd, round_s = _number(data.get("wall_s")), data.get("round"), _number(data.get("round_s"))
             if wall is not None and isinstance(rnd, int):
                 samples = nv._round_samples
@@ -202,15 +213,28 @@ class FleetView:
         ordered = sorted(self.nodes.values(), key=lambda n: (ROLE_ORDER.get(n.role, 3), n.node))
         return [n.row(now) for n in ordered]
 
+    def summary(self, slowest: int = 5) -> dict[str, Any]:
+        """The devices at a glance: how many in each state, the slowest of the latest round, those offline."""
+        devices = [n for n in self.nodes.values() if n.role == "device"]
+        by_state = collections.Counter(n.state or "-" for n in devices)
+        slow = sorted(self.device_s.items(), key=lambda kv: -kv[1])[:slowest]
+        return {"devices": len(devices), "by_state": dict(sorted(by_state.items())), "round": self.device_s_round,
+                "slowest": [{"node": d, "T_total": t} for d, t in slow],
+                "offline": sorted(n.node for n in devices if n.state == "offline")}
+
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         return {"fleet": self.fleet, "ts": now, "nodes": {r["node"]: r for r in self.rows(now)},
-                "events": list(self.events), "classes": dict(self.classes)}
+                "events": list(self.events), "classes": dict(self.classes), "summary": self.summary()}
 
-    def render(self, now: float | None = None, *, connected: bool = True) -> str:
+    def render(self, now: float | None = None, *, connected: bool = True, max_rows: int = 40) -> str:
+        """The table; beyond ``max_rows`` devices, their summary instead of a row each."""
         now = time.time() if now is None else now
         rows = self.rows(now)
         online = sum(1 for r in rows if r["state"] not in ("offline", ""))
+        summarised = sum(1 for r in rows if r["role"] == "device") > max_rows
+        if summarised:
+            rows = [r for r in rows if r["role"] != "device"]
         header = (f"fleet {self.fleet}: {len(rows)} nodes, {online} online   "
                   f"{time.strftime('%H:%M:%S', time.localtime(now))}" + ("" if connected else "   (disconnected)"))
         cols = ["NODE", "ROLE", "STATE", "ROUND", "SEEN", "ACCURACY", "THROUGHPUT", "DROPS", "LAST EVENT"]
@@ -239,6 +263,8 @@ class FleetView:
             lines += ["", f"device classes (round {_cell(self.classes_round)}; seconds, MB, joules):", ""]
             lines += _table(CLASS_COLUMNS, [[name, *(_cost(k, c.get(k)) for _, k in CLASS_COLUMNS[1:])]
                                             for name, c in sorted(self.classes.items())])
+        if summarised:
+            lines += ["", *self._summary_lines()]
         if self.events:
             lines += ["", "recent events:"]
             for e in list(self.events)[-10:]:
@@ -250,6 +276,18 @@ class FleetView:
                 line = f"  {stamp} {e['node']:<10} {e['level']:<7} {e['event']} {detail}".rstrip()
                 lines.append(line if len(line) <= 160 else line[:157] + "...")
         return "\n".join(lines)
+
+    def _summary_lines(self) -> list[str]:
+        sm = self.summary()
+        states = ", ".join(f"{k} {v}" for k, v in sm["by_state"].items())
+        lines = [f"devices: {sm['devices']} ({states})"]
+        if sm["slowest"]:
+            slow = ", ".join(f"{x['node']} {x['T_total']:.2f}s" for x in sm["slowest"])
+            lines.append(f"slowest in round {_cell(sm['round'])}: {slow}")
+        if sm["offline"]:
+            more = len(sm["offline"]) - 10
+            lines.append("offline: " + " ".join(sm["offline"][:10]) + (f" (+{more})" if more > 0 else ""))
+        return lines
 
 
 CLASS_COLUMNS = [("CLASS", ""), ("DEVICES", "devices"), ("T_LOCAL", "T_local"), ("T_UP", "T_upload"),
@@ -315,6 +353,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON {fleet, ts, nodes, events} instead of a table "
                    "(one object per line in live mode)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker connection")
+    p.add_argument("--rows", type=int, default=40, help="beyond this many devices, summarise them (counts by "
+                   "state, slowest, offline) instead of a row each")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,8 +388,8 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(view.snapshot(), sort_keys=True, default=str), flush=True)
             else:
-                print(("\x1b[H\x1b[2J" if clear else "") + view.render(connected=transport.connected)
-                      + ("" if clear or args.once else "\n"), flush=True)
+                text = view.render(connected=transport.connected, max_rows=args.rows)
+                print(("\x1b[H\x1b[2J" if clear else "") + text + ("" if clear or args.once else "\n"), flush=True)
             if args.once:
                 return EXIT_OK
             next_draw = time.monotonic() + args.interval

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mqttfl.ml.data import (
     Dataset,
     holdout,
@@ -157,8 +159,9 @@ class Testbed:
         if self._own_broker:
             self.broker.start()
         train, test = self.data or load_digits(self.spec.input_shape)
-        shards = make_shards(self.spec, train)
-        held_out = make_eval_shards(self.spec, train)
+        self._train = train
+        shards = make_shards(self.spec, train) if self.spec.devices else {}
+        held_out = make_eval_shards(self.spec, train) if self.spec.devices else {}
         (self.root / "data").mkdir(exist_ok=True)
         for n, ds in shards.items():
             save_shard(self.root / "data" / f"{n}.npz", ds)
@@ -166,6 +169,7 @@ class Testbed:
             save_shard(self.root / "data" / f"{n}.eval.npz", ds)
         save_shard(self.root / "data" / "test.npz", test)
         common = {"fleet": self.spec.fleet, "log_level": "info", "control": {"operators": ["operator"]}}
+        self._common = common
         cloud = {"model": self.spec.model, "input_shape": list(self.spec.input_shape),
                  "test_data": str(self.root / "data" / "test.npz"), "min_devices": len(self.spec.devices),
                  "edges": self.spec.edges, **self.spec.cloud}
@@ -212,6 +216,25 @@ class Testbed:
                               str(self.configs[node])], stdout=log, stderr=subprocess.STDOUT, env=full_env)
         log.close()
         self.procs[node] = p
+        return p
+
+    def start_virtual(self, count: int, *, prefix: str = "vdev", samples: int = 10, mode: str = "train",
+                      edges: list[str] | None = None, section: dict[str, Any] | None = None,
+                      log_level: str = "info") -> subprocess.Popen[bytes]:
+        """``count`` virtual devices in one process (``mqttfl virtual``), attached round-robin to ``edges`` (default
+        every edge), sharing one shard of the first ``samples`` training samples; the process is ``procs[prefix]``."""
+        edges = edges or self.spec.edges
+        shard = self.root / "data" / f"{prefix}.npz"
+        save_shard(shard, self._train.subset(np.arange(min(samples, len(self._train)))))
+        self._config(prefix, "device", {**self._common, "log_level": log_level},
+                     {"edge": edges[0], "data": str(shard), **(section or {})})
+        log = open(self.root / f"{prefix}.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "mqttfl.tools.cli", "virtual", "--config",
+                              str(self.configs[prefix]), "--count", str(count), "--prefix", prefix,
+                              "--edges", ",".join(edges), "--mode", mode],
+                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        self.procs[prefix] = p
         return p
 
     def start(self, nodes: list[str] | None = None) -> None:

@@ -156,6 +156,8 @@ class CloudMachine:
         self.chain_overrides: dict[str, tuple[str, ...]] = {}  # device -> helpers, set by the chain command
         self.cut_planner = CutPlanner()  # devices' and edges' profiles (split-point planning)
         self._unknown_classes: set[tuple[str, str]] = set()  # (device, class) reported as not configured
+        self._eligible: dict[str, Presence] = {}  # eligible(), maintained per status
+        self._eligible_run: str | None = None  # the run _eligible was built for (None: rebuild)
         self._fx: list[Effect] = []
         saved_policy: dict[str, Any] | None = None
         if restored:
@@ -328,11 +330,36 @@ class CloudMachine:
 
     def eligible(self) -> dict[str, Presence]:
         """Online devices attached to an online edge they may use, with a usable sample count, unless either
-        refused this run (another model, unfit data)."""
+        refused this run (another model, unfit data). Kept up to date per status (``_note_eligible``), so that a
+        fleet of thousands coming online costs O(1) per status, not a scan of the fleet each."""
+        if self._eligible_run != self.settings.run:
+            run = self.settings.run
+            edges = {e for e, p in self.online("edge").items() if not p.refuses(run)}
+            self._eligible = {d: p for d, p in self.online("device").items() if self._fits(d, p, edges)}
+            self._eligible_run = run
+        return dict(self._eligible)
+
+    def _fits(self, device: str, p: Presence, edges: set[str]) -> bool:
         run = self.settings.run
-        edges = {e for e, p in self.online("edge").items() if not p.refuses(run)}
-        return {d: p for d, p in self.online("device").items()
-                if p.edge in edges and self.roles.may_use(d, p.edge) and self.declared(d) > 0 and not p.refuses(run)}
+        return (p.edge in edges and self.roles.may_use(device, p.edge) and self.declared(device) > 0
+                and not p.refuses(run))
+
+    def _note_eligible(self, node: str) -> None:
+        """After ``node``'s status changed: update the eligible devices (an edge's change: all of them, lazily)."""
+        if self._eligible_run != self.settings.run:
+            return  # rebuilt on the next eligible()
+        role = self.role_of(node)
+        if role == "edge":
+            self._eligible_run = None
+            return
+        self._eligible.pop(node, None)
+        p = self.fleet.get(node)
+        if role != "device" or p is None or not p.online or p.edge is None:
+            return
+        edge = self.fleet.get(p.edge)
+        if edge is not None and edge.online and self.role_of(p.edge) == "edge" and not edge.refuses(self.settings.run) \
+                and self._fits(node, p, {p.edge}):
+            self._eligible[node] = p
 
     def may_begin(self, devices: dict[str, Presence], now: float) -> bool:
         """Whether the first round of the run may start with these eligible devices: at least ``min_devices``,
@@ -636,6 +663,7 @@ class CloudMachine:
             self._join(p)
             if p.edge is not None and not self.roles.may_use(p.node, p.edge):
                 self._refuse_claim(p, f"edge {p.edge}", f"attached to {p.edge}, which it may not use")
+        self._note_eligible(p.node)
         if role is not None:  # policies hear of configured (or enrolled) nodes only, in their authorised role
             self.policy.on_status(replace(p, role=role), was)
 

@@ -3,17 +3,22 @@
 Shared by both round policies (docs/design.md, "Cloud"): a synchronous round, and each group's round in
 asynchronous mode. Accounting is per device, not per edge: a device that moved mid-round is reported by its
 new edge, and a round closes when every device is reported done or missing, or at its deadline.
+
+Memory and time per report are independent of the fleet's size: when the round's rule is linear
+(``plan.preaggregate``) an edge's mean delta is folded into a running mean as it arrives and dropped
+(``mqttfl.fl.streaming``), and who is expected, accounted for and reported is kept in sets updated per report.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from mqttfl.fl.strategies import Update
+from mqttfl.fl.streaming import RunningMean
 from mqttfl.protocol.errors import ProtocolError
 from mqttfl.protocol.hetero import DEFAULT_CLASS, DeviceClass, expand
 from mqttfl.protocol.messages import EdgeUpdate, Report, RoundTag
@@ -36,54 +41,77 @@ class CloudRound:
     eligible: int = 0  # devices that could have taken part (client sampling picked the round's devices from these)
     declared: dict[str, int] = field(default_factory=dict)  # device -> samples it declared when it joined
     cuts: dict[str, int] = field(default_factory=dict)  # device -> its cut this round (planned or configured)
+    mean: RunningMean | None = None  # the edges' mean deltas folded in so far (a linear rule)
+    _expected: set[str] = field(default_factory=set)
+    _where: dict[str, str] = field(default_factory=dict)  # device -> the edge it is assigned to now
+    _reported: set[str] = field(default_factory=set)  # devices some report counted as done
+
+    def __post_init__(self) -> None:
+        self._index()
+
+    def _index(self) -> None:
+        self._where = {d: e for e, ds in self.edges.items() for d in ds}
+        self._expected = set(self._where)
 
     @property
     def expected(self) -> set[str]:
-        return {d for ds in self.edges.values() for d in ds}
+        return self._expected
 
     @property
     def devices(self) -> list[str]:
-        return sorted(self.expected)
+        return sorted(self._expected)
 
     def done(self, now: float) -> bool:
-        return self.expected <= self.accounted or now >= self.deadline
+        return len(self.accounted) >= len(self._expected) or now >= self.deadline
 
     def move(self, device: str, edge: str) -> None:
         for ds in self.edges.values():
             if device in ds:
                 ds.remove(device)
         self.edges.setdefault(edge, []).append(device)
+        self._index()
         self.accounted.discard(device)
 
     def give_up(self, devices: list[str]) -> None:
         """These devices will not report (they refused the run): they count as missing at once."""
-        self.accounted |= set(devices) & self.expected
+        self.accounted |= set(devices) & self._expected
 
     def may_report(self, device: str, edge: str, presence: Presence | None) -> bool:
         """A device of this round, reported by the edge it was announced at, or by the one its own status says it
         moved to during the round (a migration the cloud hears of from the device, never from an edge)."""
-        if device not in self.expected:
+        if device not in self._expected:
             return False
-        return device in self.edges.get(edge, []) or (presence is not None and presence.edge == edge)
+        return self._where.get(device) == edge or (presence is not None and presence.edge == edge)
 
     def applied(self, update: EdgeUpdate) -> bool:
         """Whether some device of this report was already counted from an earlier report."""
-        done = {d for _, u in self.reports for d in u.reports}
-        return bool(done & set(update.reports))
+        return any(d in self._reported for d in update.reports)
 
     def add(self, edge: str, update: EdgeUpdate) -> None:
+        if self.plan.preaggregate and not update.deltas and not update.coverage and update.delta \
+                and update.samples > 0:
+            # A linear rule: fold the edge's mean in now and keep only its reports (mqttfl.fl.streaming).
+            if self.mean is None:
+                self.mean = RunningMean()
+            # As float32, as check_state reads it: edges on different delta encodings still fold together.
+            self.mean.add({k: np.asarray(v, dtype=np.float32) for k, v in update.delta.items()}, float(update.samples))
+            update = replace(update, delta={})
         self.reports.append((edge, update))
+        self._reported |= set(update.reports)
         # "Missing" counts only from the edge the device is assigned to now: after a restart elsewhere, the
         # old edge's timed-out session must not close the round before the device reports from its new edge.
-        missing = {d for d in update.missing if d in self.edges.get(edge, [])}
-        self.accounted |= set(update.reports) | missing
+        missing = {d for d in update.missing if self._where.get(d) == edge}
+        self.accounted |= (set(update.reports) | missing) & self._expected
 
     def updates(self, specs: Mapping[str, TensorSpec] | None = None) -> list[Update]:
-        """One update per edge report that carries a mean delta (an edge's samples weigh its devices' mean), or
-        one per device when the edge forwarded each device's delta. Updates that cover part of the model (docs/
+        """The running mean of the edges' mean deltas as one update weighing their samples (a linear rule), one
+        update per edge report that carries a mean delta (an edge's samples weigh its devices' mean), or one per
+        device when the edge forwarded each device's delta. Updates that cover part of the model (docs/
         algorithms.md, "Heterogeneous devices") carry their masks: a device's, unpacked against ``specs``, or an
-        edge's coverage as a share of its samples."""
+        edge's coverage as a share of its samples; they are never folded into the running mean."""
         out = []
+        if self.mean is not None and self.mean.weight > 0:
+            out.append(Update("edges", self.mean.mean(), int(self.mean.weight)))
         for edge, u in self.reports:
             if u.deltas:
                 for d in sorted(u.deltas):
