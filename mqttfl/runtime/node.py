@@ -196,14 +196,17 @@ class Node(MachineRunner):
     def wall_clock(self) -> float:
         return time.time()
 
-    def step(self, timeout: float) -> bool:
+    def step(self, timeout: float, *, chores: bool = True) -> bool:
         """Take at most one inbound message (waiting up to ``timeout`` or the next timer), then housekeeping;
-        whether a message was taken."""
+        whether a message was taken. ``chores=False``: housekeeping only after a message (a process of many
+        nodes does the idle ones' housekeeping at a slower pace)."""
         now = time.monotonic()
         due = min(self.timers.values(), default=now + timeout)
         msg = self.transport.get(timeout=max(0.0, min(timeout, due - now)))
         if msg is not None:
             self.dispatch(msg)
+        elif not chores:
+            return False
         self.housekeeping()
         if self._move_to is not None:
             # After the event's effects went out on the old broker: the move, and whatever it said there.

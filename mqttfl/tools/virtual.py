@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -25,13 +26,20 @@ from mqttfl.runtime.log import setup_logging
 from mqttfl.runtime.node import Node, Shutdown
 from mqttfl.runtime.transport import TransportError
 
+# paho's network loop waits in select(), which takes no file descriptor above 1023; each virtual device holds four
+# (its socket, paho's wake-up socket pair, its state directory's lock). So one process holds at most this many, and
+# a larger fleet is spread over worker processes (which also spreads it over the machine's cores).
+PER_PROCESS = 200
+CHORES_S = 0.1  # an idle virtual device's housekeeping period (an agent's loop wakes every 50 ms)
 
-def virtual_configs(template: AgentConfig, count: int, prefix: str, edges: list[str]) -> list[AgentConfig]:
-    """``count`` device configs from one: node ``<prefix><i>`` (i from 1), attached round-robin to ``edges``, each
-    with a state directory of its own next to the template's."""
+
+def virtual_configs(template: AgentConfig, count: int, prefix: str, edges: list[str], first: int = 1
+                    ) -> list[AgentConfig]:
+    """``count`` device configs from one: nodes ``<prefix><i>`` for i = first .. first + count - 1, attached
+    round-robin to ``edges``, each with a state directory of its own next to the template's."""
     base = Path(template.state_dir).parent if template.state_dir else None
     out = []
-    for i in range(1, count + 1):
+    for i in range(first, first + count):
         node = f"{prefix}{i}"
         out.append(replace(template, node=node, state_dir=str(base / node) if base else "",
                            section={**template.section, "edge": edges[(i - 1) % len(edges)]}))
@@ -56,22 +64,29 @@ class VirtualFleet:
         self.online_s = time.monotonic() - t0
 
     def run(self) -> None:
-        """Step every node until asked to stop (or every node was shut down by command)."""
+        """Step every node until asked to stop (or every node was shut down by command). A node with messages is
+        stepped as its own loop would; an idle one's housekeeping (timers, re-sends, metrics) runs every
+        ``CHORES_S``, so that a process of hundreds of idle nodes does not spin."""
         live = list(self.nodes)
+        chores_at = {id(n): 0.0 for n in live}
         try:
             while self.running and live:
                 busy = False
+                now = time.monotonic()
                 for n in list(live):
+                    due = now >= chores_at[id(n)]
+                    if due:
+                        chores_at[id(n)] = now + CHORES_S
                     try:
                         for _ in range(16):  # a few messages each, so no node starves the others
-                            if not n.step(timeout=0.0):
+                            if not n.step(timeout=0.0, chores=due):
                                 break
-                            busy = True
+                            busy, due = True, False
                     except Shutdown:
                         n.stop()
                         live.remove(n)
                 if not busy:
-                    time.sleep(0.002)
+                    time.sleep(0.005)
         finally:
             for n in live:
                 n.stop()
@@ -90,19 +105,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("train", "replay"), default="train",
                    help="train the model on the config's shard, or replay a fixed update with no compute")
     p.add_argument("--fleet", help="fleet id (overrides the config)")
+    p.add_argument("--per-process", type=int, default=PER_PROCESS,
+                   help=f"devices per process (at most {PER_PROCESS}: paho's select() limit); more are spread "
+                        "over worker processes")
+    p.add_argument("--first", type=int, default=1, help="number of the first device (<prefix><first>)")
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    """Spread ``args.count`` devices over worker processes of at most ``--per-process`` each; wait for them all,
+    passing SIGTERM/SIGINT on."""
+    procs: list[subprocess.Popen[bytes]] = []
+    for first in range(args.first, args.first + args.count, args.per_process):
+        n = min(args.per_process, args.first + args.count - first)
+        cmd = [sys.executable, "-m", "mqttfl.tools.cli", "virtual", "--config", args.config, "--count", str(n),
+               "--first", str(first), "--per-process", str(args.per_process), "--prefix", args.prefix,
+               "--edges", args.edges, "--mode", args.mode, *(["--fleet", args.fleet] if args.fleet else [])]
+        procs.append(subprocess.Popen(cmd))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        print("mqttfl virtual: --count must be at least 1", file=sys.stderr)
+    if args.count < 1 or not 1 <= args.per_process <= PER_PROCESS:
+        print(f"mqttfl virtual: --count must be at least 1 and --per-process 1..{PER_PROCESS}", file=sys.stderr)
         return 2
+    if args.count > args.per_process:
+        return run_workers(args)
     try:
-        template = load_config(args.config, "device", node=args.prefix + "1", fleet=args.fleet)
+        template = load_config(args.config, "device", node=f"{args.prefix}{args.first}", fleet=args.fleet)
         edges = [e for e in args.edges.split(",") if e] or [str(template.section.get("edge", ""))]
         if not all(edges):
             raise ConfigError("no edge: give --edges or [device] edge")
         setup_logging(template.log_level)
-        fleet = VirtualFleet(virtual_configs(template, args.count, args.prefix, edges), replay=args.mode == "replay")
+        configs = virtual_configs(template, args.count, args.prefix, edges, args.first)
+        fleet = VirtualFleet(configs, replay=args.mode == "replay")
     except (ConfigError, ValueError, OSError) as e:
         print(f"mqttfl virtual: cannot start: {e}", file=sys.stderr)
         return 2

@@ -1,17 +1,17 @@
 """``mqttfl bench scale``: what a fleet costs the broker, the edges and the cloud as it grows.
 
 1. **Virtual devices over real MQTT** (``mqttfl virtual --mode replay``): for each N (default 10, 100, 1000) a
-   fresh Mosquitto, a cloud and two edges as processes, and N devices in one more process, each its own MQTT
-   client. The model is the digits MLP and the devices replay a fixed update (no training), so the round time is
-   the fleet's overhead: announcing the round, sending the model to every device, collecting and folding every
-   update, aggregating. Per N: the cloud's round time (``round_s``, announcement to close; the median over the
-   rounds after the first), CPU seconds per round of the cloud, the edges (summed) and the broker, the cloud's
-   and the edges' peak RSS (``VmHWM``), and the messages the cloud and edges sent and received per second of
-   rounds.
+   fresh Mosquitto, a cloud and two edges as processes, and N devices in one more process (with worker processes
+   of 200 devices each beyond that), each its own MQTT client. The model is the digits MLP and the devices replay
+   a fixed update (no training), so the round time is the fleet's overhead: announcing the round, sending the
+   model to every device, collecting and folding every update, aggregating. Per N: the cloud's round time
+   (``round_s``, announcement to close; the median over the rounds after the first), CPU seconds per round of
+   the cloud, the edges (summed), the broker and the virtual devices, the cloud's and the edges' peak RSS
+   (``VmHWM``), the virtual devices' processes' summed peak RSS, and the messages the cloud and edges sent and
+   received per second of rounds.
 2. **The in-memory fleet** (``mqttfl.runtime.memory``, as ``mqttfl sim``): classic FL with the CNN on the 8x8
    digits (each client trains the whole model), ``--sim-devices`` (1000) clients on 2 edges, ``--sim-rounds``
-   (10) rounds of FedAvg; its wall time
-   (``sim_wall_s_1000x10`` when run at that size) and final accuracy.
+   (10) rounds of FedAvg; its wall time (``sim_wall_s_1000x10`` when run at that size) and final accuracy.
 
 Writes ``results.json`` and ``scale.png`` (matplotlib) or ``scale.svg`` into ``--out``. ``--small`` runs N = 5, 10
 and a 20-client, 2-round simulation (for tests). A failed real-process run stops the bench with exit 1.
@@ -20,6 +20,7 @@ and a 20-client, 2-round simulation (for tests). A failed real-process run stops
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="rounds per fleet size")
     p.add_argument("--sim-devices", type=int, default=1000, help="clients of the in-memory run (0: skip it)")
     p.add_argument("--sim-rounds", type=int, default=10, help="rounds of the in-memory run")
+    p.add_argument("--resume-every", type=int, default=None,
+                   help="[cloud] resume_every of the virtual fleets (default: the key's default; 0: edge resume off, "
+                        "so edges write no session files)")
     p.add_argument("--small", action="store_true", help="toy sizes (tests)")
     add_out_argument(p, "scale")
     p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
@@ -55,6 +59,19 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``mqttfl virtual`` spreads a large fleet over worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -67,7 +84,8 @@ def _messages(transport: dict[str, Any]) -> int:
                if k.startswith(("tx_", "rx_")) and not k.endswith("_bytes") and "bytes" not in k)
 
 
-def virtual_run(root: Path, n: int, rounds: int, timeout: float) -> dict[str, Any]:
+def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """One fleet of ``n`` replaying virtual devices on a fresh broker; see the module docstring."""
     from mqttfl.ml.models import schema_of
     from mqttfl.protocol.schema import ModelRef
@@ -79,7 +97,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float) -> dict[str, An
     broker.start()
     spec = FleetSpec(devices={}, extra_edges=("edge1", "edge2"), model="mlp", input_shape=(64,),
                      cloud={"rounds": rounds, "batch_size": 10, "lr": 0.05, "seed": 1, "min_devices": n,
-                            "deadline_s": max(60.0, timeout), "run": f"scale-{n}"})
+                            "deadline_s": max(60.0, timeout), "run": f"scale-{n}", **(cloud or {})})
     try:
         with Testbed(root, spec, broker=broker) as tb:
             tb.prepare()
@@ -89,11 +107,11 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float) -> dict[str, An
             tb.wait_event("round_started", timeout)
             online_s = time.monotonic() - t0
             cloud_pid, edge_pids = tb.procs["cloud"].pid, [tb.procs[e].pid for e in spec.edges]
-            broker_pid, virtual_pid = broker.proc.pid if broker.proc else 0, tb.procs["vdev"].pid
+            broker_pid, virtual_pids = broker.proc.pid if broker.proc else 0, process_tree(tb.procs["vdev"].pid)
 
             def cpu() -> dict[str, float]:
                 return {"cloud": cpu_s(cloud_pid), "edges": sum(cpu_s(p) for p in edge_pids),
-                        "broker": cpu_s(broker_pid), "virtual": cpu_s(virtual_pid)}
+                        "broker": cpu_s(broker_pid), "virtual": sum(cpu_s(p) for p in virtual_pids)}
 
             def msgs() -> int:
                 return sum(_messages(tb.ctl(x, "status")["result"]["transport"]) for x in ("cloud", *spec.edges))
@@ -102,9 +120,12 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float) -> dict[str, An
             if not any(m.kind == "event" and m.data and m.data.get("event") == "run_complete" for m in tb.inbox):
                 tb.wait_event("run_complete", timeout)  # unless it came in while the counters were read
             c1, m1, w1 = cpu(), msgs(), time.monotonic()
-            entries = sorted(tb.round_metrics(), key=lambda e: e["round"])
+            # From the cloud's run log: an operator's inbox keeps only the newest messages of a large fleet.
+            log = root / "state" / "cloud" / "runlog.jsonl"
+            entries = sorted((e for e in map(json.loads, log.read_text().splitlines()) if e.get("kind") == "round"),
+                             key=lambda e: e["round"])
             rss = {"cloud": peak_rss_mb(cloud_pid), "edge": max(peak_rss_mb(p) for p in edge_pids),
-                   "virtual": peak_rss_mb(virtual_pid)}
+                   "virtual": sum(peak_rss_mb(p) for p in virtual_pids)}
     finally:
         broker.stop()
     round_s = [float(e["round_s"]) for e in entries]
@@ -158,7 +179,7 @@ def sim_run(devices: int, rounds: int) -> dict[str, Any]:
 
 
 def plot(res: dict[str, Any], out: Path) -> Path:
-    runs = res["virtual"]
+    runs = sorted(res["virtual"], key=lambda r: r["devices"])
     ns = [r["devices"] for r in runs]
     series = {"round overhead s": [r["round_overhead_s"] for r in runs],
               "cloud peak RSS MB": [r["cloud_peak_rss_mb"] for r in runs],
@@ -219,7 +240,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"virtual": [], "sim": None}
     for n in sizes:
         try:
-            res["virtual"].append(virtual_run(root / f"n{n}", n, rounds, timeout=120.0 + 1.0 * n))
+            cloud = {} if args.resume_every is None else {"resume_every": args.resume_every}
+            res["virtual"].append(virtual_run(root / f"n{n}", n, rounds, timeout=120.0 + 1.0 * n, cloud=cloud))
         except TimeoutError as e:
             raise RunFailed({"run": f"scale-{n}", "round": -1, "reason": f"N={n}: {e}"}) from e
     sim_devices, sim_rounds = (20, 2) if args.small else (args.sim_devices, args.sim_rounds)
@@ -229,7 +251,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def summarise(res: dict[str, Any]) -> dict[str, Any]:
-    runs = res["virtual"]
+    runs = sorted(res["virtual"], key=lambda r: r["devices"])
     by_n = {str(r["devices"]): r for r in runs}
     out: dict[str, Any] = {key: {n: r[key] for n, r in by_n.items()} for key in (
         "round_overhead_s", "cloud_peak_rss_mb", "edge_peak_rss_mb", "cloud_cpu_s_per_round",
@@ -264,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
     plot_path = plot(res, out_path / "scale.png")
     summary = summarise(res)
-    out = {**summary, "runs": res["virtual"], "plot": str(plot_path), "small": bool(args.small)}
+    out = {**summary, "runs": res["virtual"], "plot": str(plot_path), "small": bool(args.small),
+           "resume_every": args.resume_every}
     rows = []
     for r in res["virtual"]:
         rows.append((f"N={r['devices']}", f"round {fmt(r['round_overhead_s'], 's', 3)}, cloud "
