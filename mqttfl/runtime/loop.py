@@ -21,6 +21,7 @@ from mqttfl.protocol import events as E
 from mqttfl.protocol import stage
 from mqttfl.protocol.control import arg, may_command
 from mqttfl.protocol.events import CommandError
+from mqttfl.runtime.preload import DeferredBackend
 from mqttfl.wire.encoding import encode_tensors, tensor_bytes
 
 RUNTIME_COMMANDS = ("ping", "status", "shutdown", "emulate")
@@ -175,6 +176,8 @@ class MachineRunner:
         backend = self.backend()
         if backend is None:
             return {}
+        if isinstance(backend, DeferredBackend):
+            backend = backend.built()
         if slowdown is not None:
             backend.slowdown = float(slowdown)  # type: ignore[attr-defined]
         if block_ms is not None:

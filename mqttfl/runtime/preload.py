@@ -57,7 +57,11 @@ class DeferredBackend:
         self._build = build
         self._backend: Any = None
 
-    def run(self, job: stage.Job) -> Any:
+    def built(self) -> Any:
+        """The backend itself, built now if no job has built it yet (its emulated speed is set on it)."""
         if self._backend is None:
             self._backend = self._build()
-        return self._backend.run(job)
+        return self._backend
+
+    def run(self, job: stage.Job) -> Any:
+        return self.built().run(job)

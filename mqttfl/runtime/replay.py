@@ -47,6 +47,8 @@ class ReplayBackend:
             return None
         if isinstance(job, stage.Evaluate):
             return stage.EvalResult(None, None)
+        if isinstance(job, stage.Memory):
+            return 0  # no training memory: nothing is trained
         opened, state = self.sessions[job.session]
         if isinstance(job, stage.LocalBatch):
             bs = opened.plan.batch_size
