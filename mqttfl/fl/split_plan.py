@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+TIE = 1e-9  # relative
+
 
 @dataclass(frozen=True)
 class NodeProfile:
@@ -125,7 +127,9 @@ def plan_cut(device: NodeProfile, edge_s: Sequence[float], act_bytes: Sequence[f
             link_s = 2.0 * (link.latency_s + act_bytes[c - 1] / link.bandwidth)
             edge = rho * edge_suffix[c]
             choice = CutChoice(c, dev_prefix[c] + link_s + edge, dev_prefix[c], link_s, edge, mem_prefix[c])
-        if best is None or choice.batch_s < best.batch_s:
+        # Ties go to the smaller cut; times within TIE of each other are ties (prefix sums round differently
+        # from a sum taken from scratch).
+        if best is None or choice.batch_s < best.batch_s - TIE * max(best.batch_s, 1e-3):
             best = choice
     return best
 

@@ -12,7 +12,7 @@
    round; and on one device in this process, VGG-5 at 3x32x32, batch 64 (the FedFly shape): training memory
    (weights, gradients, optimizer state, the activations stored for backward) and time per mini-batch.
 3. **Cutoffs** (Flower's tau; in memory on virtual time): 4 fast and 4 four-times-slower devices, the CNN on
-   Dirichlet(0.5) digits, 5 local epochs; round time and accuracy with no cutoff, with tau = the fast devices'
+   Dirichlet(0.5) digits, 3 local epochs; round time and accuracy with no cutoff, with tau = the fast devices'
    training time (from a run of the fast devices alone) and with 1.5 x that, and the first again with FedNova.
 4. **Planned cuts** (real processes through the broker): VGG-5, devices with emulated board speeds 1x, 2x, 4x
    and 8x on one edge, every run the same data: each fixed cut for everyone, then the planner; the measured round
@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strong", type=int, default=4, help="strong clients (part 1)")
     p.add_argument("--weak", default="0,4,8,16", help="weak clients added to them (part 1)")
     p.add_argument("--alpha", type=float, default=0.3, help="Dirichlet label skew of part 1's shards")
-    p.add_argument("--rounds", type=int, default=30, help="rounds of part 1")
+    p.add_argument("--rounds", type=int, default=25, help="rounds of part 1")
     p.add_argument("--planner-rounds", type=int, default=4, help="rounds per run of part 4 (the first profiles)")
     p.add_argument("--skip-planner", action="store_true", help="leave out part 4 (real processes)")
     p.add_argument("--small", action="store_true", help="every part at a toy size (tests)")
@@ -163,7 +163,7 @@ def compressed(args: argparse.Namespace) -> dict[str, Any]:
     from mqttfl.tools.testbed import FleetSpec, make_shards
 
     shape = (3, 16, 16)
-    devices, rounds = (3, 2) if args.small else (6, 15)
+    devices, rounds = (3, 2) if args.small else (6, 12)
     train, test = load_digits(shape)
     names = {f"dev{i + 1}": f"edge{i % 2 + 1}" for i in range(devices)}
     runs: dict[str, Any] = {}
@@ -194,7 +194,7 @@ def cutoffs(args: argparse.Namespace) -> dict[str, Any]:
 
     shape = (1, 8, 8)
     train, test = load_digits(shape)
-    rounds, epochs = (2, 2) if args.small else (20, 5)
+    rounds, epochs = (2, 2) if args.small else (20, 3)
     devices = {f"dev{i + 1}": f"edge{i % 2 + 1}" for i in range(8)}
     slow = {f"dev{i}" for i in range(5, 9)}
 
