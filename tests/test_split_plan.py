@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqttfl.fl.split_plan import Link, NodeProfile, batch_time, candidates, plan_cut, plan_edge
+from mqttfl.fl.split_plan import Link, NodeProfile, batch_time, candidates, plan_cut
 
 times = st.lists(st.floats(0.0, 2.0), min_size=2, max_size=8)
 
@@ -97,12 +97,42 @@ def test_the_memory_limit_holds_and_nothing_fits_gives_none() -> None:
 def test_the_edges_devices_share_it() -> None:
     device = NodeProfile((0.2, 0.2, 0.2))
     edge = [0.05, 0.05, 0.05]
-    one = plan_edge({"a": (device, Link(1e9), 0)}, edge, [1.0, 1.0])
-    many = plan_edge({d: (device, Link(1e9), 0) for d in "abcdefgh"}, edge, [1.0, 1.0],
-                     allowed={"h": [3]})
-    assert one["a"].cut == 1  # type: ignore[union-attr]
-    assert many["a"].cut == 3 and many["a"].batch_s == pytest.approx(0.6)  # type: ignore[union-attr]
-    assert many["h"].cut == 3  # type: ignore[union-attr]
+    one = plan_cut(device, edge, [1.0, 1.0], Link(1e9))
+    many = plan_cut(device, edge, [1.0, 1.0], Link(1e9), rho=8)
+    assert one is not None and one.cut == 1
+    assert many is not None and many.cut == 3 and many.batch_s == pytest.approx(0.6)
+    local = plan_cut(device, edge, [1.0, 1.0], Link(1e9), allowed=[3])
+    assert local is not None and local.cut == 3
+
+
+def test_devices_that_train_locally_leave_the_edge_to_the_others() -> None:
+    from mqttfl.ml.models import schema_of
+    from mqttfl.protocol.cloud.cutplan import CutPlanner
+    from mqttfl.protocol.messages import DeviceProfile, EdgeProfile
+    from mqttfl.protocol.plan import Plan, Training
+    from mqttfl.protocol.schema import ModelRef
+
+    schema = schema_of(ModelRef("mlp", (64,), 10))
+    n = schema.n_blocks
+    plan = Plan.of(Training(model="mlp", input_shape=(64,), batch_size=32), run="r", round=1, profile=True)
+    planner = CutPlanner()
+    fp = schema.fingerprint
+    assert planner.on_profile("edge1", EdgeProfile(fingerprint=fp, batch_size=32, block_s=(0.1,) * n,
+                                                   block_bytes=(0,) * n), schema) is None
+    devices = ["fast1", "fast2", "fast3", "slow"]
+    for d in devices:
+        t = 0.2 if d == "slow" else 0.01
+        msg = DeviceProfile(fingerprint=fp, batch_size=32, block_s=(t,) * n, block_bytes=(0,) * n, edge="edge1",
+                            bandwidth=1e12, latency_s=0.0)
+        assert planner.on_profile(d, msg, schema) is None
+    cuts, report = planner.plan(plan, {"edge1": devices}, schema, {d: n for d in devices}, set(), set(),
+                                {d: 64 for d in devices}, {})
+    # With all four at the edge, the slow device would wait for everyone's edge blocks: 0.2 + 4 x 0.1 x (n - 1)
+    # per mini-batch against 0.2 n locally. The fast ones train locally, so it has the edge to itself.
+    assert 0.2 + 4 * 0.1 * (n - 1) > 0.2 * n > 0.2 + 0.1 * (n - 1)
+    assert cuts == {"fast1": n, "fast2": n, "fast3": n, "slow": 1}
+    assert report["devices"]["slow"]["rho"] == 1.0 and report["devices"]["slow"]["why"] == "planned"
+    assert report["predicted_round_s"] == pytest.approx(2 * (0.2 + 0.1 * (n - 1)))
 
 
 def test_profiles_that_disagree_are_refused() -> None:

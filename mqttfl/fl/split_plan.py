@@ -132,13 +132,3 @@ def plan_cut(device: NodeProfile, edge_s: Sequence[float], act_bytes: Sequence[f
         if best is None or choice.batch_s < best.batch_s - TIE * max(best.batch_s, 1e-3):
             best = choice
     return best
-
-
-def plan_edge(devices: Mapping[str, tuple[NodeProfile, Link, int]], edge_s: Sequence[float],
-              act_bytes: Sequence[float], allowed: Mapping[str, Sequence[int]] | None = None
-              ) -> dict[str, CutChoice | None]:
-    """Cuts for the devices of one edge (device -> (profile, link, memory limit)); rho is their number."""
-    rho = float(len(devices))
-    return {d: plan_cut(p, edge_s, act_bytes, link, rho=rho, memory_limit=limit,
-                        allowed=(allowed or {}).get(d))
-            for d, (p, link, limit) in sorted(devices.items())}
