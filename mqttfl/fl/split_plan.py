@@ -25,7 +25,7 @@ before) is not.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 TIE = 1e-9  # relative
