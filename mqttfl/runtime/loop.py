@@ -173,15 +173,14 @@ class MachineRunner:
 
     def emulate(self, slowdown: float | None, block_ms: float | None) -> dict[str, Any]:
         """Change this board's emulated speed (benchmarks, tests): the backend's ``slowdown`` and ``block_ms``."""
-        backend = self.backend()
-        if backend is None:
+        found = self.backend()
+        if found is None:
             return {}
-        if isinstance(backend, DeferredBackend):
-            backend = backend.built()
+        backend: Any = found.built() if isinstance(found, DeferredBackend) else found
         if slowdown is not None:
-            backend.slowdown = float(slowdown)  # type: ignore[attr-defined]
+            backend.slowdown = float(slowdown)
         if block_ms is not None:
-            backend.block_ms = float(block_ms)  # type: ignore[attr-defined]
+            backend.block_ms = float(block_ms)
         return {"slowdown": getattr(backend, "slowdown", None), "block_ms": getattr(backend, "block_ms", None)}
 
     # ------------------------------------------------------------------ I/O, per subclass
