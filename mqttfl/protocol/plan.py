@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from mqttfl.protocol.errors import ProtocolError
@@ -301,9 +301,6 @@ class Plan(Training):
         if bad:
             raise ProtocolError("bad_plan", "bad plan: " + "; ".join(bad))
         return plan
-
-    def with_(self, **kw: Any) -> Plan:
-        return replace(self, **kw)
 
     @property
     def key(self) -> tuple[str, int, int]:

@@ -74,12 +74,6 @@ class ModelSchema:
     def keys(self, start: int = 0, stop: int | None = None) -> list[str]:
         return list(self.specs(start, stop))
 
-    def block_of(self, key: str) -> int:
-        for i, block in enumerate(self.blocks):
-            if any(s.key == key for s in block):
-                return i
-        raise KeyError(key)
-
     def activation(self, cut: int) -> tuple[int, ...]:
         return self.boundaries[cut]
 

@@ -13,7 +13,6 @@ exercise is what users run. Config choices come from measurements (docs/design.m
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -21,7 +20,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,10 +120,6 @@ class Broker:
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
     def config(self) -> str:
         if self._config_text is not None:
             return self._config_text.replace("{port}", str(self.port)).replace("{dir}", str(self.workdir))
@@ -200,10 +194,3 @@ class Broker:
         self.cleanup()
 
 
-@contextlib.contextmanager
-def running_broker(**kwargs: object) -> Iterator[Broker]:
-    b = Broker(BrokerOptions(**kwargs))  # type: ignore[arg-type]
-    try:
-        yield b.start()
-    finally:
-        b.cleanup()

@@ -65,10 +65,6 @@ class Topic:
     src: str
     dst: str
 
-    @property
-    def is_broadcast(self) -> bool:
-        return self.dst == BROADCAST
-
     def __str__(self) -> str:
         return f"{PREFIX}/{self.fleet}/{self.kind}/{self.src}/{self.dst}"
 
