@@ -13,6 +13,7 @@ import collections
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -80,14 +81,14 @@ def test_model_messages_from_anyone_but_its_edge_never_abort_a_devices_round() -
     s, fleet = fleet3()
     fleet.run_until(lambda: training(fleet, "dev1") and training(fleet, "dev2"), max_time=60)
     running = fleet.machine("dev1").round.plan
-    newer = running.with_(round=running.round + 1, attempt=3)
+    newer = replace(running, round=running.round + 1, attempt=3)
     state = {k: v for k, v in full_delta(0.01).items() if k in SCHEMA.keys(0, SPLIT_CUT)}
     for dev in ("dev1", "dev2"):
         for _ in range(3):  # an unrelated node, with a perfectly valid newer plan
             send(fleet, "mallory", dev, TrainRound(run=newer.run, round=newer.round, plan=newer, cut=SPLIT_CUT,
                                                    edge="edge1", state=state))
         # Its own edge, replaying an older plan, and announcing one with an impossible cut.
-        older = running.with_(attempt=0, round=max(0, running.round - 1))
+        older = replace(running, attempt=0, round=max(0, running.round - 1))
         send(fleet, "edge1", dev, TrainRound(run=older.run, round=older.round, plan=older, cut=SPLIT_CUT,
                                              edge="edge1", state=state))
         bad = TrainRound(run=newer.run, round=newer.round, plan=newer, cut=99, edge="edge1", state=state)

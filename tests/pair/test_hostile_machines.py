@@ -9,6 +9,7 @@ its round's accepted reports stay untouched.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -111,7 +112,7 @@ def message(draw: Any, run: str = "r") -> Message:
     """Any message of the protocol, with plausible or forged round keys and tensors."""
     rnd, attempt = draw(st.sampled_from([0, 0, 0, 1, 3])), draw(st.sampled_from([0, 0, 0, 1, 3]))
     key = {"run": draw(st.sampled_from([run, run, "other", ""])), "round": rnd}
-    p = plan(attempt=attempt).with_(run=key["run"] or "r", round=rnd)
+    p = replace(plan(attempt=attempt), run=key["run"] or "r", round=rnd)
     act_x = draw(tensor((draw(st.sampled_from([8, 8, 1, 5])), *SCHEMA.activation(CUT))))
     step, micro = draw(st.sampled_from([0, 0, 0, 1, 5])), draw(st.sampled_from([0, 0, 1]))
     choice = draw(st.sampled_from([0, 1, 1, 1, 2, 3, 3, 3, 4, 4, 5, 5, 6, 7, 8, 9, 10, 11, 12, 13]))
