@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+from mqttfl.runtime.transport import Inbound
 from mqttfl.tools import testbed
 from mqttfl.tools.broker import Broker
 from tests.helpers import wait_for
@@ -34,7 +35,15 @@ def test_an_edge_killed_mid_round_resumes_and_the_round_loses_no_work(tmp_path: 
         saved = sorted(p.name for p in (tmp_path / "state" / "edge1" / "keyed").glob("*.state"))
         tb.start_node("edge1")
         restarted = time.monotonic()
-        resumed = [tb.wait_event("round_resumed", 60, device=d) for d in ("dev1", "dev2")]
+        found: dict[str, dict[str, object]] = {}
+
+        def both_resumed(m: Inbound) -> bool:  # in whichever order the two devices come back
+            if m.kind == "event" and m.data and m.data.get("event") == "round_resumed":
+                found[m.data.get("device")] = m.data
+            return set(found) >= {"dev1", "dev2"}
+
+        tb.wait(both_resumed, 60, stop_on_run_failed=True)
+        resumed = [found["dev1"], found["dev2"]]
         back = time.monotonic()
         tb.wait_event("run_complete", 180)
         rounds = tb.round_metrics()
