@@ -51,16 +51,29 @@ def _run(root: Path, spec: FleetSpec, on_message=None, before=None, timeout: flo
         tb.stop()
 
 
-def _mover(moves: dict[str, tuple[str, str]]):
-    """Send each device its move once the device reports it is training (so the move lands mid-round)."""
+def _mover(moves: dict[str, tuple[str, str]], *, destination_online: bool = True):
+    """Send each device its move once the device reports it is training (so the move lands mid-round) and, unless
+    told otherwise, its destination is online: an edge that is not yet subscribed cannot hear the transfer, and
+    the migration would rightly fail ("destination did not answer") rather than be tested."""
     sent: set[str] = set()
+    training: set[str] = set()
+    online: set[str] = set()
 
     def on(tb: Testbed, m: Inbound) -> None:
         d = m.data or {}
-        if m.kind == "status" and m.src in moves and d.get("state") == "training" and m.src not in sent:
-            sent.add(m.src)
-            edge, path = moves[m.src]
-            tb.send_ctl(m.src, "move", edge=edge, path=path)
+        if m.kind != "status":
+            return
+        if d.get("state") == "offline":
+            online.discard(m.src)
+        else:
+            online.add(m.src)
+        if m.src in moves:
+            (training.add if d.get("state") == "training" else training.discard)(m.src)
+        for dev in sorted(training - sent):
+            edge, path = moves[dev]
+            if edge in online or not destination_online:
+                sent.add(dev)
+                tb.send_ctl(dev, "move", edge=edge, path=path)
 
     return on
 
@@ -112,7 +125,7 @@ def test_destination_killed_during_transfer_device_continues_at_source(reference
     w, metrics, events = _run(
         tmp_path, _spec({"dev1": "edge1"}, migrate_timeout_s=2.0),
         before=lambda tb: tb.kill("edge2"),
-        on_message=_mover({"dev1": ("edge2", "direct")}),
+        on_message=_mover({"dev1": ("edge2", "direct")}, destination_online=False),
     )
     failed = _events(events, "migration_failed")
     assert failed and failed[0]["action"] == "continue at source"
