@@ -22,14 +22,12 @@ hand-written ``async_accuracy.svg``) into ``--out``. A failed run (``run_failed`
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results, work_dir
 
 DEVICES = {f"dev{i}": f"edge{(i - 1) // 2 + 1}" for i in range(1, 9)}
 SLOW = ("dev7", "dev8")
@@ -157,17 +155,14 @@ def run(args: argparse.Namespace) -> int:
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     out_path = out_dir(args)
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mqttfl-bench-async-"))
     results: dict[str, dict[str, Any]] = {}
     try:
-        for s in strategies:
-            results[s] = run_one(s, args, root)
+        with work_dir(args, "async") as root:
+            for s in strategies:
+                results[s] = run_one(s, args, root)
     except RunFailed as e:
         print(f"mqttfl bench async: {e}", file=sys.stderr)
         return 1
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
     plot_path = plot(results, out_path / "async_accuracy.png", args.target)
     sync, eco = results.get("sync", {}), results.get("ecofl", {})
     ratio = None

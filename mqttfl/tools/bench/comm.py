@@ -25,13 +25,11 @@ memory (FedAvg under attack diverges, its deltas are refused as non-finite) is r
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results, work_dir
 
 SECTIONS = ("split", "delta", "fedlama", "strategies")
 ROBUST = ("median", "trimmed", "krum", "clip")
@@ -389,15 +387,12 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # what every agent uses; the in-memory fleets match them
     out_path = out_dir(args)
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mqttfl-bench-comm-"))
     try:
-        res = measure(args, root)
+        with work_dir(args, "comm") as root:
+            res = measure(args, root)
     except RunFailed as e:
         print(f"mqttfl bench comm: {e}", file=sys.stderr)
         return 1
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
     plot_path = plot(res, out_path / "comm.png")
     summary = summarise(res)
     out = {**summary, "sections": res, "plot": str(plot_path), "small": bool(args.small)}

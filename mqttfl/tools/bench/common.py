@@ -1,13 +1,15 @@
-"""Helpers shared by the benchmarks: percentiles, one output path (a table, or exactly one JSON object), and the
-output folder every benchmark writes its files into (``--out``)."""
+"""Helpers shared by the benchmarks: percentiles, one output path (a table, or exactly one JSON object), the
+output folder every benchmark writes its files into (``--out``) and its work directory (``--workdir``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -58,6 +60,19 @@ def out_dir(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def work_dir(args: argparse.Namespace, bench: str) -> Iterator[Path]:
+    """Where the bench's fleets keep configs, logs and state: ``--workdir`` (created, kept), else a temporary
+    folder removed afterwards, whether the bench succeeded or not."""
+    if args.workdir:
+        root = Path(args.workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"mqttfl-bench-{bench}-") as d:
+            yield Path(d)
 
 
 def save_results(out: Path, results: dict[str, Any]) -> Path:

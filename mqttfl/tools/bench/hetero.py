@@ -31,12 +31,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results, work_dir
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {},
@@ -359,26 +358,15 @@ def rows_of(res: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = out_dir(args)
-    tmp = None
-    if args.workdir:
-        root = Path(args.workdir)
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="mqttfl-bench-hetero-")
-        root = Path(tmp.name)
-    try:
-        res = summarise(measure(args, root))
-    except Exception as e:  # a failed run: say why, write nothing
-        from mqttfl.tools.testbed import RunFailed
+    from mqttfl.tools.testbed import RunFailed
 
-        if not isinstance(e, (RunFailed, RuntimeError, TimeoutError)):
-            raise
+    out = out_dir(args)
+    try:
+        with work_dir(args, "hetero") as root:
+            res = summarise(measure(args, root))
+    except (RunFailed, RuntimeError, TimeoutError) as e:  # a failed run: say why, write nothing
         print(f"mqttfl bench hetero: {e}", file=sys.stderr)
         return 1
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     res["plot"] = str(plot(res, out / "hetero.png"))
     path = save_results(out, res)
     emit(res, [*rows_of(res), ("results", str(path)), ("plot", res["plot"])], args.json)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from mqttfl.protocol.plan import data_seed
 from mqttfl.protocol.schedule import stash_bound
 from mqttfl.runtime.persist import load_state
 from mqttfl.runtime.transport import Inbound
-from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results, work_dir
 from mqttfl.tools.testbed import FleetSpec, RunFailed, Testbed, make_shards
 
 MODEL, SHAPE, BLOCKS, SEED = "chain12", (64,), 12, 3
@@ -315,13 +314,8 @@ def _svg(bars: list[tuple[str, list[tuple[str, float]]]], curve: list[list[float
 def run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     try:
-        if args.workdir:
-            root = Path(args.workdir)
-            root.mkdir(parents=True, exist_ok=True)
+        with work_dir(args, "pipeline") as root:
             res = measure(args, root)
-        else:
-            with tempfile.TemporaryDirectory(prefix="mqttfl-bench-pipeline-") as d:
-                res = measure(args, Path(d))
     except RunFailed as e:
         print(f"mqttfl bench pipeline: {e}", file=sys.stderr)
         return 1

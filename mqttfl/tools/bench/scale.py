@@ -23,15 +23,13 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results, work_dir
 
 MODEL_MB_KEY = "model_mb"
 
@@ -275,15 +273,12 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     out_path = out_dir(args)
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mqttfl-bench-scale-"))
     try:
-        res = measure(args, root)
+        with work_dir(args, "scale") as root:
+            res = measure(args, root)
     except RunFailed as e:
         print(f"mqttfl bench scale: {e}", file=sys.stderr)
         return 1
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
     plot_path = plot(res, out_path / "scale.png")
     summary = summarise(res)
     out = {**summary, "runs": res["virtual"], "plot": str(plot_path), "small": bool(args.small),

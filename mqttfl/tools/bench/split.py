@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from mqttfl.ml.models import MODELS, build_model, load_model_state, model_state
 from mqttfl.ml.stage import LocalTrainer, make_optimizer
 from mqttfl.protocol.plan import data_seed
 from mqttfl.runtime.persist import load_state
-from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results
+from mqttfl.tools.bench.common import add_out_argument, emit, fmt, out_dir, save_results, work_dir
 from mqttfl.tools.testbed import FleetSpec, RunFailed, Testbed, make_shards
 
 SEED = 0
@@ -181,13 +180,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     try:
-        if args.workdir:
-            root = Path(args.workdir)
-            root.mkdir(parents=True, exist_ok=True)
+        with work_dir(args, "split") as root:
             res = measure(args, root)
-        else:
-            with tempfile.TemporaryDirectory(prefix="mqttfl-bench-split-") as d:
-                res = measure(args, Path(d))
     except RunFailed as e:
         print(f"mqttfl bench split: {e}", file=sys.stderr)
         return 1
