@@ -222,3 +222,14 @@ def test_the_edge_takes_a_pipelined_devices_activations_only_from_the_stage_the_
     assert fleet.drops("edge1", "unknown_sender")
     fleet.run_to_end()
     assert_exact(fleet, spec, rounds=1)
+
+
+def test_a_pipelined_device_of_a_weak_class_trains_the_whole_model_across_its_chain() -> None:
+    """A chain wins over the device's class: the cloud sends a chained device no class model (a partial model
+    cannot be pipelined), so it trains every block across its stages, exactly as unsplit training."""
+    spec = pipe_spec(["h1"], cloud={"classes": {"weak": {"train": "partial", "train_blocks": 2}}})
+    spec.device_extra["dev1"]["class"] = "weak"
+    fleet = fleet_for(spec)
+    assert fleet.run_to_end()["event"] == "run_complete"
+    assert_exact(fleet, spec)
+    assert layouts(fleet)[-1]["chain"] == ["dev1", "h1", "edge1"]

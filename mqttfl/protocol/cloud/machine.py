@@ -402,7 +402,10 @@ class CloudMachine:
 
     def local_for(self, device: str) -> LocalModel | None:
         """What a device's class trains (None: the whole model in fp32, no cutoff): ``[cloud.classes]`` by the
-        class in the device's status."""
+        class in the device's status. A device with helpers online trains the whole model across its pipeline
+        (a partial or compressed model cannot be laid out over stages): its chain wins over its class."""
+        if self.helpers_online(device):
+            return None
         p = self.fleet.get(device)
         name = (p.klass if p is not None else None) or DEFAULT_CLASS
         c = self.settings.classes.get(name)
@@ -452,14 +455,13 @@ class CloudMachine:
             keys = (partial or {}).get(edge)
             state = self.global_state if keys is None else {k: self.global_state[k] for k in keys}
             encodings = {d: e for d in devs if (e := self.encodings_for(d))}
-            chains = self.chains_for(devs)
-            # A pipelined device trains the whole model across its chain: its class's local model does not apply.
-            locals_ = {d: m for d in devs if d not in chains and (m := self.local_for(d)) is not None}
+            locals_ = {d: m for d in devs if (m := self.local_for(d)) is not None}
             self._do(Send(edge, OpenRound(run=plan.run, round=plan.round, plan=plan, tag=tag,
                                           cuts={d: (cuts or {}).get(d) or self.cut_for(d) for d in devs},
                                           state=state, samples={d: self.declared(d) for d in devs},
                                           encodings=encodings, partial=keys is not None,
-                                          schema=self.schema.describe(), locals=locals_, chains=chains),
+                                          schema=self.schema.describe(), locals=locals_,
+                                          chains=self.chains_for(devs)),
                           encoding=plan.model_encoding))
 
     def _on_profile(self, src: str, msg: EdgeProfile) -> None:

@@ -237,14 +237,13 @@ class SyncRounds:
             return
         r.move(ev.src, msg.edge)
         enc = c.encodings_for(ev.src)
-        chains = c.chains_for([ev.src])
-        local = None if chains else c.local_for(ev.src)  # a pipelined device trains the whole model
+        local = c.local_for(ev.src)
         c.do(Send(msg.edge, OpenRound(run=r.plan.run, round=r.plan.round, plan=r.plan,
                                       cuts={ev.src: r.cuts.get(ev.src) or c.cut_for(ev.src)},
                                       samples={ev.src: r.declared.get(ev.src, c.declared(ev.src))},
                                       state=c.global_state, encodings={ev.src: enc} if enc else {},
                                       locals={ev.src: local} if local is not None else {},
-                                      schema=c.schema.describe(), chains=chains),
+                                      schema=c.schema.describe(), chains=c.chains_for([ev.src])),
                   encoding=r.plan.model_encoding))
         c.do(Emit("round_restarted_for_device", "warning", {"device": ev.src, "edge": msg.edge,
                                                             "round": r.plan.round, "source": msg.source}))
