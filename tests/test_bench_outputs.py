@@ -152,7 +152,15 @@ def _scale_run(n: int, round_s: float, rss: float) -> dict[str, Any]:
             "virtual_peak_rss_mb": 230.0 + n / 10, "messages_per_s": 100.0 * n, "model_mb": 0.5}
 
 
+def _bridged_run(n: int, round_s: float, rss: float) -> dict[str, Any]:
+    brokers = {"cloud": 0.001 * n, "site1": 0.002 * n, "site2": 0.002 * n}
+    return {**_scale_run(n, round_s, rss), "sites": 2, "brokers_cpu_s_per_round": brokers,
+            "broker_cpu_s_per_round": 0.005 * n,
+            "bridge_kb_per_round": {s: {"up": 38.0 * n, "down": 76.0} for s in ("site1", "site2")}}
+
+
 SCALE = {"virtual": [_scale_run(10, 0.1, 240.0), _scale_run(100, 0.3, 240.4), _scale_run(1000, 1.5, 240.9)],
+         "bridged": [_bridged_run(10, 0.12, 240.0), _bridged_run(100, 0.35, 240.4), _bridged_run(1000, 1.8, 241.0)],
          "sim": {"devices": 1000, "rounds": 10, "outcome": "run_complete", "wall_s": 200.0, "final_accuracy": 0.9,
                  "participants": [1000] * 10}}
 
@@ -267,6 +275,11 @@ def test_scale_reports_per_fleet_size_the_figures_the_issue_asks_for(
     assert r["sim_wall_s_1000x10"] == 200.0
     assert r["cloud_rss_growth_mb"] == pytest.approx(0.9) and r["cloud_rss_growth_models"] == pytest.approx(1.8)
     assert r["complete"] is True and len(r["runs"]) == 3
+    # The same fleets over two bridged site brokers, next to the single broker's figures.
+    assert r["round_overhead_s_bridged"] == {"10": 0.12, "100": 0.35, "1000": 1.8}
+    assert set(r["bridged"]) == {"10", "100", "1000"}
+    assert r["bridged"]["1000"]["brokers_cpu_s_per_round"] == {"cloud": 1.0, "site1": 2.0, "site2": 2.0}
+    assert r["bridged"]["1000"]["bridge_kb_per_round"]["site2"] == {"up": 38000.0, "down": 76.0}
 
 
 def test_the_scale_bench_measures_a_real_broker_at_a_tiny_size(tmp_path: Path,
@@ -275,6 +288,14 @@ def test_the_scale_bench_measures_a_real_broker_at_a_tiny_size(tmp_path: Path,
     r = json.loads(capsys.readouterr().out)
     assert set(r["round_overhead_s"]) == {"5", "10"} and r["complete"] is True
     assert all(v > 0 for v in r["cloud_peak_rss_mb"].values()) and r["sim"]["outcome"] == "run_complete"
+    # Spread over two site brokers bridged to the cloud's: every round counted every device (complete), three
+    # brokers did work, and each site's edge got the model across its bridge (its only way to the cloud).
+    assert set(r["round_overhead_s_bridged"]) == {"5", "10"}
+    for b in r["bridged"].values():
+        assert set(b["brokers_cpu_s_per_round"]) == {"cloud", "site1", "site2"} and b["participants"]
+        model_kb = b["model_mb"] * 1024
+        for kb in b["bridge_kb_per_round"].values():
+            assert kb["down"] * b["rounds"] >= model_kb and kb["up"] > 0
     assert r["sim_wall_s_1000x10"] is None  # not measured at that size
 
 

@@ -2,78 +2,35 @@
 with the shipped bridge.conf.
 
 The site broker carries edge1 and dev1 and bridges to the cloud broker, which carries the cloud and the
-operator. The bridge section is broker_config/bridge.conf with only deployment values changed: the address
-becomes the cloud broker's loopback port and, on loopback, TLS and the remote password are left out (those
-are covered by tests/test_broker_security.py). Its topic lines are used as shipped, so a kind missing from
-them breaks the round here.
+operator. The bridge section is broker_config/bridge.conf with only deployment values changed
+(mqttfl.tools.sites.loopback_bridge): the address becomes the cloud broker's loopback port and, on loopback, TLS
+and the remote password are left out (those are covered by tests/test_broker_security.py). Its topic lines are
+used as shipped, so a kind missing from them breaks the round here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from mqttfl.tools.broker import Broker, BrokerOptions
+from mqttfl.tools.sites import loopback_bridge, wait_bridge_up
 from mqttfl.tools.testbed import FleetSpec
 from mqttfl.tools.testbed import Testbed as LocalFleet  # not "Test*": pytest would try to collect it
 
 pytestmark = pytest.mark.timeout(180)
 
-BRIDGE_CONF = Path(__file__).resolve().parent.parent / "broker_config" / "bridge.conf"
-# Directives of the shipped bridge that only make sense with TLS and an account on the remote broker.
-TLS_AND_ACCOUNT = ("remote_username", "remote_password", "bridge_cafile", "bridge_insecure", "bridge_tls_version")
-
-
-def loopback_bridge(cloud_port: int, name: str) -> str:
-    out, found = [], set()
-    for line in BRIDGE_CONF.read_text().splitlines():
-        key = line.split(" ", 1)[0]
-        if key in TLS_AND_ACCOUNT:
-            found.add(key)
-            continue
-        if key == "address":
-            found.add(key)
-            line = f"address 127.0.0.1:{cloud_port}"
-        elif key == "remote_clientid":
-            found.add(key)
-            line = f"remote_clientid {name}"
-        out.append(line)
-    missing = {*TLS_AND_ACCOUNT, "address", "remote_clientid"} - found
-    assert not missing, f"bridge.conf lacks {sorted(missing)}"
-    assert any(line.startswith("topic ") for line in out)
-    return "\n".join(out)
-
-
-def wait_bridge_up(site: Broker, timeout: float = 30.0) -> None:
-    """The site broker publishes $SYS/broker/connection/<name>/state = 1 once the bridge is connected."""
-    states: queue.Queue[bytes] = queue.Queue()
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.on_connect = lambda client, *a: client.subscribe("$SYS/broker/connection/+/state", qos=1)
-    c.on_message = lambda client, userdata, m: states.put(m.payload)
-    c.connect(site.host, site.port)
-    c.loop_start()
-    try:
-        while states.get(timeout=timeout) != b"1":
-            pass
-    finally:
-        c.disconnect()
-        c.loop_stop()
-
-
 @pytest.fixture
 def brokers(tmp_path: Path) -> Iterator[tuple[Broker, Broker]]:
     cloud_broker = Broker(BrokerOptions(), workdir=tmp_path / "cloud-broker").start()
     try:
-        site = Broker(BrokerOptions(extra=loopback_bridge(cloud_broker.port, f"site1-{os.getpid()}")),
+        site = Broker(BrokerOptions(extra=loopback_bridge(cloud_broker.port, client_id=f"site1-{os.getpid()}")),
                       workdir=tmp_path / "site-broker").start()
         try:
             wait_bridge_up(site)

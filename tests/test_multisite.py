@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from mqttfl.tools.broker import Broker, BrokerOptions
+from mqttfl.tools.sites import wait_bridge_up
 from mqttfl.tools.testbed import FleetSpec, Testbed
-from tests.test_bridge_round import wait_bridge_up
 from tests.test_broker_security import CONF, production_config, render
 from tests.test_broker_security import Pki as SecurityPki
 

@@ -20,6 +20,7 @@ and a 20-client, 2-round simulation (for tests). A failed real-process run stops
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume-every", type=int, default=None,
                    help="[cloud] resume_every of the virtual fleets (default: the key's default; 0: edge resume off, "
                         "so edges write no session files)")
+    p.add_argument("--sites", type=int, choices=(1, 2), default=2,
+                   help="2: also run every N spread over two site brokers bridged to the cloud's broker "
+                        "(the shipped bridge.conf, on loopback); 1: one broker only")
     p.add_argument("--small", action="store_true", help="toy sizes (tests)")
     add_out_argument(p, "scale")
     p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
@@ -82,66 +86,102 @@ def _messages(transport: dict[str, Any]) -> int:
                if k.startswith(("tx_", "rx_")) and not k.endswith("_bytes") and "bytes" not in k)
 
 
-def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
-    """One fleet of ``n`` replaying virtual devices on a fresh broker; see the module docstring."""
+SITES = ("site1", "site2")
+EDGES = ("edge1", "edge2")  # site i's edge is EDGES[i] when the fleet is spread over SITES
+
+
+def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str, Any] | None = None,
+                sites: int = 1) -> dict[str, Any]:
+    """One fleet of ``n`` replaying virtual devices on fresh brokers; see the module docstring. ``sites`` = 1: one
+    broker for everything; 2: the cloud on a cloud broker, each edge and its half of the devices on a site
+    broker bridged to it (the shipped bridge.conf)."""
     from mqttfl.ml.models import schema_of
     from mqttfl.protocol.schema import ModelRef
     from mqttfl.tools.broker import Broker, BrokerOptions
+    from mqttfl.tools.sites import bridge_bytes, bridged_sites
     from mqttfl.tools.testbed import FleetSpec, Testbed
 
     schema = schema_of(ModelRef("mlp", (64,), 10))
-    broker = Broker(BrokerOptions(), workdir=root / "broker")
-    broker.start()
-    spec = FleetSpec(devices={}, extra_edges=("edge1", "edge2"), model="mlp", input_shape=(64,),
+    spec = FleetSpec(devices={}, extra_edges=EDGES, model="mlp", input_shape=(64,),
                      cloud={"rounds": rounds, "batch_size": 10, "lr": 0.05, "seed": 1, "min_devices": n,
                             "deadline_s": max(60.0, timeout), "run": f"scale-{n}", **(cloud or {})})
-    try:
-        with Testbed(root, spec, broker=broker) as tb:
-            tb.prepare()
-            tb.start(["cloud", "edge1", "edge2"])
-            t0 = time.monotonic()
-            tb.start_virtual(n, mode="replay", section={"cut": schema.n_blocks}, log_level="warning")
-            tb.wait_event("round_started", timeout)
-            online_s = time.monotonic() - t0
-            cloud_pid, edge_pids = tb.procs["cloud"].pid, [tb.procs[e].pid for e in spec.edges]
-            broker_pid, virtual_pids = broker.proc.pid if broker.proc else 0, process_tree(tb.procs["vdev"].pid)
+    site_brokers: dict[str, Broker] = {}
+    on_site: dict[str, Broker] = {}  # the site broker of each edge and virtual devices' process
+    with contextlib.ExitStack() as stack:
+        if sites == 1:
+            broker = Broker(BrokerOptions(), workdir=root / "broker")
+            stack.callback(broker.stop)
+            brokers = {"broker": broker.start()}
+            groups = [("vdev", list(EDGES), n)]  # (process, its edges, its devices)
+        else:
+            cloud_broker, site_brokers = stack.enter_context(bridged_sites(root, list(SITES)))
+            brokers = {"cloud": cloud_broker, **site_brokers}
+            # Round-robin over the edges in one broker's run gives edge1 the odd one out; so does this.
+            groups = [(f"{s}-dev", [e], k) for s, e, k in zip(SITES, EDGES, (n - n // 2, n // 2), strict=True)]
+            on_site |= {e: site_brokers[s] for s, e in zip(SITES, EDGES, strict=True)}
+            on_site |= {g: site_brokers[s] for s, (g, _, _) in zip(SITES, groups, strict=True)}
+            broker = cloud_broker
+        tb = stack.enter_context(Testbed(root, spec, broker=broker, site_brokers=on_site))
+        tb.prepare()
+        tb.start(["cloud", *EDGES])
+        t0 = time.monotonic()
+        for prefix, edges, count in groups:
+            if count:
+                tb.start_virtual(count, prefix=prefix, edges=edges, section={"cut": schema.n_blocks},
+                                 log_level="warning")
+        tb.wait_event("round_started", timeout)
+        online_s = time.monotonic() - t0
+        cloud_pid, edge_pids = tb.procs["cloud"].pid, [tb.procs[e].pid for e in EDGES]
+        broker_pids = {k: b.proc.pid if b.proc else 0 for k, b in brokers.items()}
+        virtual_pids = [p for g, _, count in groups if count for p in process_tree(tb.procs[g].pid)]
 
-            def cpu() -> dict[str, float]:
-                return {"cloud": cpu_s(cloud_pid), "edges": sum(cpu_s(p) for p in edge_pids),
-                        "broker": cpu_s(broker_pid), "virtual": sum(cpu_s(p) for p in virtual_pids)}
+        def cpu() -> dict[str, float]:
+            return {"cloud": cpu_s(cloud_pid), "edges": sum(cpu_s(p) for p in edge_pids),
+                    **{f"broker:{k}": cpu_s(p) for k, p in broker_pids.items()},
+                    "virtual": sum(cpu_s(p) for p in virtual_pids)}
 
-            def msgs() -> int:
-                return sum(_messages(tb.ctl(x, "status")["result"]["transport"]) for x in ("cloud", *spec.edges))
+        def msgs() -> int:
+            return sum(_messages(tb.ctl(x, "status")["result"]["transport"]) for x in ("cloud", *EDGES))
 
-            c0, m0, w0 = cpu(), msgs(), time.monotonic()
-            if not any(m.kind == "event" and m.data and m.data.get("event") == "run_complete" for m in tb.inbox):
-                tb.wait_event("run_complete", timeout)  # unless it came in while the counters were read
-            c1, m1, w1 = cpu(), msgs(), time.monotonic()
-            # From the cloud's run log: an operator's inbox keeps only the newest messages of a large fleet.
-            log = root / "state" / "cloud" / "runlog.jsonl"
-            entries = sorted((e for e in map(json.loads, log.read_text().splitlines()) if e.get("kind") == "round"),
-                             key=lambda e: e["round"])
-            rss = {"cloud": peak_rss_mb(cloud_pid), "edge": max(peak_rss_mb(p) for p in edge_pids),
-                   "virtual": sum(peak_rss_mb(p) for p in virtual_pids)}
-    finally:
-        broker.stop()
+        def bridges() -> dict[str, tuple[int, int]]:
+            return {s: bridge_bytes(b, brokers["cloud"]) for s, b in site_brokers.items()}
+
+        c0, m0, b0, w0 = cpu(), msgs(), bridges(), time.monotonic()
+        if not any(m.kind == "event" and m.data and m.data.get("event") == "run_complete" for m in tb.inbox):
+            tb.wait_event("run_complete", timeout)  # unless it came in while the counters were read
+        c1, m1, b1, w1 = cpu(), msgs(), bridges(), time.monotonic()
+        # From the cloud's run log: an operator's inbox keeps only the newest messages of a large fleet.
+        log = root / "state" / "cloud" / "runlog.jsonl"
+        entries = sorted((e for e in map(json.loads, log.read_text().splitlines()) if e.get("kind") == "round"),
+                         key=lambda e: e["round"])
+        rss = {"cloud": peak_rss_mb(cloud_pid), "edge": max(peak_rss_mb(p) for p in edge_pids),
+               "virtual": sum(peak_rss_mb(p) for p in virtual_pids)}
     round_s = [float(e["round_s"]) for e in entries]
     steady = round_s[1:] or round_s
     done = len(entries)
-    return {
-        "devices": n, "rounds": done, "online_s": round(online_s, 2),
+
+    def per_round(key: str) -> float:
+        return round((c1[key] - c0[key]) / max(done, 1), 3)
+
+    by_broker = {k: per_round(f"broker:{k}") for k in broker_pids}
+    out: dict[str, Any] = {
+        "devices": n, "sites": sites, "rounds": done, "online_s": round(online_s, 2),
         "round_s": round_s, "round_overhead_s": round(statistics.median(steady), 3),
         "participants": [e["participants"] for e in entries],
-        "cloud_cpu_s_per_round": round((c1["cloud"] - c0["cloud"]) / max(done, 1), 3),
-        "edge_cpu_s_per_round": round((c1["edges"] - c0["edges"]) / max(done, 1), 3),
-        "broker_cpu_s_per_round": round((c1["broker"] - c0["broker"]) / max(done, 1), 3),
-        "virtual_cpu_s_per_round": round((c1["virtual"] - c0["virtual"]) / max(done, 1), 3),
+        "cloud_cpu_s_per_round": per_round("cloud"), "edge_cpu_s_per_round": per_round("edges"),
+        "broker_cpu_s_per_round": round(sum(by_broker.values()), 3), "brokers_cpu_s_per_round": by_broker,
+        "virtual_cpu_s_per_round": per_round("virtual"),
         "cloud_peak_rss_mb": round(rss["cloud"], 1), "edge_peak_rss_mb": round(rss["edge"], 1),
         "virtual_peak_rss_mb": round(rss["virtual"], 1),
         "messages_per_s": round((m1 - m0) / max(w1 - w0, 1e-9), 1),
         MODEL_MB_KEY: round(sum(math.prod(s.shape) * 4 for s in schema.specs().values()) / 2**20, 4),  # float32
     }
+    if site_brokers:
+        # Site -> cloud ("up") and cloud -> site ("down") per round, from each bridge's TCP connection.
+        out["bridge_kb_per_round"] = {s: {"up": round((b1[s][0] - b0[s][0]) / 1024 / max(done, 1), 1),
+                                          "down": round((b1[s][1] - b0[s][1]) / 1024 / max(done, 1), 1)}
+                                      for s in site_brokers}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ in memory
@@ -176,52 +216,74 @@ def sim_run(devices: int, rounds: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ plot
 
 
+Series = dict[str, tuple[list[int], list[float]]]  # label -> (N, value)
+
+
+def panels(res: dict[str, Any]) -> dict[str, Series]:
+    """What the plot shows: per panel, one line per broker layout (and per node where it differs)."""
+    layouts = [(label, sorted(res.get(key) or [], key=lambda r: r["devices"]))
+               for key, label in (("virtual", "one broker"), ("bridged", "two bridged sites"))]
+    layouts = [(label, runs) for label, runs in layouts if runs]
+
+    def line(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+        return [r["devices"] for r in runs], [float(r[key]) for r in runs]
+
+    return {
+        "round time, s (replayed updates)": {label: line(runs, "round_overhead_s") for label, runs in layouts},
+        "peak RSS, MB": {f"{node}, {label}": line(runs, f"{node}_peak_rss_mb")
+                         for label, runs in layouts for node in ("cloud", "edge")},
+        "brokers' CPU s / round (summed)": {label: line(runs, "broker_cpu_s_per_round") for label, runs in layouts},
+    }
+
+
 def plot(res: dict[str, Any], out: Path) -> Path:
-    runs = sorted(res["virtual"], key=lambda r: r["devices"])
-    ns = [r["devices"] for r in runs]
-    series = {"round overhead s": [r["round_overhead_s"] for r in runs],
-              "cloud peak RSS MB": [r["cloud_peak_rss_mb"] for r in runs],
-              "edge peak RSS MB": [r["edge_peak_rss_mb"] for r in runs]}
+    figure = panels(res)
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _svg(ns, series, out.with_suffix(".svg"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(ns, series["round overhead s"], marker="o")
-    axes[0].set_ylabel("round time, s (replayed updates)")
-    axes[1].plot(ns, series["cloud peak RSS MB"], marker="o", label="cloud")
-    axes[1].plot(ns, series["edge peak RSS MB"], marker="o", label="edge")
-    axes[1].set_ylabel("peak RSS, MB")
-    axes[1].legend()
-    for ax in axes:
+        return _svg(figure, out.with_suffix(".svg"))
+    fig, axes = plt.subplots(1, len(figure), figsize=(5 * len(figure), 4))
+    for ax, (title, series) in zip(axes, figure.items(), strict=True):
+        for label, (ns, ys) in series.items():
+            ax.plot(ns, ys, marker="o", label=label)
+        ax.set_ylabel(title)
         ax.set_xscale("log")
         ax.set_xlabel("virtual devices N")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
 
 
-def _svg(ns: list[int], series: dict[str, list[float]], path: Path) -> Path:
-    """One panel per series: a polyline over N (log scale), each value printed."""
-    w, h, m = 320, 260, 40
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * len(series)}" height="{h}" font-size="11">',
-             f'<rect width="{w * len(series)}" height="{h}" fill="white"/>']
-    lo, hi = math.log10(min(ns)), math.log10(max(ns))
-    for i, (name, ys) in enumerate(series.items()):
-        x0, top = i * w, max(ys) or 1.0
-        parts.append(f'<text x="{x0 + 10}" y="16">{name} vs N</text>')
-        pts = []
-        for n, y in zip(ns, ys, strict=True):
-            x = x0 + m + (w - 2 * m) * ((math.log10(n) - lo) / ((hi - lo) or 1.0))
-            yy = h - m - (h - 2 * m - 20) * y / top
-            pts.append(f"{x:.1f},{yy:.1f}")
-            parts.append(f'<text x="{x:.1f}" y="{yy - 4:.1f}" font-size="9">{y:.3g}</text>')
-            parts.append(f'<text x="{x:.1f}" y="{h - m + 14}" font-size="9">{n}</text>')
-        parts.append(f'<polyline points="{" ".join(pts)}" stroke="#1f77b4" fill="none" stroke-width="1.5"/>')
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+
+
+def _svg(figure: dict[str, Series], path: Path) -> Path:
+    """One panel per quantity, a polyline per series over N (log scale), each value printed."""
+    w, h, m = 360, 280, 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * len(figure)}" height="{h}" font-size="11">',
+             f'<rect width="{w * len(figure)}" height="{h}" fill="white"/>']
+    every_n = [n for series in figure.values() for ns, _ in series.values() for n in ns] or [1]
+    lo, hi = math.log10(min(every_n)), math.log10(max(every_n))
+    for i, (title, series) in enumerate(figure.items()):
+        x0 = i * w
+        top = max((y for _, ys in series.values() for y in ys), default=1.0) or 1.0
+        parts.append(f'<text x="{x0 + 10}" y="16">{title} vs N</text>')
+        for j, (label, (ns, ys)) in enumerate(series.items()):
+            colour = COLOURS[j % len(COLOURS)]
+            parts.append(f'<text x="{x0 + 10}" y="{30 + 12 * j}" font-size="9" fill="{colour}">{label}</text>')
+            pts = []
+            for n, y in zip(ns, ys, strict=True):
+                x = x0 + m + (w - 2 * m) * ((math.log10(n) - lo) / ((hi - lo) or 1.0))
+                yy = h - m - (h - 2 * m - 40) * y / top
+                pts.append(f"{x:.1f},{yy:.1f}")
+                parts.append(f'<text x="{x:.1f}" y="{yy - 4:.1f}" font-size="9" fill="{colour}">{y:.3g}</text>')
+                parts.append(f'<text x="{x:.1f}" y="{h - m + 14}" font-size="9">{n}</text>')
+            parts.append(f'<polyline points="{" ".join(pts)}" stroke="{colour}" fill="none" stroke-width="1.5"/>')
     parts.append("</svg>")
     path.write_text("\n".join(parts))
     return path
@@ -235,13 +297,18 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
     sizes = [5, 10] if args.small else [int(v) for v in args.sizes.split(",") if v.strip()]
     rounds = 2 if args.small else args.rounds
-    res: dict[str, Any] = {"virtual": [], "sim": None}
-    for n in sizes:
-        try:
-            cloud = {} if args.resume_every is None else {"resume_every": args.resume_every}
-            res["virtual"].append(virtual_run(root / f"n{n}", n, rounds, timeout=120.0 + 1.0 * n, cloud=cloud))
-        except TimeoutError as e:
-            raise RunFailed({"run": f"scale-{n}", "round": -1, "reason": f"N={n}: {e}"}) from e
+    res: dict[str, Any] = {"virtual": [], "bridged": [], "sim": None}
+    cloud = {} if args.resume_every is None else {"resume_every": args.resume_every}
+    for sites, key in ((1, "virtual"), (2, "bridged")):
+        if sites > args.sites:
+            continue
+        for n in sizes:
+            try:
+                res[key].append(virtual_run(root / f"n{n}-sites{sites}", n, rounds, timeout=120.0 + 1.0 * n,
+                                            cloud=cloud, sites=sites))
+            except TimeoutError as e:
+                where = "" if sites == 1 else f" over {sites} bridged sites"
+                raise RunFailed({"run": f"scale-{n}", "round": -1, "reason": f"N={n}{where}: {e}"}) from e
     sim_devices, sim_rounds = (20, 2) if args.small else (args.sim_devices, args.sim_rounds)
     if sim_devices > 0:
         res["sim"] = sim_run(sim_devices, sim_rounds)
@@ -250,10 +317,14 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def summarise(res: dict[str, Any]) -> dict[str, Any]:
     runs = sorted(res["virtual"], key=lambda r: r["devices"])
+    bridged = sorted(res.get("bridged") or [], key=lambda r: r["devices"])
     by_n = {str(r["devices"]): r for r in runs}
     out: dict[str, Any] = {key: {n: r[key] for n, r in by_n.items()} for key in (
         "round_overhead_s", "cloud_peak_rss_mb", "edge_peak_rss_mb", "cloud_cpu_s_per_round",
         "edge_cpu_s_per_round", "broker_cpu_s_per_round", "messages_per_s", "virtual_peak_rss_mb")}
+    # The same figures with the fleet spread over two bridged site brokers, per N.
+    out["bridged"] = {str(r["devices"]): r for r in bridged}
+    out["round_overhead_s_bridged"] = {str(r["devices"]): r["round_overhead_s"] for r in bridged}
     sim = res.get("sim")
     out["sim"] = sim
     out["sim_wall_s_1000x10"] = sim["wall_s"] if sim and sim["devices"] == 1000 and sim["rounds"] == 10 else None
@@ -262,8 +333,24 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         model_mb = big[MODEL_MB_KEY]
         out["cloud_rss_growth_mb"] = round(big["cloud_peak_rss_mb"] - small["cloud_peak_rss_mb"], 1)
         out["cloud_rss_growth_models"] = round(out["cloud_rss_growth_mb"] / model_mb, 1) if model_mb else None
-        out["complete"] = all(p == r["devices"] for r in runs for p in r["participants"])
+        out["complete"] = all(p == r["devices"] for r in runs + bridged for p in r["participants"])
     return out
+
+
+def row(r: dict[str, Any]) -> str:
+    """One fleet's figures for the table."""
+    text = (f"round {fmt(r['round_overhead_s'], 's', 3)}, cloud {fmt(r['cloud_cpu_s_per_round'], 'CPU s/round', 3)} "
+            f"{fmt(r['cloud_peak_rss_mb'], 'MB')}, edges {fmt(r['edge_cpu_s_per_round'], 'CPU s/round', 3)} "
+            f"{fmt(r['edge_peak_rss_mb'], 'MB')}, broker {fmt(r['broker_cpu_s_per_round'], 'CPU s/round', 3)}")
+    by_broker = r.get("brokers_cpu_s_per_round") or {}
+    if len(by_broker) > 1:
+        text += " (" + ", ".join(f"{k} {fmt(v, '', 3)}" for k, v in by_broker.items()) + ")"
+    text += (f", virtual devices {fmt(r.get('virtual_cpu_s_per_round'), 'CPU s/round', 3)} "
+             f"{fmt(r['virtual_peak_rss_mb'], 'MB')}, {fmt(r['messages_per_s'], 'msg/s', 0)}, "
+             f"online in {fmt(r['online_s'], 's', 1)}")
+    for site, kb in (r.get("bridge_kb_per_round") or {}).items():
+        text += f", bridge {site} {fmt(kb['up'], 'KB', 1)} up {fmt(kb['down'], 'KB', 1)} down per round"
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -282,21 +369,15 @@ def run(args: argparse.Namespace) -> int:
     plot_path = plot(res, out_path / "scale.png")
     summary = summarise(res)
     out = {**summary, "runs": res["virtual"], "plot": str(plot_path), "small": bool(args.small),
-           "resume_every": args.resume_every}
-    rows = []
-    for r in res["virtual"]:
-        rows.append((f"N={r['devices']}", f"round {fmt(r['round_overhead_s'], 's', 3)}, cloud "
-                     f"{fmt(r['cloud_cpu_s_per_round'], 'CPU s/round', 3)} {fmt(r['cloud_peak_rss_mb'], 'MB')}, "
-                     f"edges {fmt(r['edge_cpu_s_per_round'], 'CPU s/round', 3)} {fmt(r['edge_peak_rss_mb'], 'MB')}, "
-                     f"broker {fmt(r['broker_cpu_s_per_round'], 'CPU s/round', 3)}, "
-                     f"{fmt(r['messages_per_s'], 'msg/s', 0)}, online in {fmt(r['online_s'], 's', 1)}, "
-                     f"virtual process {fmt(r['virtual_peak_rss_mb'], 'MB')}"))
+           "resume_every": args.resume_every, "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    rows = [(f"N={r['devices']}", row(r)) for r in res["virtual"]]
+    rows += [(f"N={r['devices']}, 2 sites", row(r)) for r in res.get("bridged") or []]
     sim = res.get("sim")
     if sim:
         rows.append((f"sim {sim['devices']}x{sim['rounds']}", f"{fmt(sim['wall_s'], 's')} wall, accuracy "
                      f"{sim['final_accuracy']}, {sim['outcome']}"))
-    for k in ("cloud_rss_growth_mb", "cloud_rss_growth_models", "complete", "sim_wall_s_1000x10"):
-        rows.append((k, str(summary.get(k))))
+    for k in ("cloud_rss_growth_mb", "cloud_rss_growth_models", "complete", "sim_wall_s_1000x10", "loadavg"):
+        rows.append((k, str(out.get(k))))
     rows.append(("plot", str(plot_path)))
     rows.append(("results", str(save_results(out_path, out))))
     emit(out, rows, args.json)
