@@ -9,12 +9,20 @@
    the cloud, the edges (summed), the broker and the virtual devices, the cloud's and the edges' peak RSS
    (``VmHWM``), the virtual devices' processes' summed peak RSS, and the messages the cloud and edges sent and
    received per second of rounds.
+   With ``--sites 2`` (the default) each N runs a second time right after, spread over two sites
+   (docs/operations.md, "Several sites"): the cloud on a cloud broker, edge1 and its half of the devices on site 1's
+   broker, edge2 and the other half on site 2's, each site broker bridged to the cloud broker with the shipped
+   ``broker_config/bridge.conf`` (on loopback, without TLS and accounts: mqttfl.tools.sites), each site's devices in
+   their own ``mqttfl virtual`` process. The same figures (``bridged``, per N), the brokers' CPU summed and per
+   broker (``brokers_cpu_s_per_round``), and what crossed each bridge per round (``bridge_kb_per_round``: up is
+   site to cloud, down cloud to site; the kernel's byte counters of the bridge's TCP connection).
 2. **The in-memory fleet** (``mqttfl.runtime.memory``, as ``mqttfl sim``): classic FL with the CNN on the 8x8
    digits (each client trains the whole model), ``--sim-devices`` (1000) clients on 2 edges, ``--sim-rounds``
    (10) rounds of FedAvg; its wall time (``sim_wall_s_1000x10`` when run at that size) and final accuracy.
 
 Writes ``results.json`` and ``scale.png`` (matplotlib) or ``scale.svg`` into ``--out``. ``--small`` runs N = 5, 10
-and a 20-client, 2-round simulation (for tests). A failed real-process run stops the bench with exit 1.
+(on one broker and over two sites) and a 20-client, 2-round simulation (for tests). A failed real-process run
+stops the bench with exit 1.
 """
 
 from __future__ import annotations
@@ -299,10 +307,11 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rounds = 2 if args.small else args.rounds
     res: dict[str, Any] = {"virtual": [], "bridged": [], "sim": None}
     cloud = {} if args.resume_every is None else {"resume_every": args.resume_every}
-    for sites, key in ((1, "virtual"), (2, "bridged")):
-        if sites > args.sites:
-            continue
-        for n in sizes:
+    # Each N on one broker, then at once over two sites: the pair side by side under the same load.
+    for n in sizes:
+        for sites, key in ((1, "virtual"), (2, "bridged")):
+            if sites > args.sites:
+                continue
             try:
                 res[key].append(virtual_run(root / f"n{n}-sites{sites}", n, rounds, timeout=120.0 + 1.0 * n,
                                             cloud=cloud, sites=sites))
