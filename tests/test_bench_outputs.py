@@ -13,6 +13,7 @@ import pytest
 
 from mqttfl.tools.bench import async_, comm, data, hetero, migration, pipeline, resilience, scale, split, transport
 from mqttfl.tools.cli import main
+from mqttfl.tools.sites import BRIDGE_CONF
 from mqttfl.tools.testbed import RunFailed
 
 TRANSPORT = {"small_rtt_p50_ms": 1.1, "small_rtt_p99_ms": 3.7, "small_rtt_round_trips": 5, "small_message_bytes": 109,
@@ -297,6 +298,20 @@ def test_the_scale_bench_measures_a_real_broker_at_a_tiny_size(tmp_path: Path,
         for kb in b["bridge_kb_per_round"].values():
             assert kb["down"] * b["rounds"] >= model_kb and kb["up"] > 0
     assert r["sim_wall_s_1000x10"] is None  # not measured at that size
+
+
+def test_a_bridge_that_forwards_only_the_deltas_addressed_to_the_cloud_carries_the_round_without_device_updates(
+        tmp_path: Path) -> None:
+    """docs/operations.md, "Bridge capacity": the narrowed delta line, measured as the bench does."""
+    narrow = tmp_path / "bridge.conf"
+    narrow.write_text(BRIDGE_CONF.read_text().replace("topic mqttfl/v1/+/delta/+/+ out 1",
+                                                      "topic mqttfl/v1/+/delta/+/cloud out 1"))
+    assert narrow.read_text() != BRIDGE_CONF.read_text()
+    r = scale.virtual_run(tmp_path / "fleet", 10, 2, timeout=120.0, sites=2, bridge_conf=narrow)
+    assert r["participants"] == [10, 10]  # the edges' updates reached the cloud
+    model_kb = r["model_mb"] * 1024
+    # Up: each edge's update and small messages, not its five devices' updates (each about a model's size).
+    assert all(kb["up"] < 3 * model_kb for kb in r["bridge_kb_per_round"].values()), r["bridge_kb_per_round"]
 
 
 def test_by_default_the_files_go_to_bench_results_named_after_the_bench(

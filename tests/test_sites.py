@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from mqttfl.tools import sites
 from mqttfl.tools.broker import BrokerError
 from mqttfl.tools.sites import BRIDGE_CONF, TLS_AND_ACCOUNT, loopback_bridge
 
@@ -33,9 +32,10 @@ def test_a_second_site_bridges_the_shipped_topic_lines_under_its_own_name_to_a_l
 
 
 def test_a_bridge_config_without_its_deployment_lines_is_refused_naming_them(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     conf = tmp_path / "bridge.conf"
     conf.write_text("connection cloud-site1\ntopic mqttfl/v1/+/delta/+/+ out 1\n")
-    monkeypatch.setattr(sites, "BRIDGE_CONF", conf)
     with pytest.raises(BrokerError, match="address"):
-        loopback_bridge(41883)
+        loopback_bridge(41883, conf=conf)
+    with pytest.raises(BrokerError, match="not found"):
+        loopback_bridge(41883, conf=tmp_path / "missing.conf")

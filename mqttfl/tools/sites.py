@@ -29,14 +29,17 @@ SHIPPED_SITE = "site1"  # the site name bridge.conf is written for
 TLS_AND_ACCOUNT = ("remote_username", "remote_password", "bridge_cafile", "bridge_insecure", "bridge_tls_version")
 
 
-def loopback_bridge(cloud_port: int, site: str = SHIPPED_SITE, *, client_id: str | None = None) -> str:
-    """The shipped bridge section for ``site``, pointed at a loopback cloud broker without TLS or account;
-    ``client_id`` is the bridge's client id on the cloud broker (default ``bridge-<site>-<pid>``, so that two
-    test runs sharing nothing but the machine never take over each other's session)."""
-    if not BRIDGE_CONF.exists():
-        raise BrokerError(f"{BRIDGE_CONF} not found: the bridge config ships in the source tree's broker_config/")
+def loopback_bridge(cloud_port: int, site: str = SHIPPED_SITE, *, client_id: str | None = None,
+                    conf: Path | None = None) -> str:
+    """The bridge section ``conf`` (default: the shipped one, written for site1) for ``site``, pointed at a
+    loopback cloud broker without TLS or account; ``client_id`` is the bridge's client id on the cloud broker
+    (default ``bridge-<site>-<pid>``, so that two test runs sharing nothing but the machine never take over each
+    other's session)."""
+    conf = conf or BRIDGE_CONF
+    if not conf.exists():
+        raise BrokerError(f"{conf} not found: the bridge config ships in the source tree's broker_config/")
     out, found = [], set()
-    for line in BRIDGE_CONF.read_text().replace(SHIPPED_SITE, site).splitlines():
+    for line in conf.read_text().replace(SHIPPED_SITE, site).splitlines():
         key = line.split(" ", 1)[0]
         if key in TLS_AND_ACCOUNT:
             found.add(key)
@@ -49,7 +52,7 @@ def loopback_bridge(cloud_port: int, site: str = SHIPPED_SITE, *, client_id: str
         out.append(line)
     missing = {*TLS_AND_ACCOUNT, "address", "remote_clientid", "connection", "topic"} - found
     if missing:
-        raise BrokerError(f"{BRIDGE_CONF} lacks {sorted(missing)}")
+        raise BrokerError(f"{conf} lacks {sorted(missing)}")
     return "\n".join(out)
 
 
@@ -76,16 +79,17 @@ def wait_bridge_up(site: Broker, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def bridged_sites(root: Path, sites: list[str], opts: BrokerOptions | None = None
+def bridged_sites(root: Path, sites: list[str], opts: BrokerOptions | None = None, bridge_conf: Path | None = None
                   ) -> Iterator[tuple[Broker, dict[str, Broker]]]:
-    """A cloud broker and one broker per site bridged to it (bridges connected); all stopped on exit."""
+    """A cloud broker and one broker per site bridged to it with ``bridge_conf`` (default the shipped one), the
+    bridges connected; all stopped on exit."""
     opts = opts or BrokerOptions()
     cloud = Broker(opts, workdir=root / "cloud-broker")
     brokers: dict[str, Broker] = {}
     try:
         cloud.start()
         for s in sites:
-            extra = "\n".join(x for x in (opts.extra, loopback_bridge(cloud.port, s)) if x)
+            extra = "\n".join(x for x in (opts.extra, loopback_bridge(cloud.port, s, conf=bridge_conf)) if x)
             brokers[s] = Broker(BrokerOptions(**{**opts.__dict__, "extra": extra}), workdir=root / f"{s}-broker")
             brokers[s].start()
             wait_bridge_up(brokers[s])

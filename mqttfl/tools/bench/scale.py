@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", type=int, choices=(1, 2), default=2,
                    help="2: also run every N spread over two site brokers bridged to the cloud's broker "
                         "(the shipped bridge.conf, on loopback); 1: one broker only")
+    p.add_argument("--bridge-conf", type=Path, default=None,
+                   help="with --sites 2: the site brokers' bridge section instead of broker_config/bridge.conf "
+                        "(written for site1, as shipped; TLS and account lines are dropped on loopback), to measure "
+                        "what your own topic lines carry")
     p.add_argument("--small", action="store_true", help="toy sizes (tests)")
     add_out_argument(p, "scale")
     p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
@@ -99,10 +103,10 @@ EDGES = ("edge1", "edge2")  # site i's edge is EDGES[i] when the fleet is spread
 
 
 def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str, Any] | None = None,
-                sites: int = 1) -> dict[str, Any]:
+                sites: int = 1, bridge_conf: Path | None = None) -> dict[str, Any]:
     """One fleet of ``n`` replaying virtual devices on fresh brokers; see the module docstring. ``sites`` = 1: one
     broker for everything; 2: the cloud on a cloud broker, each edge and its half of the devices on a site
-    broker bridged to it (the shipped bridge.conf)."""
+    broker bridged to it (``bridge_conf``, default the shipped bridge.conf)."""
     from mqttfl.ml.models import schema_of
     from mqttfl.protocol.schema import ModelRef
     from mqttfl.tools.broker import Broker, BrokerOptions
@@ -122,7 +126,8 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
             brokers = {"broker": broker.start()}
             groups = [("vdev", list(EDGES), n)]  # (process, its edges, its devices)
         else:
-            cloud_broker, site_brokers = stack.enter_context(bridged_sites(root, list(SITES)))
+            cloud_broker, site_brokers = stack.enter_context(
+                bridged_sites(root, list(SITES), bridge_conf=bridge_conf))
             brokers = {"cloud": cloud_broker, **site_brokers}
             # Round-robin over the edges in one broker's run gives edge1 the odd one out; so does this.
             groups = [(f"{s}-dev", [e], k) for s, e, k in zip(SITES, EDGES, (n - n // 2, n // 2), strict=True)]
@@ -314,7 +319,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 continue
             try:
                 res[key].append(virtual_run(root / f"n{n}-sites{sites}", n, rounds, timeout=120.0 + 1.0 * n,
-                                            cloud=cloud, sites=sites))
+                                            cloud=cloud, sites=sites, bridge_conf=args.bridge_conf))
             except TimeoutError as e:
                 where = "" if sites == 1 else f" over {sites} bridged sites"
                 raise RunFailed({"run": f"scale-{n}", "round": -1, "reason": f"N={n}{where}: {e}"}) from e
@@ -365,6 +370,7 @@ def row(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from mqttfl.tools.sites import BRIDGE_CONF
     from mqttfl.tools.testbed import RunFailed
 
     torch.set_num_threads(1)
@@ -378,14 +384,16 @@ def run(args: argparse.Namespace) -> int:
     plot_path = plot(res, out_path / "scale.png")
     summary = summarise(res)
     out = {**summary, "runs": res["virtual"], "plot": str(plot_path), "small": bool(args.small),
-           "resume_every": args.resume_every, "loadavg": [round(x, 2) for x in os.getloadavg()]}
+           "resume_every": args.resume_every, "loadavg": [round(x, 2) for x in os.getloadavg()],
+           "bridge_conf": str(args.bridge_conf or BRIDGE_CONF) if args.sites > 1 else None}
     rows = [(f"N={r['devices']}", row(r)) for r in res["virtual"]]
     rows += [(f"N={r['devices']}, 2 sites", row(r)) for r in res.get("bridged") or []]
     sim = res.get("sim")
     if sim:
         rows.append((f"sim {sim['devices']}x{sim['rounds']}", f"{fmt(sim['wall_s'], 's')} wall, accuracy "
                      f"{sim['final_accuracy']}, {sim['outcome']}"))
-    for k in ("cloud_rss_growth_mb", "cloud_rss_growth_models", "complete", "sim_wall_s_1000x10", "loadavg"):
+    for k in ("cloud_rss_growth_mb", "cloud_rss_growth_models", "complete", "sim_wall_s_1000x10", "loadavg",
+              "bridge_conf"):
         rows.append((k, str(out.get(k))))
     rows.append(("plot", str(plot_path)))
     rows.append(("results", str(save_results(out_path, out))))
