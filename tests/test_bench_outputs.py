@@ -290,13 +290,15 @@ def test_the_scale_bench_measures_a_real_broker_at_a_tiny_size(tmp_path: Path,
     assert set(r["round_overhead_s"]) == {"5", "10"} and r["complete"] is True
     assert all(v > 0 for v in r["cloud_peak_rss_mb"].values()) and r["sim"]["outcome"] == "run_complete"
     # Spread over two site brokers bridged to the cloud's: every round counted every device (complete), three
-    # brokers did work, and each site's edge got the model across its bridge (its only way to the cloud).
+    # brokers were measured, and each round's model crossed each bridge to its site's edge and the edge's update
+    # came back (their only way between the cloud and the edge).
     assert set(r["round_overhead_s_bridged"]) == {"5", "10"}
     for b in r["bridged"].values():
         assert set(b["brokers_cpu_s_per_round"]) == {"cloud", "site1", "site2"} and b["participants"]
         model_kb = b["model_mb"] * 1024
-        for kb in b["bridge_kb_per_round"].values():
-            assert kb["down"] * b["rounds"] >= model_kb and kb["up"] > 0
+        assert set(b["bridge_kb_total"]) == set(b["bridge_kb_per_round"]) == {"site1", "site2"}
+        for kb in b["bridge_kb_total"].values():
+            assert kb["down"] >= b["rounds"] * model_kb and kb["up"] >= b["rounds"] * model_kb
     assert r["sim_wall_s_1000x10"] is None  # not measured at that size
 
 
@@ -312,6 +314,15 @@ def test_a_bridge_that_forwards_only_the_deltas_addressed_to_the_cloud_carries_t
     model_kb = r["model_mb"] * 1024
     # Up: each edge's update and small messages, not its five devices' updates (each about a model's size).
     assert all(kb["up"] < 3 * model_kb for kb in r["bridge_kb_per_round"].values()), r["bridge_kb_per_round"]
+
+
+def test_a_bridge_file_without_its_deployment_lines_is_refused_before_any_fleet_starts(
+        cwd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "bridge.conf"
+    conf.write_text("topic mqttfl/v1/+/delta/+/cloud out 1\n")
+    assert main(["bench", "scale", "--json", "--out", str(tmp_path / "s"), "--bridge-conf", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert "--bridge-conf" in err and "address" in err and not (tmp_path / "s" / "results.json").exists()
 
 
 def test_by_default_the_files_go_to_bench_results_named_after_the_bench(

@@ -15,7 +15,10 @@
    ``broker_config/bridge.conf`` (on loopback, without TLS and accounts: mqttfl.tools.sites), each site's devices in
    their own ``mqttfl virtual`` process. The same figures (``bridged``, per N), the brokers' CPU summed and per
    broker (``brokers_cpu_s_per_round``), and what crossed each bridge per round (``bridge_kb_per_round``: up is
-   site to cloud, down cloud to site; the kernel's byte counters of the bridge's TCP connection).
+   site to cloud, down cloud to site; the kernel's byte counters of the bridge's TCP connection) and in all from
+   before the fleet started (``bridge_kb_total``). The per-round figures, like the CPU ones, count from the first
+   round's announcement (once the counters are read) to the run's end, divided by the rounds: at a few devices,
+   whose rounds last milliseconds, reading the counters can take longer than the rounds.
 2. **The in-memory fleet** (``mqttfl.runtime.memory``, as ``mqttfl sim``): classic FL with the CNN on the 8x8
    digits (each client trains the whole model), ``--sim-devices`` (1000) clients on 2 edges, ``--sim-rounds``
    (10) rounds of FedAvg; its wall time (``sim_wall_s_1000x10`` when run at that size) and final accuracy.
@@ -136,6 +139,11 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
             broker = cloud_broker
         tb = stack.enter_context(Testbed(root, spec, broker=broker, site_brokers=on_site))
         tb.prepare()
+
+        def bridges() -> dict[str, tuple[int, int]]:
+            return {s: bridge_bytes(b, brokers["cloud"]) for s, b in site_brokers.items()}
+
+        b_start = bridges()
         tb.start(["cloud", *EDGES])
         t0 = time.monotonic()
         for prefix, edges, count in groups:
@@ -156,13 +164,10 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
         def msgs() -> int:
             return sum(_messages(tb.ctl(x, "status")["result"]["transport"]) for x in ("cloud", *EDGES))
 
-        def bridges() -> dict[str, tuple[int, int]]:
-            return {s: bridge_bytes(b, brokers["cloud"]) for s, b in site_brokers.items()}
-
-        c0, m0, b0, w0 = cpu(), msgs(), bridges(), time.monotonic()
+        b0, c0, m0, w0 = bridges(), cpu(), msgs(), time.monotonic()
         if not any(m.kind == "event" and m.data and m.data.get("event") == "run_complete" for m in tb.inbox):
             tb.wait_event("run_complete", timeout)  # unless it came in while the counters were read
-        c1, m1, b1, w1 = cpu(), msgs(), bridges(), time.monotonic()
+        b1, c1, m1, w1 = bridges(), cpu(), msgs(), time.monotonic()
         # From the cloud's run log: an operator's inbox keeps only the newest messages of a large fleet.
         log = root / "state" / "cloud" / "runlog.jsonl"
         entries = sorted((e for e in map(json.loads, log.read_text().splitlines()) if e.get("kind") == "round"),
@@ -190,10 +195,14 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
         MODEL_MB_KEY: round(sum(math.prod(s.shape) * 4 for s in schema.specs().values()) / 2**20, 4),  # float32
     }
     if site_brokers:
-        # Site -> cloud ("up") and cloud -> site ("down") per round, from each bridge's TCP connection.
-        out["bridge_kb_per_round"] = {s: {"up": round((b1[s][0] - b0[s][0]) / 1024 / max(done, 1), 1),
-                                          "down": round((b1[s][1] - b0[s][1]) / 1024 / max(done, 1), 1)}
-                                      for s in site_brokers}
+        # Site -> cloud ("up") and cloud -> site ("down"), from each bridge's TCP connection: per round over the
+        # same window as the CPU figures, and in all from before the fleet started (presences included).
+        def kb(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]], per: int) -> dict[str, Any]:
+            return {s: {"up": round((b[s][0] - a[s][0]) / 1024 / per, 1),
+                        "down": round((b[s][1] - a[s][1]) / 1024 / per, 1)} for s in site_brokers}
+
+        out["bridge_kb_per_round"] = kb(b0, b1, max(done, 1))
+        out["bridge_kb_total"] = kb(b_start, b1, 1)
     return out
 
 
@@ -370,11 +379,18 @@ def row(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mqttfl.tools.sites import BRIDGE_CONF
+    from mqttfl.tools.broker import BrokerError
+    from mqttfl.tools.sites import BRIDGE_CONF, loopback_bridge
     from mqttfl.tools.testbed import RunFailed
 
     torch.set_num_threads(1)
     out_path = out_dir(args)
+    if args.sites > 1:
+        try:  # a bridge file that cannot be used is refused before any fleet starts
+            loopback_bridge(1883, conf=args.bridge_conf)
+        except (BrokerError, OSError) as e:
+            print(f"mqttfl bench scale: --bridge-conf: {e}", file=sys.stderr)
+            return 2
     try:
         with work_dir(args, "scale") as root:
             res = measure(args, root)
