@@ -104,13 +104,16 @@ _SOCKET_RE = re.compile(r"pid=(\d+),")
 _COUNTER_RE = re.compile(r"\b(bytes_sent|bytes_acked|bytes_received):(\d+)")
 
 
-def bridge_bytes(site: Broker, cloud: Broker) -> tuple[int, int]:
+def bridge_bytes(site: Broker, cloud: Broker) -> tuple[int, int] | None:
     """Bytes the site broker's bridge connection sent to the cloud broker and received from it so far (the
     kernel's counters of that TCP connection, from ``ss``; Mosquitto's own $SYS byte counters add up every
-    client and cannot tell the bridge apart)."""
+    client and cannot tell the bridge apart); None without ``ss`` (iproute2)."""
     pid = site.proc.pid if site.proc else -1
-    text = subprocess.run(["ss", "-tinpH", "state", "established", "dst", f"{cloud.host}:{cloud.port}"],
-                          capture_output=True, text=True, timeout=10, check=True).stdout
+    try:
+        text = subprocess.run(["ss", "-tinpH", "state", "established", "dst", f"{cloud.host}:{cloud.port}"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
     sent = received = 0
     owner = None
     for line in text.splitlines():

@@ -140,7 +140,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
         tb = stack.enter_context(Testbed(root, spec, broker=broker, site_brokers=on_site))
         tb.prepare()
 
-        def bridges() -> dict[str, tuple[int, int]]:
+        def bridges() -> dict[str, tuple[int, int] | None]:
             return {s: bridge_bytes(b, brokers["cloud"]) for s, b in site_brokers.items()}
 
         b_start = bridges()
@@ -197,9 +197,14 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
     if site_brokers:
         # Site -> cloud ("up") and cloud -> site ("down"), from each bridge's TCP connection: per round over the
         # same window as the CPU figures, and in all from before the fleet started (presences included).
-        def kb(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]], per: int) -> dict[str, Any]:
-            return {s: {"up": round((b[s][0] - a[s][0]) / 1024 / per, 1),
-                        "down": round((b[s][1] - a[s][1]) / 1024 / per, 1)} for s in site_brokers}
+        def kb(a: dict[str, tuple[int, int] | None], b: dict[str, tuple[int, int] | None], per: int
+               ) -> dict[str, Any]:
+            per_site: dict[str, Any] = {}
+            for site in site_brokers:
+                x, y = a[site], b[site]
+                per_site[site] = None if x is None or y is None else {
+                    "up": round((y[0] - x[0]) / 1024 / per, 1), "down": round((y[1] - x[1]) / 1024 / per, 1)}
+            return per_site
 
         out["bridge_kb_per_round"] = kb(b0, b1, max(done, 1))
         out["bridge_kb_total"] = kb(b_start, b1, 1)
@@ -372,6 +377,9 @@ def row(r: dict[str, Any]) -> str:
              f"{fmt(r['virtual_peak_rss_mb'], 'MB')}, {fmt(r['messages_per_s'], 'msg/s', 0)}, "
              f"online in {fmt(r['online_s'], 's', 1)}")
     for site, kb in (r.get("bridge_kb_per_round") or {}).items():
+        if kb is None:
+            text += f", bridge {site} not measured (no ss)"
+            continue
         text += f", bridge {site} {fmt(kb['up'], 'KB', 1)} up {fmt(kb['down'], 'KB', 1)} down per round"
     return text
 
