@@ -320,6 +320,7 @@ def _svg(figure: dict[str, Series], path: Path) -> Path:
 
 
 def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from mqttfl.tools.broker import BrokerError
     from mqttfl.tools.testbed import RunFailed
 
     sizes = [5, 10] if args.small else [int(v) for v in args.sizes.split(",") if v.strip()]
@@ -334,7 +335,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             try:
                 res[key].append(virtual_run(root / f"n{n}-sites{sites}", n, rounds, timeout=120.0 + 1.0 * n,
                                             cloud=cloud, sites=sites, bridge_conf=args.bridge_conf))
-            except TimeoutError as e:
+            except (TimeoutError, BrokerError) as e:  # a round or a broker (or its bridge) that never came
                 where = "" if sites == 1 else f" over {sites} bridged sites"
                 raise RunFailed({"run": f"scale-{n}", "round": -1, "reason": f"N={n}{where}: {e}"}) from e
     sim_devices, sim_rounds = (20, 2) if args.small else (args.sim_devices, args.sim_rounds)
@@ -393,6 +394,9 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     out_path = out_dir(args)
+    if args.bridge_conf is not None and args.sites == 1:
+        print("mqttfl bench scale: --bridge-conf needs --sites 2", file=sys.stderr)
+        return 2
     if args.sites > 1:
         try:  # a bridge file that cannot be used is refused before any fleet starts
             loopback_bridge(1883, conf=args.bridge_conf)
