@@ -255,12 +255,20 @@ def panels(res: dict[str, Any]) -> dict[str, Series]:
     def line(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
         return [r["devices"] for r in runs], [float(r[key]) for r in runs]
 
-    return {
+    figure = {
         "round time, s (replayed updates)": {label: line(runs, "round_overhead_s") for label, runs in layouts},
         "peak RSS, MB": {f"{node}, {label}": line(runs, f"{node}_peak_rss_mb")
                          for label, runs in layouts for node in ("cloud", "edge")},
         "brokers' CPU s / round (summed)": {label: line(runs, "broker_cpu_s_per_round") for label, runs in layouts},
     }
+    bridged = [r for r in sorted(res.get("bridged") or [], key=lambda r: r["devices"])
+               if all(kb is not None for kb in (r.get("bridge_kb_per_round") or {None: None}).values())]
+    if bridged:
+        figure["bridges, MB / round (both sites)"] = {
+            way: ([r["devices"] for r in bridged],
+                  [sum(kb[way] for kb in r["bridge_kb_per_round"].values()) / 1024 for r in bridged])
+            for way in ("up", "down")}
+    return figure
 
 
 def plot(res: dict[str, Any], out: Path) -> Path:
