@@ -1,0 +1,108 @@
+"""One network loop for many MQTT clients: the sockets of every transport in one ``selectors`` selector.
+
+A :class:`Transport` built with ``driver=SocketLoop()`` has no network thread of its own (docs/design.md,
+"Transport"): paho tells it when its socket opens or closes and when it has bytes to write (the external event
+loop callbacks), the transport tells the loop, and whoever owns the loop calls :meth:`SocketLoop.poll`, which
+reads and writes the sockets that are ready and, every ``TEND_S``, lets each transport do what paho's own loop
+would (keepalive pings, the reconnect after a jittered backoff). ``DefaultSelector`` is epoll on Linux: no
+limit on file descriptor numbers, unlike paho's select(), so one process holds thousands of clients
+(``mqttfl virtual``, docs/operations.md, "Virtual devices"). Everything happens on the calling thread.
+"""
+
+from __future__ import annotations
+
+import resource
+import selectors
+import time
+from typing import Any, Protocol
+
+TEND_S = 0.1  # reconnect timing and keepalive granularity (paho's own loop wakes at least once a second)
+
+
+class Driven(Protocol):
+    """What the loop needs of a transport."""
+
+    def on_readable(self) -> None: ...
+
+    def on_writable(self) -> None: ...
+
+    def tend(self, now: float) -> None: ...
+
+
+class SocketLoop:
+    """The sockets of many transports, served from the thread that calls :meth:`poll`."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.transports: dict[int, Driven] = {}
+        self.ready: set[Any] = set()  # transports with something new for their owner (messages, link changes)
+        self._tend_at = 0.0
+
+    def add(self, t: Driven) -> None:
+        self.transports[id(t)] = t
+
+    def remove(self, t: Driven) -> None:
+        self.transports.pop(id(t), None)
+        self.ready.discard(t)
+
+    # ------------------------------------------------------------------ from the transports' paho callbacks
+    def opened(self, t: Driven, sock: Any) -> None:
+        self.closed(sock)  # a descriptor number the kernel reused before we heard of its close
+        self.selector.register(sock, selectors.EVENT_READ, t)
+
+    def closed(self, sock: Any) -> None:
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def want_write(self, t: Driven, sock: Any, on: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        try:
+            self.selector.modify(sock, events, t)
+        except (KeyError, ValueError):
+            pass  # closed meanwhile
+
+    # ------------------------------------------------------------------ the owner's thread
+    def poll(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for sockets to be ready, serve them, and tend the transports when due; how many
+        sockets were ready."""
+        events = self.selector.select(max(0.0, timeout)) if self.selector.get_map() else self._idle(timeout)
+        for key, mask in events:
+            t = key.data
+            if mask & selectors.EVENT_READ:
+                t.on_readable()
+            if mask & selectors.EVENT_WRITE:
+                t.on_writable()
+        now = time.monotonic()
+        if now >= self._tend_at:
+            self._tend_at = now + TEND_S
+            for t in list(self.transports.values()):
+                t.tend(now)
+        return len(events)
+
+    def next_tend(self) -> float:
+        return self._tend_at
+
+    @staticmethod
+    def _idle(timeout: float) -> list[Any]:
+        time.sleep(max(0.0, min(timeout, TEND_S)))  # nothing registered (all links down): epoll has nothing to wait on
+        return []
+
+    def close(self) -> None:
+        self.selector.close()
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's soft limit on open files towards ``wanted`` (at most the hard limit, which only root
+    may raise); the soft limit now in force. Each virtual device holds three descriptors (its socket, its state
+    directory's lock, the outbox's) and the default soft limit is often 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
