@@ -374,6 +374,9 @@ class Transport:
     def on_writable(self) -> None:
         self.client.loop_write()
 
+    def wants_write(self) -> bool:
+        return self.client.want_write()
+
     def tend(self, now: float) -> None:
         """Keepalive once a second while connected; the next reconnect attempt once its backoff has passed."""
         if self._closing:
