@@ -121,8 +121,8 @@ class SocketLoop:
 
 def raise_fd_limit(wanted: int) -> int:
     """Raise this process's soft limit on open files towards ``wanted`` (at most the hard limit, which only root
-    may raise); the soft limit now in force. Each virtual device holds three descriptors (its socket, its state
-    directory's lock, the outbox's) and the default soft limit is often 1024."""
+    may raise); the soft limit now in force. A virtual device holds two descriptors (its socket, its state
+    directory's lock) and briefly a third while its outbox writes; the default soft limit is often 1024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if target > soft:
