@@ -7,6 +7,10 @@ reads and writes the sockets that are ready and, every ``TEND_S``, lets each tra
 would (keepalive pings, the reconnect after a jittered backoff). ``DefaultSelector`` is epoll on Linux: no
 limit on file descriptor numbers, unlike paho's select(), so one process holds thousands of clients
 (``mqttfl virtual``, docs/operations.md, "Virtual devices"). Everything happens on the calling thread.
+
+A connection attempt is paho's ``reconnect()``: a blocking TCP connect (and TLS handshake) of at most paho's
+``connect_timeout`` (5 s). A refused or local connection returns at once; a broker host that silently drops
+packets stalls the whole loop for that long per attempt, so the loop suits a broker on the same network.
 """
 
 from __future__ import annotations
