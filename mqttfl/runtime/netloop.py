@@ -58,6 +58,8 @@ class SocketLoop:
     # ------------------------------------------------------------------ from the transports' paho callbacks
     def opened(self, t: Driven, sock: Any) -> None:
         self.closed(sock)  # a descriptor number the kernel reused before we heard of its close
+        self._flush.pop(t, None)  # whatever was said of the previous socket
+        self._blocked.discard(t)
         self.selector.register(sock, selectors.EVENT_READ, t)
 
     def closed(self, sock: Any) -> None:
