@@ -92,8 +92,10 @@ def test_virtual_devices_come_back_after_a_broker_restart_and_finish_a_round(tmp
     with testbed.Testbed(tmp_path, spec, data=digits((64,))) as tb:  # its own broker, with persistence
         tb.prepare()
         tb.start(["edge1", "edge2"])
-        tb.start_virtual(N, mode="replay", section={"cut": schema("mlp", (64,)).n_blocks})
+        # Two worker processes of ten, each with its own network loop.
+        p = tb.start_virtual(N, mode="replay", section={"cut": schema("mlp", (64,)).n_blocks}, per_process=N // 2)
         tb.wait_online(sorted(names), timeout=120)
+        assert len(Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()) == 2
         restarted = time.time()
         tb.broker.restart()
         back: set[str] = set()
