@@ -34,6 +34,7 @@ from mqttfl.runtime import sdnotify
 from mqttfl.runtime.config import AgentConfig
 from mqttfl.runtime.log import get_logger
 from mqttfl.runtime.loop import Backend, Machine, MachineRunner
+from mqttfl.runtime.netloop import SocketLoop
 from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.persist import load_state, save_state
 from mqttfl.runtime.preload import Preload
@@ -126,8 +127,9 @@ class Node(MachineRunner):
     def __init__(self, cfg: AgentConfig, machine: Machine, backend: Backend | None = None, *,
                  cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = (),
                  keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None,
-                 preload: Preload | None = None) -> None:
-        """``preload``: the torch modules this node loads once it is online (a device)."""
+                 preload: Preload | None = None, driver: SocketLoop | None = None) -> None:
+        """``preload``: the torch modules this node loads once it is online (a device). ``driver``: the network
+        loop that serves this node's client, instead of a thread of its own (virtual devices)."""
         self.cfg = cfg
         self.preload = preload
         self.name = cfg.node
@@ -148,7 +150,7 @@ class Node(MachineRunner):
         # status), so fleet-wide status traffic does not reach every board.
         subs = [filter_for(cfg.fleet, dst=cfg.node), *(filter_for(cfg.fleet, kind=k, dst="all") for k in broadcasts)]
         self.transport = Transport(cfg, log=self.logger, outbox=self.outbox, subscriptions=subs, inbox=False,
-                                   status_fields=machine.presence())
+                                   status_fields=machine.presence(), driver=driver)
         self.running = True
         self.timers: dict[Hashable, float] = {}
         self.watchdog = sdnotify.Watchdog(interval) if (interval := sdnotify.watchdog_interval()) else None

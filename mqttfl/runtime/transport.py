@@ -1,11 +1,14 @@
-"""MQTT transport over paho-mqtt 2.x: the only module that touches sockets.
+"""MQTT transport over paho-mqtt 2.x: with mqttfl/runtime/netloop.py, the only module that touches sockets.
 
 Theory of operation
 -------------------
-paho runs its own network thread. Its callbacks only enqueue (raw topic + payload, or a link change) on
-a bounded queue; blocking there would starve keepalive (docs/design.md, "Transport"). The agent's single thread calls
-:meth:`Transport.get`, which parses the topic, reassembles chunks, decodes and validates the envelope,
-drops duplicates and spoofed senders, and returns one :class:`Inbound`. Everything that can be wrong with a
+paho runs its own network thread, or, with ``driver=SocketLoop()`` (mqttfl/runtime/netloop.py), none: the
+loop's owner serves the socket from its own thread, with many transports in one selector (``mqttfl virtual``);
+reconnects with backoff, keepalive, the will, sessions and TLS work the same in both. Its callbacks only
+enqueue (raw topic + payload, or a link change) on a bounded queue; blocking there would starve keepalive
+(docs/design.md, "Transport"). The agent's single thread calls :meth:`Transport.get`, which parses the topic,
+reassembles chunks, decodes and validates the envelope, drops duplicates and spoofed senders, and returns one
+:class:`Inbound`. Everything that can be wrong with a
 message becomes a counted drop reported on the ``event`` topic — never an exception in the agent loop.
 
 Session rules measured with Mosquitto 2.0.11 / paho 2.2.0: MQTT v5, stable client id, never ``clean_start``
@@ -28,7 +31,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -44,6 +47,9 @@ from mqttfl.wire.chunking import ChunkError, Reassembler, is_chunk_frame, make_c
 from mqttfl.wire.codec import CodecError, Envelope, Limits, decode, decode_json, encode, encode_json
 from mqttfl.wire.dedupe import RecentIds
 from mqttfl.wire.topics import BROADCAST, JSON_KINDS, Topic, TopicError, inbox_filters, parse, topic
+
+if TYPE_CHECKING:
+    from mqttfl.runtime.netloop import SocketLoop
 
 
 class TransportError(RuntimeError):
@@ -158,11 +164,13 @@ class Transport:
         inbox: bool = True,
         client_suffix: str = "",
         tcp_nodelay: bool = True,
+        driver: SocketLoop | None = None,
     ) -> None:
         """``presence=False``/``client_suffix`` are for console tools (ctl, monitor): no retained status or
         will, and a client id of their own so they never take over a running agent's session.
         ``inbox=False`` subscribes to ``subscriptions`` only. ``tcp_nodelay=False`` exists to measure
-        what Nagle costs (bench)."""
+        what Nagle costs (bench). ``driver``: no network thread; the loop's owner drives this client (its
+        :meth:`SocketLoop.poll` reads, writes, pings and reconnects), and waits here drive that loop."""
         self.cfg = cfg
         self.node, self.fleet, self.role = cfg.node, cfg.fleet, cfg.role
         self.limits = limits or cfg.limits
@@ -199,6 +207,10 @@ class Transport:
         self._closing = False
         self._status: dict[str, Any] = {"state": "starting", **(status_fields or {})}
         self._event_times: collections.deque[float] = collections.deque(maxlen=50)
+        self.driver = driver
+        self._started = False
+        self._reconnect_at: float | None = None  # driven: when to try again (paho's loop_forever does it otherwise)
+        self._misc_at = 0.0
         self.client = self._make_client()
 
     # ------------------------------------------------------------------ setup
@@ -247,11 +259,18 @@ class Transport:
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._on_socket_open
+        if self.driver is not None:
+            c.on_socket_close = self._on_socket_close
+            c.on_socket_register_write = self._on_register_write
+            c.on_socket_unregister_write = self._on_unregister_write
         return c
 
     def start(self, timeout: float | None = 15.0) -> Transport:
-        """Connect in the background; with a timeout, wait until connected and subscribed."""
-        self._connect()
+        """Connect in the background; with a timeout, wait until connected and subscribed. Started already: only
+        the wait (a process of virtual devices connects them all first, then waits for each)."""
+        if not self._started:
+            self._started = True
+            self._connect()
         if timeout is not None and not self.wait_ready(timeout):
             m = self.cfg.mqtt
             self.stop(publish_offline=False)
@@ -270,7 +289,31 @@ class Transport:
         # A stale session left by an earlier install only replays messages of old runs, which the
         # protocol checks (run, round) reject.
         self.client.connect_async(m.host, m.port, keepalive=m.keepalive, clean_start=False, properties=props)
-        self.client.loop_start()
+        if self.driver is None:
+            self.client.loop_start()
+            return
+        self.driver.add(self)
+        self._attempt_connect()
+
+    def _attempt_connect(self) -> None:
+        """Driven: one connection attempt now (TCP, TLS handshake, CONNECT queued); a failure backs off."""
+        self._reconnect_at = None
+        try:
+            self.client.reconnect()
+        except (OSError, ValueError) as e:  # refused, unreachable, timed out, TLS (ssl.SSLError is an OSError)
+            self._last_error = str(e) or type(e).__name__
+            self._count("connect_failed")
+            self._backoff()
+
+    def _drive(self, done: Any, deadline: float) -> bool:
+        """Driven: serve the loop until ``done()`` or the deadline; whether done."""
+        assert self.driver is not None
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.driver.poll(min(left, 0.02))
+        return True
 
     def move_to(self, host: str, port: int, timeout: float = 10.0) -> bool:
         """Leave this broker for another (a device that moved to another site's edge; docs/operations.md,
@@ -279,10 +322,16 @@ class Transport:
         a return. The outbox re-sends what is unacknowledged, and the link change makes the machine re-send
         what it has in flight. Returns whether the new broker was reached within ``timeout``."""
         deadline = time.monotonic() + timeout
+        if self.driver is not None:
+            self._drive(lambda: not self.client._out_messages, deadline)
+            self.client.disconnect()
+            # Written before the next connection starts, or the broker would see an unclean end and fire the will.
+            self._drive(lambda: self.client.socket() is None, deadline)
         while self.client._out_messages and time.monotonic() < deadline:  # paho has no public count of these
             time.sleep(0.005)
-        self.client.disconnect()
-        self.client.loop_stop()
+        if self.driver is None:
+            self.client.disconnect()
+            self.client.loop_stop()
         self._connected.clear()
         self._subscribed.clear()
         self.cfg = replace(self.cfg, mqtt=replace(self.cfg.mqtt, host=host, port=port))
@@ -295,7 +344,7 @@ class Transport:
         it is away are kept for its arrival, instead of being discarded for want of a subscriber."""
         cfg = replace(self.cfg, mqtt=replace(self.cfg.mqtt, host=host, port=port))
         guest = Transport(cfg, limits=self.limits, subscriptions=self._subs, presence=False, inbox=False,
-                          boot=self.boot)
+                          boot=self.boot, driver=self.driver)
         try:
             guest.start(timeout=timeout)
         except TransportError:
@@ -304,14 +353,59 @@ class Transport:
         return True
 
     def wait_ready(self, timeout: float) -> bool:
+        if self.driver is not None:
+            return self._drive(lambda: self._connected.is_set() and self._subscribed.is_set(),
+                               time.monotonic() + timeout)
         return self._connected.wait(timeout) and self._subscribed.wait(timeout)
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    # ------------------------------------------------------------------ driven: called by the SocketLoop
+    def on_readable(self) -> None:
+        self.client.loop_read()
+        sock: Any = self.client.socket()
+        # TLS: records already decrypted into the SSL object's buffer wake no selector.
+        while isinstance(sock, ssl.SSLSocket) and sock.pending():
+            self.client.loop_read()
+            sock = self.client.socket()
+
+    def on_writable(self) -> None:
+        self.client.loop_write()
+
+    def wants_write(self) -> bool:
+        return self.client.want_write()
+
+    def tend(self, now: float) -> None:
+        """Keepalive once a second while connected; the next reconnect attempt once its backoff has passed."""
+        if self._closing:
+            return
+        if self.client.socket() is None:
+            if self._reconnect_at is None:
+                self._backoff(again=True)
+            elif now >= self._reconnect_at:
+                self._attempt_connect()
+        elif now >= self._misc_at:
+            self._misc_at = now + 1.0
+            self.client.loop_misc()
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self.driver is not None:
+            self.driver.closed(sock)
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self.driver is not None:
+            self.driver.want_write(self, sock, True)
+
+    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self.driver is not None:
+            self.driver.want_write(self, sock, False)
+
     # ------------------------------------------------------- paho callbacks (network thread: enqueue only)
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self.driver is not None:
+            self.driver.opened(self, sock)
         if not self._tcp_nodelay:
             return
         try:
@@ -333,6 +427,11 @@ class Transport:
             # online after CONNACK (docs/design.md, "Transport"); retained so late subscribers see presence.
             client.publish(self.topic("status", BROADCAST), self._status_payload(), qos=1, retain=True)
         self._links.append(LinkChange(True, bool(flags.session_present)))
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.driver is not None:
+            self.driver.ready.add(self)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
         if mid == self._pending_sub_mid:
@@ -344,6 +443,7 @@ class Transport:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self._connected.clear()
         self._links.append(LinkChange(False, reason=str(rc)))
+        self._wake()
         self._backoff()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -368,6 +468,9 @@ class Transport:
         if not again:
             self._attempt += 1
         delay = self.backoff_delay()
+        if self.driver is not None:
+            self._reconnect_at = time.monotonic() + delay
+            return
         self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -378,6 +481,8 @@ class Transport:
             # reported from the agent's thread (report_refused).
             with self._stats_lock:
                 self._refused[(src, reason)] += 1
+        elif self.driver is not None:
+            self.driver.ready.add(self)
 
     def count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -393,7 +498,11 @@ class Transport:
         return out
 
     def get(self, timeout: float = 0.0) -> Inbound | None:
-        """Next valid message, or None when the timeout passes. Bad input is dropped and reported."""
+        """Next valid message, or None when the timeout passes. Bad input is dropped and reported. Driven: the
+        wait serves the loop (so one transport can be used alone, as a console tool's is)."""
+        if self.driver is not None and timeout > 0:
+            self._drive(lambda: len(self._raw) > 0, time.monotonic() + timeout)
+            timeout = 0.0
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             raw = self._raw.get(max(0.0, deadline - time.monotonic()))
@@ -591,13 +700,21 @@ class Transport:
         if self._closing:
             return
         self._closing = True
+        deadline = time.monotonic() + timeout
         try:
             if publish_offline and self.presence and self.connected:
                 info = self.client.publish(self.topic("status", BROADCAST), self._status_payload("offline"),
                                            qos=1, retain=True)
-                deadline = time.monotonic() + timeout
+                if self.driver is not None:
+                    self._drive(info.is_published, deadline)
                 while not info.is_published() and time.monotonic() < deadline:
                     time.sleep(0.01)
             self.client.disconnect()
+            if self.driver is not None:
+                self._drive(lambda: self.client.socket() is None, deadline)
         finally:
-            self.client.loop_stop()
+            if self.driver is None:
+                self.client.loop_stop()
+            else:
+                self.driver.remove(self)
+                self.client._reset_sockets()  # not written within the timeout: closed anyway (paho has no public way)

@@ -220,9 +220,10 @@ class Testbed:
 
     def start_virtual(self, count: int, *, prefix: str = "vdev", samples: int = 10, mode: str = "train",
                       edges: list[str] | None = None, section: dict[str, Any] | None = None,
-                      log_level: str = "info") -> subprocess.Popen[bytes]:
+                      log_level: str = "info", per_process: int | None = None) -> subprocess.Popen[bytes]:
         """``count`` virtual devices in one process (``mqttfl virtual``), attached round-robin to ``edges`` (default
-        every edge), sharing one shard of the first ``samples`` training samples; the process is ``procs[prefix]``."""
+        every edge), sharing one shard of the first ``samples`` training samples; the process is ``procs[prefix]``
+        (with ``per_process``, it starts workers of that many)."""
         edges = edges or self.spec.edges
         shard = self.root / "data" / f"{prefix}.npz"
         save_shard(shard, self._train.subset(np.arange(min(samples, len(self._train)))))
@@ -231,7 +232,8 @@ class Testbed:
         log = open(self.root / f"{prefix}.log", "ab")
         p = subprocess.Popen([sys.executable, "-m", "mqttfl.tools.cli", "virtual", "--config",
                               str(self.configs[prefix]), "--count", str(count), "--prefix", prefix,
-                              "--edges", ",".join(edges), "--mode", mode],
+                              "--edges", ",".join(edges), "--mode", mode,
+                              *(["--per-process", str(per_process)] if per_process else [])],
                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         self.procs[prefix] = p

@@ -3,7 +3,8 @@
 A load generator for the real broker, edges and cloud: every virtual device is a :class:`mqttfl.runtime.node.Node`
 built like the device agent's (``mqttfl.runtime.device``) with its own client id, persistent session, retained
 presence and last will, subscribed to its own inbox only. They share one opened shard and one loaded torch, and
-one thread steps them in turn (each paho client keeps its network thread). ``--mode train`` trains the config's
+one thread serves every client's socket (one epoll :class:`mqttfl.runtime.netloop.SocketLoop`, no network thread
+per client) and steps the nodes that received something. ``--mode train`` trains the config's
 model on the shard; ``--mode replay`` sends the round's weights plus a fixed update (no compute), which is how
 ``mqttfl bench scale`` measures the fleet's own overhead (docs/operations.md, "Virtual devices").
 """
@@ -23,14 +24,22 @@ from mqttfl.ml.shard import open_shard
 from mqttfl.runtime.config import AgentConfig, ConfigError, DeviceSection, load_config, parse_section
 from mqttfl.runtime.device import build_device
 from mqttfl.runtime.log import setup_logging
+from mqttfl.runtime.netloop import SocketLoop, raise_fd_limit
 from mqttfl.runtime.node import Node, Shutdown
 from mqttfl.runtime.transport import TransportError
 
-# paho's network loop waits in select(), which takes no file descriptor above 1023; each virtual device holds four
-# (its socket, paho's wake-up socket pair, its state directory's lock). So one process holds at most this many, and
-# a larger fleet is spread over worker processes (which also spreads it over the machine's cores).
-PER_PROCESS = 200
-CHORES_S = 0.1  # an idle virtual device's housekeeping period (an agent's loop wakes every 50 ms)
+# One network loop serves every client of a process (mqttfl/runtime/netloop.py: epoll, no select() limit on descriptor
+# numbers, no thread per client). A process steps its nodes on one core; the default spreads a larger fleet over
+# worker processes of this many, so a 1,000-device fleet fits one process and a larger one uses more cores.
+PER_PROCESS = 1000
+MAX_PER_PROCESS = 10_000
+FDS_PER_DEVICE = 3  # its socket, its state directory's lock, slack for the outbox's files while written
+# An idle virtual device's timers are looked at every CHORES_S (an agent's loop wakes every 50 ms); the rest of its
+# housekeeping (re-sends after 5 s, metrics every 10 s, expired transfers, refusals) runs every IDLE_CHORES_S: at
+# 1,000 devices a full housekeeping of everyone ten times a second was a tenth of the process's CPU.
+CHORES_S = 0.1
+IDLE_CHORES_S = 1.0
+STEP_BATCH = 16  # messages a node takes in one turn, so that no node starves the others
 
 
 def virtual_configs(template: AgentConfig, count: int, prefix: str, edges: list[str], first: int = 1
@@ -47,49 +56,80 @@ def virtual_configs(template: AgentConfig, count: int, prefix: str, edges: list[
 
 
 class VirtualFleet:
-    """The nodes of ``configs`` in this process; :meth:`start` brings them online, :meth:`run` steps them."""
+    """The nodes of ``configs`` in this process, all served by one :class:`SocketLoop` on the calling thread;
+    :meth:`start` brings them online, :meth:`run` steps them."""
 
     def __init__(self, configs: list[AgentConfig], *, replay: bool) -> None:
+        need = FDS_PER_DEVICE * len(configs) + 64
+        if (have := raise_fd_limit(need)) < need:
+            raise ValueError(f"{len(configs)} devices need about {need} open files and this process may open {have} "
+                             "(raise the hard limit, ulimit -Hn, or lower --per-process)")
         sec: DeviceSection = parse_section(DeviceSection, configs[0].section, "device")
         data = open_shard(sec.data)
         held_out = open_shard(sec.eval_data) if sec.eval_data else None
-        self.nodes: list[Node] = [build_device(c, data=data, held_out=held_out, replay=replay) for c in configs]
+        self.loop = SocketLoop()
+        self.nodes: list[Node] = [build_device(c, data=data, held_out=held_out, replay=replay, driver=self.loop)
+                                  for c in configs]
         self.running = True
         self.online_s: float | None = None
 
     def start(self, connect_timeout: float = 60.0) -> None:
+        """Connect every client at once (the loop serves the handshakes together), then start each node."""
         t0 = time.monotonic()
         for n in self.nodes:
-            n.go_online(connect_timeout)
+            n.transport.start(timeout=None)
+        for n in self.nodes:
+            n.go_online(max(1.0, t0 + connect_timeout - time.monotonic()))
         self.online_s = time.monotonic() - t0
 
     def run(self) -> None:
-        """Step every node until asked to stop (or every node was shut down by command). A node with messages is
-        stepped as its own loop would; an idle one's housekeeping (timers, re-sends, metrics) runs every
-        ``CHORES_S``, so that a process of hundreds of idle nodes does not spin."""
-        live = list(self.nodes)
-        chores_at = {id(n): 0.0 for n in live}
+        """Serve the sockets and step the nodes until asked to stop (or every node was shut down by command). A
+        node whose client received something (a message, a link change) is stepped as its own loop would, a few
+        messages a turn; an idle one when a timer of its falls due, and for its other housekeeping every
+        ``IDLE_CHORES_S``, so that a process of thousands of idle nodes does not spin."""
+        live = {id(n.transport): n for n in self.nodes}
+        pending: set[Node] = set()  # nodes that may have more messages queued
+        chores_at = time.monotonic() + CHORES_S
+        idle_chores_at = time.monotonic() + IDLE_CHORES_S
         try:
             while self.running and live:
-                busy = False
+                wait = 0.0 if pending else max(0.0, min(chores_at, self.loop.next_tend()) - time.monotonic())
+                self.loop.poll(wait)
+                while self.loop.ready:
+                    ready = live.get(id(self.loop.ready.pop()))
+                    if ready is not None:
+                        pending.add(ready)
                 now = time.monotonic()
-                for n in list(live):
-                    due = now >= chores_at[id(n)]
-                    if due:
-                        chores_at[id(n)] = now + CHORES_S
+                turn = pending
+                if now >= chores_at:
+                    chores_at = now + CHORES_S
+                    everyone = now >= idle_chores_at
+                    if everyone:
+                        idle_chores_at = now + IDLE_CHORES_S
+                    turn = pending | {n for n in live.values()
+                                      if everyone or (n.timers and min(n.timers.values()) <= now)}
+                for n in list(turn):
                     try:
-                        for _ in range(16):  # a few messages each, so no node starves the others
-                            if not n.step(timeout=0.0, chores=due):
-                                break
-                            busy, due = True, False
+                        more = self._turn(n, chores=True)
                     except Shutdown:
                         n.stop()
-                        live.remove(n)
-                if not busy:
-                    time.sleep(0.005)
+                        del live[id(n.transport)]
+                        more = False
+                    if not more:
+                        pending.discard(n)
         finally:
-            for n in live:
+            for n in live.values():
                 n.stop()
+            self.loop.close()
+
+    @staticmethod
+    def _turn(n: Node, *, chores: bool) -> bool:
+        """Up to ``STEP_BATCH`` messages of one node; whether it may have more."""
+        for _ in range(STEP_BATCH):
+            if not n.step(timeout=0.0, chores=chores):
+                return False
+            chores = False
+        return True
 
     def stop(self, *_: Any) -> None:
         self.running = False
@@ -106,8 +146,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train the model on the config's shard, or replay a fixed update with no compute")
     p.add_argument("--fleet", help="fleet id (overrides the config)")
     p.add_argument("--per-process", type=int, default=PER_PROCESS,
-                   help=f"devices per process (at most {PER_PROCESS}: paho's select() limit); more are spread "
-                        "over worker processes")
+                   help=f"devices per process (default {PER_PROCESS}, at most {MAX_PER_PROCESS}; each needs about "
+                        f"{FDS_PER_DEVICE} open files, the soft limit is raised up to the hard one); more are spread "
+                        "over worker processes, one core each")
     p.add_argument("--first", type=int, default=1, help="number of the first device (<prefix><first>)")
 
 
@@ -134,8 +175,8 @@ def run_workers(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.count < 1 or not 1 <= args.per_process <= PER_PROCESS:
-        print(f"mqttfl virtual: --count must be at least 1 and --per-process 1..{PER_PROCESS}", file=sys.stderr)
+    if args.count < 1 or not 1 <= args.per_process <= MAX_PER_PROCESS:
+        print(f"mqttfl virtual: --count must be at least 1 and --per-process 1..{MAX_PER_PROCESS}", file=sys.stderr)
         return 2
     if args.count > args.per_process:
         return run_workers(args)
