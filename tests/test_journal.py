@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from mqttfl.runtime.node import KEYED_DIR, KEYED_PREFIX, load_keyed_states, open
 from mqttfl.runtime.outbox import JOURNAL_FILE, Outbox
 from mqttfl.runtime.persist import dumps, save_state
 from mqttfl.runtime.transport import Transport
+from mqttfl.tools.cli import main
 
 
 def _j(tmp_path: Path, **kw: int) -> Journal:
@@ -210,3 +212,13 @@ def test_the_transport_syncs_the_journal_before_anything_is_published(tmp_path: 
     t.event("something")
     assert dirty_at_publish == [False, False], "nothing is published while a write is not yet durable"
     assert journal.stats()["syncs"] == 1, "two persists and an outbox entry: one fdatasync"
+
+
+def test_the_journal_bench_runs_at_a_tiny_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "journal", "--small", "--json", "--out", str(tmp_path / "out")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"outbox_files_ops_per_s", "outbox_journal_ops_per_s", "outbox_speedup", "keyed_files_ops_per_s",
+            "keyed_journal_ops_per_s", "keyed_speedup", "keyed_journal_syncs", "loadavg"} <= set(r)
+    assert r["keyed_journal_syncs"] == 2 + 1, "20 sessions in groups of 10: a barrier per group and one at the end"
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == r
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"], "the bench's files go into --out and a removed temp dir"
