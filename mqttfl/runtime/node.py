@@ -14,6 +14,7 @@ commander (an operator, the cloud, the node itself) goes to the machine.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -80,6 +81,8 @@ def open_journal(state_dir: Path) -> Journal:
         journal.sync()  # in the journal for good before the files go
         for path in files:
             path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (state_dir / KEYED_DIR).rmdir()
     return journal
 
 

@@ -10,6 +10,7 @@ receivers dedupe by id, so a re-send is harmless. Pure storage: the agent loop d
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,7 @@ class Outbox:
 
     def __init__(self, directory: str | Path, *, max_entries: int = 256, max_age_s: float = 86_400.0,
                  journal: Journal | None = None) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(directory)  # its own journal's home; with the node's: where earlier versions kept files
         self.journal = journal if journal is not None else Journal(self.dir / JOURNAL_FILE)
         self.max_entries = max_entries
         self.max_age_s = max_age_s  # an unacknowledged message older than this is given up (and counted)
@@ -69,6 +69,9 @@ class Outbox:
             self.journal.sync()  # in the journal for good before the files go
             for p in files:
                 p.unlink(missing_ok=True)
+            if self.journal.path.parent != self.dir:
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()  # the earlier format's folder, empty now
 
     @staticmethod
     def _check(key: str) -> str:
