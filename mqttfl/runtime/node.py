@@ -281,6 +281,8 @@ class Node(MachineRunner):
     def stop(self) -> None:
         sdnotify.stopping()
         self.logger.info("stopping")
+        if self.journal is not None:
+            self.journal.sync()  # the offline status below is published without the transport's barrier
         self.transport.stop()
         if self.journal is not None:
             self.journal.close()
