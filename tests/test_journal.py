@@ -58,6 +58,12 @@ def test_the_barrier_syncs_once_per_group_of_writes(tmp_path: Path) -> None:
     j.delete("k0")
     assert j.sync()
     assert j.stats()["syncs"] == 2
+    j.delete("k1", durable=False)
+    assert not j.sync(), "a delete that needs no barrier of its own costs none"
+    j.put("k5", b"v")
+    assert j.sync()
+    j.close()
+    assert _j(tmp_path).keys() == ["k2", "k3", "k4", "k5"], "it was made durable with the next barrier"
 
 
 def _three_records(tmp_path: Path) -> tuple[Path, int]:

@@ -199,14 +199,17 @@ class Journal:
             self._live += length
             self._maybe_compact()
 
-    def delete(self, key: str) -> bool:
-        """Forget ``key``; whether it was there."""
+    def delete(self, key: str, *, durable: bool = True) -> bool:
+        """Forget ``key``; whether it was there. ``durable=False``: the delete needs no barrier of its own (it
+        becomes durable with the next one); a power cut before that may bring the key back."""
         with self._lock:
             if key not in self._index:
                 return False
             if self.readonly:
                 raise PermissionError(f"journal {self.path} opened read-only")
+            dirty = self._dirty
             self._append(_record(_DEL, key.encode(), b""))
+            self._dirty = dirty or durable
             self._drop(key)
             self._maybe_compact()
             return True
