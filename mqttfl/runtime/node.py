@@ -71,15 +71,16 @@ def open_journal(state_dir: Path) -> Journal:
     """The node's journal (keyed state and outbox), with any keyed-state files an earlier version left folded
     in and removed, so an upgraded edge resumes its sessions."""
     journal = Journal(state_dir / JOURNAL_FILE)
-    files = sorted((state_dir / KEYED_DIR).glob("*.state"))
-    for path in files:
+    folded = []
+    for path in sorted((state_dir / KEYED_DIR).glob("*.state")):
         try:
             journal.put(KEYED_PREFIX + path.stem, path.read_bytes())
-        except (OSError, ValueError):
-            continue
-    if files:
+        except (OSError, ValueError, OverflowError):
+            continue  # left where it is (a full journal: nothing is lost)
+        folded.append(path)
+    if folded:
         journal.sync()  # in the journal for good before the files go
-        for path in files:
+        for path in folded:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             (state_dir / KEYED_DIR).rmdir()

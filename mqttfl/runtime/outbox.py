@@ -57,17 +57,23 @@ class Outbox:
 
     def _fold_legacy(self) -> None:
         files = sorted(self.dir.glob("*.msg"), key=os.path.getmtime)
+        done = []
         for p in files:
             try:
                 self._check(p.stem)
                 d = msgpack.unpackb(p.read_bytes(), raw=False)
-                self.journal.put(PREFIX + p.stem, msgpack.packb(
-                    {"topic": d["topic"], "payload": d["payload"], "created": float(d["created"])}))
+                value = msgpack.packb({"topic": d["topic"], "payload": d["payload"], "created": float(d["created"])})
             except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
-                continue  # a torn file cannot be re-sent
-        if files:
+                done.append(p)  # a torn file cannot be re-sent
+                continue
+            try:
+                self.journal.put(PREFIX + p.stem, value)
+            except OverflowError:
+                continue  # a full journal: the file stays for a later start
+            done.append(p)
+        if done:
             self.journal.sync()  # in the journal for good before the files go
-            for p in files:
+            for p in done:
                 p.unlink(missing_ok=True)
             if self.journal.path.parent != self.dir:
                 with contextlib.suppress(OSError):
