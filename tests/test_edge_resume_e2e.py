@@ -9,6 +9,9 @@ import signal
 import time
 from pathlib import Path
 
+from mqttfl.runtime.journal import Journal
+from mqttfl.runtime.node import KEYED_PREFIX
+from mqttfl.runtime.outbox import JOURNAL_FILE
 from mqttfl.runtime.transport import Inbound
 from mqttfl.tools import testbed
 from mqttfl.tools.broker import Broker
@@ -32,7 +35,7 @@ def test_an_edge_killed_mid_round_resumes_and_the_round_loses_no_work(tmp_path: 
                  what="dev1 at step 9")
         tb.kill("edge1", signal.SIGKILL)
         killed = time.monotonic()
-        saved = sorted(p.name for p in (tmp_path / "state" / "edge1" / "keyed").glob("*.state"))
+        saved = sorted(Journal(tmp_path / "state" / "edge1" / JOURNAL_FILE, readonly=True).keys(KEYED_PREFIX))
         tb.start_node("edge1")
         restarted = time.monotonic()
         found: dict[str, dict[str, object]] = {}
@@ -48,7 +51,7 @@ def test_an_edge_killed_mid_round_resumes_and_the_round_loses_no_work(tmp_path: 
         tb.wait_event("run_complete", 180)
         rounds = tb.round_metrics()
         events = [m.data for m in tb.inbox if m.kind == "event" and m.data]
-    assert saved == ["session.dev1.state", "session.dev2.state"]
+    assert saved == [KEYED_PREFIX + "session.dev1", KEYED_PREFIX + "session.dev2"]
     assert all(r["step"] % 4 == 0 and r["step"] >= 8 for r in resumed), resumed
     assert [e["event"] for e in events if e.get("event") in ("devices_missing", "quorum_not_met")] == []
     assert [(r["round"], r["attempt"], r["participants"]) for r in rounds] == [(0, 0, 2), (1, 0, 2)]

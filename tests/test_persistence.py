@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mqttfl.runtime.outbox import Outbox
+from mqttfl.runtime.journal import Journal
+from mqttfl.runtime.outbox import JOURNAL_FILE, PREFIX
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.tools.broker import Broker, BrokerOptions
 from mqttfl.wire.codec import Envelope, encode
@@ -89,8 +90,7 @@ def test_reliable_send_survives_sender_kill_9_and_is_applied_once(broker, fleet,
     try:
         # bob is not running: nobody receives the first publish, only the outbox file keeps the message.
         sent = wait_for(lambda: _records(record, event="sent"), what="alice's reliable send")[0]
-        outbox = Outbox(state / "outbox")
-        assert outbox.keys() == [sent["id"]]
+        assert Journal(state / "outbox" / JOURNAL_FILE, readonly=True).keys() == [PREFIX + sent["id"]]
         os.kill(alice.pid, signal.SIGKILL)
         alice.wait(5)
 
@@ -108,7 +108,8 @@ def test_reliable_send_survives_sender_kill_9_and_is_applied_once(broker, fleet,
         # Hold the ack until alice has re-sent at least once more: the copies must not be applied again.
         wait_for(lambda: deltas(0.05) or bob.stats_snapshot().get("duplicate", 0) >= 1, what="a duplicate")
         bob.ack(applied[0])
-        wait_for(lambda: deltas(0.05) or not any(state.joinpath("outbox").iterdir()), what="the outbox emptied")
+        wait_for(lambda: deltas(0.05) or not Journal(state / "outbox" / JOURNAL_FILE, readonly=True).keys(),
+                 what="the outbox emptied")
         deltas(0.5)
         assert len(applied) == 1, "applied exactly once"
         assert _records(record, event="ready")[-1]["boot"] == 2

@@ -39,7 +39,7 @@ def test_agents_sharing_a_configured_state_dir_get_a_folder_each(tb: Testbed) ->
     tb.start(["edge1", "edge2"])
     tb.wait_online(["edge1", "edge2"])
     assert sorted(p.name for p in state.iterdir()) == ["edge1", "edge2"], "nothing shared at the top"
-    assert (state / "edge1" / "outbox").is_dir() and (state / "edge2" / "outbox").is_dir()
+    assert (state / "edge1" / "journal.log").is_file() and (state / "edge2" / "journal.log").is_file()
     assert boot(state, "edge1") == boot(state, "edge2") == 1
     # Each has its own boot counter: a restart of edge1 moves only edge1's.
     tb.kill("edge1", signal.SIGTERM)

@@ -40,7 +40,7 @@ KEY_PREFIX = "session."
 
 
 def record_key(device: str) -> str:
-    """The persisted state's key for a device's session at this edge (one file per device)."""
+    """The persisted state's key for a device's session at this edge (one record per device in its journal)."""
     return KEY_PREFIX + device
 
 

@@ -14,6 +14,7 @@ commander (an operator, the cloud, the node itself) goes to the machine.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -32,11 +33,12 @@ from mqttfl.protocol.messages import parse
 from mqttfl.protocol.status import parse_status
 from mqttfl.runtime import sdnotify
 from mqttfl.runtime.config import AgentConfig
+from mqttfl.runtime.journal import Journal
 from mqttfl.runtime.log import get_logger
 from mqttfl.runtime.loop import Backend, Machine, MachineRunner
 from mqttfl.runtime.netloop import SocketLoop
-from mqttfl.runtime.outbox import Outbox
-from mqttfl.runtime.persist import load_state, save_state
+from mqttfl.runtime.outbox import JOURNAL_FILE, Outbox
+from mqttfl.runtime.persist import dumps, loads, save_state
 from mqttfl.runtime.preload import Preload
 from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
@@ -62,28 +64,50 @@ def lock_state_dir(path: Path, node: str) -> Any:
     return f
 
 
-KEYED_DIR = "keyed"
+KEYED_DIR = "keyed"  # the keyed states' earlier home, one file each (folded into the journal at start)
+KEYED_PREFIX = "keyed."  # their keys in the node's journal, which they share with the outbox
 
 
-def keyed_state_path(state_dir: Path | None, key: str) -> Path | None:
-    """Where a machine's state named ``key`` lives (an edge's sessions, one per device); None without a state
-    directory. Keys are node ids with a prefix, so they are safe file names."""
-    if state_dir is None or not key or "/" in key or key.startswith("."):
-        return None
-    return state_dir / KEYED_DIR / f"{key}.state"
+def open_journal(state_dir: Path) -> Journal:
+    """The node's journal (keyed state and outbox), with any keyed-state files an earlier version left folded
+    in and removed, so an upgraded edge resumes its sessions."""
+    journal = Journal(state_dir / JOURNAL_FILE)
+    folded = []
+    for path in sorted((state_dir / KEYED_DIR).glob("*.state")):
+        try:
+            journal.put(KEYED_PREFIX + path.stem, path.read_bytes())
+        except (OSError, ValueError, OverflowError):
+            continue  # left where it is (a full journal: nothing is lost)
+        folded.append(path)
+    if folded:
+        journal.sync()  # in the journal for good before the files go
+        for path in folded:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (state_dir / KEYED_DIR).rmdir()
+    return journal
 
 
 def load_keyed_states(state_dir: str | Path | None) -> dict[str, Any]:
-    """Every keyed state a previous life of this node left (``Persist(state, key)``); a file that cannot be read
+    """Every keyed state a previous life of this node left (``Persist(state, key)``); one that cannot be read
     is skipped (the machine validates what it gets)."""
     out: dict[str, Any] = {}
     if not state_dir:
         return out
-    for path in sorted((Path(state_dir) / KEYED_DIR).glob("*.state")):
+    path = Path(state_dir)
+    lock = lock_state_dir(path, path.name)  # released before the node takes it for its life
+    try:
+        journal = open_journal(path)
         try:
-            out[path.stem] = load_state(path)
-        except Exception:  # noqa: BLE001  a torn or foreign file: the machine starts without it
-            continue
+            for name, data in journal.items(KEYED_PREFIX):
+                try:
+                    out[name[len(KEYED_PREFIX):]] = loads(data)
+                except Exception:  # noqa: BLE001  a foreign value: the machine starts without it
+                    continue
+        finally:
+            journal.close()
+    finally:
+        lock.close()
     return out
 
 
@@ -145,7 +169,9 @@ class Node(MachineRunner):
         # A device roaming between sites: the broker of each edge's site; it follows its edge there.
         self.edge_brokers = dict(edge_brokers or {})
         self._move_to: tuple[str, int] | None = None
-        self.outbox = Outbox(self.state_dir / "outbox") if self.state_dir else None
+        # Keyed state and outbox share one journal, so one sync before a publish covers both.
+        self.journal = open_journal(self.state_dir) if self.state_dir else None
+        self.outbox = Outbox(self.state_dir / "outbox", journal=self.journal) if self.state_dir else None
         # Every node hears what is addressed to it; broadcasts only of the kinds its role needs (the cloud:
         # status), so fleet-wide status traffic does not reach every board.
         subs = [filter_for(cfg.fleet, dst=cfg.node), *(filter_for(cfg.fleet, kind=k, dst="all") for k in broadcasts)]
@@ -178,6 +204,10 @@ class Node(MachineRunner):
         self.logger.info("starting", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", boot=self.transport.boot,
                        mqtt=self.cfg.mqtt.redacted())
         self.transport.start(timeout=connect_timeout)
+        if self.journal is not None and self.journal.torn_bytes:
+            # A crash mid-append: the unsynced tail was cut off when the journal was opened (nothing after a
+            # barrier is lost).
+            self.transport.event("journal_torn_tail", level="warning", bytes=self.journal.torn_bytes)
         here = (self.cfg.mqtt.host, self.cfg.mqtt.port)
         for broker in sorted(set(self.edge_brokers.values()) - {here}):
             # Open our session at the other sites now: what is sent to us there before we arrive is kept.
@@ -238,6 +268,7 @@ class Node(MachineRunner):
             self._last_metrics = now
             self.transport.metrics(kind="agent", transport=self.transport.stats_snapshot(),
                                    peak_rss_mb=round(peak_rss_mb(), 1), cold_start_s=self.cold_start_s,
+                                   **({"journal": self.journal.stats()} if self.journal is not None else {}),
                                    **self._load_time(), **self.machine.metrics())
         if self.watchdog is not None:
             self.watchdog.progress(now)
@@ -253,7 +284,11 @@ class Node(MachineRunner):
     def stop(self) -> None:
         sdnotify.stopping()
         self.logger.info("stopping")
+        if self.journal is not None:
+            self.journal.sync()  # the offline status below is published without the transport's barrier
         self.transport.stop()
+        if self.journal is not None:
+            self.journal.close()
 
     # ------------------------------------------------------------------ events in
     def dispatch(self, msg: Inbound) -> None:
@@ -323,13 +358,12 @@ class Node(MachineRunner):
             if self.state_path is not None and state is not None:
                 save_state(self.state_path, state)
             return
-        path = keyed_state_path(self.state_dir, key)
-        if path is None:
+        if self.journal is None:
             return
         if state is None:
-            path.unlink(missing_ok=True)
+            self.journal.delete(KEYED_PREFIX + key)
         else:
-            save_state(path, state)
+            self.journal.put(KEYED_PREFIX + key, dumps(state))  # durable at the next publish (the barrier)
 
     def reconnect_within(self, seconds: float | None) -> None:
         self.transport.set_reconnect_cap(seconds)

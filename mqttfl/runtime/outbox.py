@@ -2,20 +2,22 @@
 handshake and timeouts).
 
 paho keeps its session in RAM only, so a QoS 1 publish that was not yet acknowledged is lost when the agent
-dies (docs/design.md, "Transport"). Messages put here are written atomically to disk first, re-sent after a
+dies (docs/design.md, "Transport"). Messages put here are appended to the node's journal first (made durable by
+its barrier before they are published: ``Transport.publish``), re-sent after a
 restart and on a timer until the receiver acknowledges them at the application level (an ``ack`` message naming the id);
 receivers dedupe by id, so a re-send is harmless. Pure storage: the agent loop decides when to re-send.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 
-from mqttfl.runtime.persist import atomic_write
+from mqttfl.runtime.journal import Journal
 from mqttfl.wire.topics import TopicError
 from mqttfl.wire.topics import parse as parse_topic
 
@@ -29,30 +31,69 @@ class OutboxEntry:
     last_sent: float
 
 
-class Outbox:
-    """Bounded directory of pending messages, one file each (``<key>.msg``), with an in-memory index so
-    that the agent loop's frequent :meth:`due` calls read a payload only when it is due for a re-send."""
+JOURNAL_FILE = "journal.log"
+PREFIX = "outbox."  # the outbox's keys in a journal it shares with the node's keyed state
 
-    def __init__(self, directory: str | Path, *, max_entries: int = 256, max_age_s: float = 86_400.0) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+
+class Outbox:
+    """Bounded set of pending messages in a journal (``journal``: the node's, shared with its keyed state;
+    else one of its own in ``directory``), with an in-memory index so that the agent loop's frequent
+    :meth:`due` calls read a payload only when it is due for a re-send. Files ``<key>.msg`` in ``directory``
+    (the outbox's earlier format, one file per message) are folded into the journal at start."""
+
+    def __init__(self, directory: str | Path, *, max_entries: int = 256, max_age_s: float = 86_400.0,
+                 journal: Journal | None = None) -> None:
+        self.dir = Path(directory)  # its own journal's home; with the node's: where earlier versions kept files
+        self.journal = journal if journal is not None else Journal(self.dir / JOURNAL_FILE)
         self.max_entries = max_entries
         self.max_age_s = max_age_s  # an unacknowledged message older than this is given up (and counted)
         self.expired = 0
         self._index: dict[str, tuple[str, float, float]] = {}  # key -> (topic, created, last_sent)
-        for e in self._read_all():
-            self._index[e.key] = (e.topic, e.created, 0.0)  # after a restart, everything is due at once
+        self._fold_legacy()
+        for name in self.journal.keys(PREFIX):
+            e = self._read(name[len(PREFIX):])
+            if e is not None:
+                self._index[e.key] = (e.topic, e.created, 0.0)  # after a restart, everything is due at once
 
-    def _path(self, key: str) -> Path:
+    def _fold_legacy(self) -> None:
+        files = sorted(self.dir.glob("*.msg"), key=os.path.getmtime)
+        done = []
+        for p in files:
+            try:
+                self._check(p.stem)
+                d = msgpack.unpackb(p.read_bytes(), raw=False)
+                value = msgpack.packb({"topic": d["topic"], "payload": d["payload"], "created": float(d["created"])})
+            except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
+                done.append(p)  # a torn file cannot be re-sent
+                continue
+            try:
+                self.journal.put(PREFIX + p.stem, value)
+            except OverflowError:
+                continue  # a full journal: the file stays for a later start
+            done.append(p)
+        if done:
+            self.journal.sync()  # in the journal for good before the files go
+            for p in done:
+                p.unlink(missing_ok=True)
+            if self.journal.path.parent != self.dir:
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()  # the earlier format's folder, empty now
+
+    @staticmethod
+    def _check(key: str) -> str:
         if not key or not all(c in "0123456789abcdef" for c in key):
             raise ValueError(f"bad outbox key {key!r}")
-        return self.dir / f"{key}.msg"
+        return PREFIX + key
 
     def put(self, key: str, topic: str, payload: bytes, now: float) -> None:
         if len(self._index) >= self.max_entries:
             raise OverflowError(f"outbox full ({self.max_entries} unacknowledged messages)")
-        atomic_write(self._path(key), msgpack.packb({"topic": topic, "payload": payload, "created": now}))
+        self.journal.put(self._check(key), msgpack.packb({"topic": topic, "payload": payload, "created": now}))
         self._index[key] = (topic, now, now)
+
+    def sync(self) -> None:
+        """The barrier before publishing: what was put is durable (and the keyed state sharing the journal)."""
+        self.journal.sync()
 
     def destination(self, key: str) -> str | None:
         """The node the entry was sent to (the only one whose ack counts)."""
@@ -69,7 +110,9 @@ class Outbox:
         if key not in self._index or (by is not None and self.destination(key) != by):
             return False
         self._index.pop(key)
-        self._path(key).unlink(missing_ok=True)
+        # An acknowledged entry a power cut brings back is only re-sent, and receivers dedupe or acknowledge it
+        # again: not worth an fdatasync of its own (a virtual device would pay one per round).
+        self.journal.delete(self._check(key), durable=False)
         return True
 
     def mark_sent(self, key: str, now: float) -> None:
@@ -87,18 +130,19 @@ class Outbox:
         return key in self._index
 
     def _read(self, key: str) -> OutboxEntry | None:
-        p = self._path(key)
         try:
-            d = msgpack.unpackb(p.read_bytes(), raw=False)
+            name = self._check(key)
+            raw = self.journal.get(name)
+            if raw is None:
+                raise KeyError(key)
+            d = msgpack.unpackb(raw, raw=False)
             return OutboxEntry(key, d["topic"], d["payload"], float(d["created"]), 0.0)
         except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
-            p.unlink(missing_ok=True)  # a torn file cannot be re-sent; atomic_write makes this rare
+            # Not a message we can re-send (the journal's CRC makes a torn value unlikely): forget it.
+            if key in self._index or PREFIX + key in self.journal:
+                self.journal.delete(PREFIX + key)
             self._index.pop(key, None)
             return None
-
-    def _read_all(self) -> list[OutboxEntry]:
-        entries = [self._read(p.stem) for p in sorted(self.dir.glob("*.msg"), key=os.path.getmtime)]
-        return [e for e in entries if e is not None]
 
     def pending(self) -> list[OutboxEntry]:
         out = []

@@ -609,6 +609,10 @@ class Transport:
     # ------------------------------------------------------------------ sending
     def publish(self, kind: str, dst: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         t = self.topic(kind, dst)
+        if self.outbox is not None:
+            # The durability barrier: what the node wrote before this (its outbox entries and keyed state share
+            # one journal) is on disk before anything that follows it can be seen (docs/design.md, "Trust").
+            self.outbox.sync()
         chunks = make_chunks(payload, self.cfg.mqtt.chunk_bytes)
         for chunk in chunks:
             info = self.client.publish(t, chunk, qos=qos, retain=retain)
