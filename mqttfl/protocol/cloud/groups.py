@@ -31,6 +31,7 @@ restored open rounds keep accepting their edges' deltas until their deadline.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -202,7 +203,7 @@ class AsyncGroups:
                 self.probe_due.discard(d)
                 self.start({d: ready[d]}, RoundKind.PROBE, PROFILE, float(s.group_deadline_s), now)
 
-    def _admit_newcomers(self, ready: dict[str, Presence]) -> None:
+    def _admit_newcomers(self, ready: Mapping[str, Presence]) -> None:
         """A device first seen after profiling: its own group (per client), the one group, or a probe round
         first so that its latency decides its group (Eco-FL, tiers)."""
         for d in sorted(set(ready) - set(self.assign)):
@@ -228,7 +229,8 @@ class AsyncGroups:
         self.assign.setdefault(device, DROPPED)
         self.regroup(reason="probe")
 
-    def start(self, devices: dict[str, Presence], kind: RoundKind, group: int, deadline_s: float, now: float) -> None:
+    def start(self, devices: Mapping[str, Presence], kind: RoundKind, group: int, deadline_s: float,
+              now: float) -> None:
         c = self.cloud
         rid = self.next_round
         self.next_round += 1

@@ -17,6 +17,7 @@ may pre-aggregate), and under FedLAMA (``fedlama_phi``) the layers' intervals (`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mqttfl.fl.sampling import sample_clients
@@ -98,7 +99,7 @@ class SyncRounds:
         if len(devices) >= c.settings.min_devices and (self.completed > 0 or c.may_begin(devices, now)):
             self.start(devices, now)
 
-    def start(self, devices: dict[str, Presence], now: float) -> None:
+    def start(self, devices: Mapping[str, Presence], now: float) -> None:
         c = self.cloud
         s = c.settings
         plan = c.plan(self.completed, self.attempt, prox_mu=self.strategy.prox_mu,
