@@ -20,6 +20,7 @@ from mqttfl.ml.data import load_digits
 from mqttfl.ml.models import build_model, model_state, schema_of
 from mqttfl.protocol.cloud.machine import CloudMachine
 from mqttfl.protocol.cloud.roles import Roles
+from mqttfl.protocol.cloud.rounds import CloudRound
 from mqttfl.protocol.cloud.settings import CloudSettings
 from mqttfl.protocol.events import Command, Effect, Event, JobDone, Metrics, Persist, Received, Run, RunLog, StatusSeen
 from mqttfl.protocol.messages import EdgeUpdate, Report
@@ -70,6 +71,14 @@ def play_round(cloud: Cloud, now: float) -> tuple[dict[str, Any], dict[str, Any]
     and the state persisted as it committed."""
     r = cloud.machine.policy.current
     assert r is not None
+    out = report_all(cloud, r, now)
+    (logged,) = [fx.entry for fx in out if isinstance(fx, RunLog)]
+    (metrics,) = [fx.fields for fx in out if isinstance(fx, Metrics)]
+    persisted = [fx.state for fx in out if isinstance(fx, Persist) and fx.state is not None][0]
+    return logged, metrics, persisted
+
+
+def report_all(cloud: Cloud, r: CloudRound, now: float) -> list[Effect]:
     delta = {k: np.full_like(v, 1e-3) for k, v in cloud.machine.global_state.items()}
     rng = np.random.default_rng(r.plan.round)
     out: list[Effect] = []
@@ -79,11 +88,8 @@ def play_round(cloud: Cloud, now: float) -> tuple[dict[str, Any], dict[str, Any]
             reports = {d: Report(samples=10, t_local=float(rng.uniform(0.1, 2.0)), t_total=float(rng.uniform(2, 3)),
                                  bytes_up=1000) for d in chunk}
             out += cloud(Received(edge, EdgeUpdate(run="r", round=r.plan.round, attempt=r.plan.attempt,
-                                                   reports=reports, missing=(), delta=delta)), now)
-    (logged,) = [fx.entry for fx in out if isinstance(fx, RunLog)]
-    (metrics,) = [fx.fields for fx in out if isinstance(fx, Metrics)]
-    persisted = [fx.state for fx in out if isinstance(fx, Persist) and fx.state is not None][0]
-    return logged, metrics, persisted
+                                                   reports=reports, missing=(), delta=delta, tag=r.tag)), now)
+    return out
 
 
 def items(obj: Any, seen: set[int] | None = None) -> int:
@@ -157,3 +163,23 @@ def test_the_monitor_shows_the_slowest_devices_from_a_large_rounds_metrics(backe
     top = sorted(logged["devices"], key=lambda d: -logged["devices"][d]["T_total"])[:3]
     assert [s["node"] for s in v.summary(slowest=3)["slowest"]] == top
 
+
+
+def test_async_scheduling_looks_at_the_fleet_only_when_a_device_becomes_eligible_or_not(
+        backend: TorchBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scheduling group rounds walks every eligible device: a status that changes no device's eligibility (the
+    many state changes of a large fleet's rounds) must not trigger it."""
+    cloud = fleet(backend, 60, mode="async", profile_rounds=1, max_versions=50, num_groups=3)
+    policy = cloud.machine.policy
+    (profiling,) = policy.open.values()
+    report_all(cloud, profiling, 1.0)
+    assert policy.phase == "groups" and policy.completed == 1 and len(policy.open) == 3, "a round per group"
+    calls: list[float] = []
+    schedule = policy.schedule
+    monkeypatch.setattr(policy, "schedule", lambda now: (calls.append(now), schedule(now)))
+    for i in range(60):
+        cloud(StatusSeen(Presence(f"dev{i}", "device", "training", boot=1, edge=EDGES[i % 2], samples=10)), 2.0)
+    assert calls == []
+    cloud(StatusSeen(Presence("dev0", "device", "offline", boot=1, edge=EDGES[0], samples=10)), 3.0)
+    cloud(StatusSeen(Presence("dev2", "device", "idle", boot=1, edge=EDGES[1], samples=10)), 3.0)  # moved
+    assert calls == [3.0, 3.0]

@@ -70,6 +70,7 @@ class AsyncGroups:
         self.probe_due: set[str] = set()
         self.online_seen: dict[str, bool] = {}
         self.dirty = False
+        self._scheduled: tuple[Any, ...] | None = None  # what the last schedule() saw (progress)
         self._saved_open: dict[str, Any] = {}
         if saved:
             self._load(saved)
@@ -176,7 +177,15 @@ class AsyncGroups:
                        group_versions={str(g): n for g, n in self.group_versions.items()})
             return
         if c.running:
-            self.schedule(now)
+            # Scheduling looks at every eligible device: only when something it depends on changed, so that
+            # the statuses of a large fleet's devices cost O(1) each (the profile phase's first round also
+            # waits on a clock: always).
+            key = (c.eligible_version, self.phase, self.completed, self.next_round, len(self.open),
+                   len(self.probe_due), len(self.assign), self.last_regroup, self.strategy.version)
+            if self.phase == "profile" or key != self._scheduled:
+                self.schedule(now)
+                self._scheduled = (c.eligible_version, self.phase, self.completed, self.next_round, len(self.open),
+                                   len(self.probe_due), len(self.assign), self.last_regroup, self.strategy.version)
         if self.dirty:
             self.dirty = False
             c.persist(now)

@@ -160,6 +160,7 @@ class CloudMachine:
         self._unknown_classes: set[tuple[str, str]] = set()  # (device, class) reported as not configured
         self._eligible: dict[str, Presence] = {}  # eligible(), maintained per status
         self._eligible_run: str | None = None  # the run _eligible was built for (None: rebuild)
+        self.eligible_version = 0  # bumped when a device becomes eligible or not, or changes edge
         self._fx: list[Effect] = []
         saved_policy: dict[str, Any] | None = None
         if restored:
@@ -339,6 +340,7 @@ class CloudMachine:
             run = self.settings.run
             edges = {e for e, p in self.online("edge").items() if not p.refuses(run)}
             self._eligible = {d: p for d, p in self.online("device").items() if self._fits(d, p, edges)}
+            self.eligible_version += 1
             self._eligible_run = run
         return MappingProxyType(self._eligible)
 
@@ -354,15 +356,19 @@ class CloudMachine:
         role = self.role_of(node)
         if role == "edge":
             self._eligible_run = None
+            self.eligible_version += 1
             return
-        self._eligible.pop(node, None)
+        before = self._eligible.pop(node, None)
         p = self.fleet.get(node)
-        if role != "device" or p is None or not p.online or p.edge is None:
-            return
-        edge = self.fleet.get(p.edge)
-        if edge is not None and edge.online and self.role_of(p.edge) == "edge" and not edge.refuses(self.settings.run) \
-                and self._fits(node, p, {p.edge}):
-            self._eligible[node] = p
+        if role == "device" and p is not None and p.online and p.edge is not None:
+            edge = self.fleet.get(p.edge)
+            if edge is not None and edge.online and self.role_of(p.edge) == "edge" \
+                    and not edge.refuses(self.settings.run) and self._fits(node, p, {p.edge}):
+                self._eligible[node] = p
+        after = self._eligible.get(node)
+        if (before is None) != (after is None) or (before is not None and after is not None
+                                                   and before.edge != after.edge):
+            self.eligible_version += 1
 
     def may_begin(self, devices: Mapping[str, Presence], now: float) -> bool:
         """Whether the first round of the run may start with these eligible devices: at least ``min_devices``,
