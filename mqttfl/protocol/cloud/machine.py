@@ -156,6 +156,7 @@ class CloudMachine:
         self._waiting: list[str] | None = None  # the devices round 0 waits for, as last announced
         self._refusals: set[tuple[str, str, str]] = set()  # (node, run, reason) already reported
         self.chain_overrides: dict[str, tuple[str, ...]] = {}  # device -> helpers, set by the chain command
+        self._helpers: frozenset[str] | None = None  # helper_nodes(), until chain_overrides changes
         self.cut_planner = CutPlanner()  # devices' and edges' profiles (split-point planning)
         self._unknown_classes: set[tuple[str, str]] = set()  # (device, class) reported as not configured
         self._eligible: dict[str, Presence] = {}  # eligible(), maintained per status
@@ -312,8 +313,11 @@ class CloudMachine:
         """The helpers ``device`` may pipeline across: the chain command's, else ``[cloud] chains``."""
         return self.chain_overrides.get(device, self.roles.chains.get(device, ()))
 
-    def helper_nodes(self) -> set[str]:
-        return {h for d in {*self.roles.chains, *self.chain_overrides} for h in self.chain_of(d)}
+    def helper_nodes(self) -> frozenset[str]:
+        """Every node some device's chain names; asked on every status, so kept until a chain changes."""
+        if self._helpers is None:
+            self._helpers = frozenset(h for d in {*self.roles.chains, *self.chain_overrides} for h in self.chain_of(d))
+        return self._helpers
 
     def helpers_online(self, device: str) -> tuple[str, ...]:
         run = self.settings.run
@@ -816,6 +820,7 @@ class CloudMachine:
         device = check_id(arg(args, "device", str), "device")
         if arg(args, "reset", bool, default=False):
             self.chain_overrides.pop(device, None)
+            self._helpers = None
         else:
             raw = arg(args, "helpers", (list, str))
             names = [h.strip() for h in raw.split(",")] if isinstance(raw, str) else raw
@@ -824,6 +829,7 @@ class CloudMachine:
                     or any(self.roles.is_edge(h) for h in helpers):
                 raise CommandError("helpers must be node ids other than the device and the edges, each once")
             self.chain_overrides[device] = helpers
+            self._helpers = None
         self.persist(now)
         self._tell_chain(device)
         return {"device": device, "helpers": list(self.chain_of(device)), "online": list(self.helpers_online(device))}
