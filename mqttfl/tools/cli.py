@@ -34,6 +34,7 @@ BENCHES = {
     "pipeline": ("mqttfl.tools.bench.pipeline", "Eco-FL pipelines across helpers: speed-up, DP partition, rebalancing"),
     "hetero": ("mqttfl.tools.bench.hetero", "weak clients, compressed local models, cutoffs and planned cuts"),
     "scale": ("mqttfl.tools.bench.scale", "virtual devices over MQTT (N = 10..1000) and a 1000-client in-memory run"),
+    "cloudmem": ("mqttfl.tools.bench.cloudmem", "what the cloud machine keeps per device and round (tracemalloc)"),
 }
 
 
