@@ -7,32 +7,49 @@ not grow with the fleet, or a fleet of thousands would cost the cloud O(rounds x
 persist O(rounds x devices) time:
 
 * the history entry keeps the round's scalars, the per-class summaries (``classes``), the ``slowest`` few
-  devices, and counts instead of device lists (``missing_count``);
+  devices, and counts instead of device lists (``missing_count``; asynchronous versions: ``participants_count``;
+  a robust strategy's ``aggregation``: ``selected_count``, ``clipped_count``, ...);
 * the round's metrics carry every device's costs only for rounds of at most ``[cloud] metrics_devices``
   devices; larger rounds carry the same bounded view as the history (the run log still has every device).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping
 from typing import Any
 
-# Keys of a round's record that list devices (each O(devices)); the run log keeps them.
-PER_DEVICE = ("devices", "sampled", "missing", "cut_plan")
+# Keys of a round's record that list or map devices (each O(devices)); the run log keeps them. A list becomes its
+# count (``<key>_count``); ``groups`` (asynchronous: every group's members) has its own metrics entry.
+PER_DEVICE = ("devices", "sampled", "missing", "participants", "cut_plan", "groups")
 SLOWEST = 5  # devices named in ``slowest``: what an operator looks at first (mqttfl monitor)
 
 
 def slowest(devices: Mapping[str, Mapping[str, Any]], k: int = SLOWEST) -> list[dict[str, Any]]:
     """The ``k`` devices with the longest round (``T_total``) and their class, slowest first; O(devices)."""
-    rows = sorted(((float(c.get("T_total") or 0.0), d) for d, c in devices.items()), key=lambda t: (-t[0], t[1]))
-    return [{"device": d, "T_total": t, "class": devices[d].get("class")} for t, d in rows[:k]]
+    rows = heapq.nsmallest(k, ((-float(c.get("T_total") or 0.0), d) for d, c in devices.items()))
+    return [{"device": d, "T_total": -t, "class": devices[d].get("class")} for t, d in rows]
+
+
+def _counted(fields: Mapping[str, Any], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``fields`` with its lists (all, or those of ``keys``) replaced by their lengths and the maps of ``keys``
+    left out; every other value kept (a synchronous round's ``participants`` is a number already)."""
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        if keys is not None and k not in keys:
+            out[k] = v
+        elif isinstance(v, list):
+            out[f"{k}_count"] = len(v)
+        elif not isinstance(v, Mapping):
+            out[k] = v
+    return out
 
 
 def bounded(entry: Mapping[str, Any]) -> dict[str, Any]:
     """The entry without its per-device lists: counts and the slowest few instead. Size independent of N."""
-    out = {k: v for k, v in entry.items() if k not in PER_DEVICE}
-    if isinstance(entry.get("missing"), list):
-        out["missing_count"] = len(entry["missing"])
+    out = _counted(entry, PER_DEVICE)
+    if isinstance(entry.get("aggregation"), Mapping):  # Krum's selected, clipping's clipped devices, ...
+        out["aggregation"] = _counted(entry["aggregation"])
     if isinstance(entry.get("devices"), Mapping):
         out["slowest"] = slowest(entry["devices"])
     return out
