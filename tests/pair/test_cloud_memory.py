@@ -22,7 +22,19 @@ from mqttfl.protocol.cloud.machine import CloudMachine
 from mqttfl.protocol.cloud.roles import Roles
 from mqttfl.protocol.cloud.rounds import CloudRound
 from mqttfl.protocol.cloud.settings import CloudSettings
-from mqttfl.protocol.events import Command, Effect, Event, JobDone, Metrics, Persist, Received, Run, RunLog, StatusSeen
+from mqttfl.protocol.events import (
+    Command,
+    Effect,
+    Emit,
+    Event,
+    JobDone,
+    Metrics,
+    Persist,
+    Received,
+    Run,
+    RunLog,
+    StatusSeen,
+)
 from mqttfl.protocol.messages import EdgeUpdate, Report
 from mqttfl.protocol.status import Presence
 from mqttfl.runtime.persist import dumps
@@ -144,6 +156,9 @@ def test_what_the_cloud_keeps_of_its_rounds_does_not_grow_with_the_fleet(backend
 def test_a_large_rounds_metrics_carry_classes_and_the_slowest_and_the_run_log_every_device(
         backend: TorchBackend) -> None:
     cloud = fleet(backend, 120, metrics_devices=100)
+    (started,) = [fx.fields for fx in cloud.effects if isinstance(fx, Emit) and fx.event == "round_started"]
+    assert started["devices_per_edge"] == {"edge1": 60, "edge2": 60} and started["devices_omitted"] == 120
+    assert "edges" not in started and "sampled" not in started, "a large round's event names no device"
     logged, metrics, _ = play_round(cloud, 1.0)
     assert "devices" not in metrics and "sampled" not in metrics and metrics["devices_omitted"] == 120
     assert metrics["classes"]["default"]["devices"] == 120 and metrics["participants"] == 120
@@ -151,6 +166,8 @@ def test_a_large_rounds_metrics_carry_classes_and_the_slowest_and_the_run_log_ev
     assert [s["device"] for s in metrics["slowest"]] == [d for d, _ in slowest]
     cloud(Command("op", "set-1", "set", {"metrics_devices": 500}), 1.5)
     _, metrics, _ = play_round(cloud, 2.0)
+    (started,) = [fx.fields for fx in cloud.effects if isinstance(fx, Emit) and fx.event == "round_started"]
+    assert sorted(started["sampled"]) == sorted(d for ds in started["edges"].values() for d in ds)
     assert len(metrics["devices"]) == 120 and metrics["sampled"] == sorted(metrics["devices"])
 
 

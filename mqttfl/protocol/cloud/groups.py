@@ -39,6 +39,7 @@ import numpy as np
 from mqttfl.fl.aggregate import apply_delta
 from mqttfl.fl.grouping import DROPPED, ClientProfile, form_groups, initial_groups, regroup
 from mqttfl.fl.strategies import Grouping, Update, UpdateRejected, make_strategy, mean_delta
+from mqttfl.protocol.cloud import record
 from mqttfl.protocol.cloud.context import Cloud
 from mqttfl.protocol.cloud.rounds import CloudRound, device_costs
 from mqttfl.protocol.errors import ProtocolError
@@ -252,11 +253,12 @@ class AsyncGroups:
                        declared={d: c.declared(d) for d in devices})
         self.open[rid] = r
         c.announce(plan, by_edge, tag)
+        who = record.round_devices(by_edge, c.settings.metrics_devices)  # a large round: counts
         c.do(SetTimer(("deadline", plan.key), r.deadline),
-             Emit("round_started", fields={"run": plan.run, "round": rid, "attempt": 0, "edges": by_edge,
+             Emit("round_started", fields={"run": plan.run, "round": rid, "attempt": 0, **who,
                                            "group": group, "version": self.completed, "kind": kind}),
              Log("info", "group round start", {"round": rid, "group": group, "kind": kind,
-                                               "version": self.completed, "edges": by_edge}))
+                                               "version": self.completed, **who}))
         self.dirty = True
 
     # ------------------------------------------------------------------ deltas

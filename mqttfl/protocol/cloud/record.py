@@ -55,6 +55,16 @@ def bounded(entry: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def round_devices(by_edge: Mapping[str, list[str]], limit: int, *, sampled: bool = False) -> dict[str, Any]:
+    """Who a starting round's event names: every device by edge (and ``sampled``) for a round of at most ``limit``
+    devices, else how many at each edge (``devices_per_edge``)."""
+    n = sum(len(ds) for ds in by_edge.values())
+    if n <= limit:
+        return {"edges": dict(by_edge), **({"sampled": sorted(d for ds in by_edge.values() for d in ds)}
+                                          if sampled else {})}
+    return {"devices_per_edge": {e: len(ds) for e, ds in by_edge.items()}, "devices_omitted": n}
+
+
 def for_metrics(entry: dict[str, Any], limit: int) -> dict[str, Any]:
     """The round's metrics: the whole record for a round of at most ``limit`` devices, else the bounded one
     (``devices_omitted`` says how many devices the run log has and the metrics leave out)."""
