@@ -418,7 +418,7 @@ class Resume(Message):
                    session=enum_field(body, "session", EdgeSession), token=str_field(body, "token", max_len=64))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Report:
     """What a device reports with its delta (per-device system costs of the heterogeneous-IoT cost model).
 

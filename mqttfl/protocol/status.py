@@ -34,7 +34,7 @@ class NodeState(StrEnum):
 MAX_CLASSES = 100_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Presence:
     node: str
     role: str

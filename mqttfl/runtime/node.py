@@ -369,11 +369,13 @@ class Node(MachineRunner):
         self.transport.set_reconnect_cap(seconds)
 
     def run_log(self, entry: dict[str, Any]) -> None:
+        # A round of a large fleet lists every device: encoded once for both logs.
+        line = json.dumps(entry) + "\n"
         if self.runlog is not None:
             with open(self.runlog, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(line)
         if self.runs is not None:
-            self.runs.history(entry)
+            self.runs.history(entry, line)
 
     def save_model(self, fx: E.SaveModel) -> None:
         if self.runs is not None:

@@ -48,13 +48,14 @@ class RunStore:
         for old in sorted(round_files(d))[: -self.keep]:
             (d / f"round-{old:06d}.model").unlink(missing_ok=True)
 
-    def history(self, entry: dict[str, Any]) -> None:
+    def history(self, entry: dict[str, Any], line: str | None = None) -> None:
+        """Append ``entry`` (``line``: as the caller already encoded it) to its run's history."""
         run = entry.get("run")
         if isinstance(run, str) and run:
             d = self._dir(run)
             d.mkdir(parents=True, exist_ok=True)
             with open(d / "history.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(line if line is not None else json.dumps(entry) + "\n")
 
 
 def round_files(d: Path) -> list[int]:

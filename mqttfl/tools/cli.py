@@ -35,6 +35,7 @@ BENCHES = {
     "hetero": ("mqttfl.tools.bench.hetero", "weak clients, compressed local models, cutoffs and planned cuts"),
     "scale": ("mqttfl.tools.bench.scale", "virtual devices over MQTT (N = 10..1000) and a 1000-client in-memory run"),
     "journal": ("mqttfl.tools.bench.journal", "the node's journal vs a file per outbox message and keyed state"),
+    "cloudmem": ("mqttfl.tools.bench.cloudmem", "what the cloud machine keeps per device and round (tracemalloc)"),
 }
 
 

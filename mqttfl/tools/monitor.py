@@ -20,7 +20,8 @@ MQTT, so it is tested with hand-made messages:
 
 A large fleet is summarised: beyond ``--rows`` devices (default 40) the table lists the cloud and the edges,
 and the devices as counts by state, the slowest devices of the latest round (their ``T_total`` in the cloud's
-round metrics) and the devices offline; ``--json`` always carries every node and the same ``summary``.
+round metrics: every device's for a small round, the ``slowest`` few of a large one) and the devices offline;
+``--json`` always carries every node and the same ``summary``.
 
 Plain text, redrawn every ``--interval`` seconds (no curses); ``--once`` prints one table (or one JSON object
 with ``--json``) after collecting for ``--interval`` seconds. Nothing here imports torch.
@@ -147,6 +148,10 @@ class FleetView:
             if isinstance(devices, dict):
                 self.device_s = {d: t for d, c in devices.items()
                                  if isinstance(c, dict) and (t := _number(c.get("T_total"))) is not None}
+                self.device_s_round = data.get("round")
+            elif isinstance(data.get("slowest"), list):  # a large round's metrics name only its slowest devices
+                self.device_s = {str(r["device"]): t for r in data["slowest"] if isinstance(r, dict)
+                                 and "device" in r and (t := _number(r.get("T_total"))) is not None}
                 self.device_s_round = data.get("round")
             wall, rnd, round_s = _number(data.get("wall_s")), data.get("round"), _number(data.get("round_s"))
             if wall is not None and isinstance(rnd, int):

@@ -38,6 +38,7 @@ from mqttfl.protocol.events import (
     Received,
     Reply,
     Run,
+    RunLog,
     Send,
     SetTimer,
     StatusSeen,
@@ -276,8 +277,9 @@ def test_only_the_edge_a_device_is_assigned_to_can_report_it_missing() -> None:
     done = EdgeUpdate(run="r", round=0, attempt=0, reports={"dev1": Report(samples=10)}, missing=(),
                       delta={k: np.full_like(v, 0.01) for k, v in global_state().items()})
     cloud(received("edge2", "cloud", done, reliable=True))
-    (entry,) = cloud.machine.history
+    (entry,) = [fx.entry for fx in cloud.effects if isinstance(fx, RunLog)]  # the whole record: the run log's
     assert entry["participants"] == 1 and entry["missing"] == [] and entry["devices"]["dev1"]["edge"] == "edge2"
+    assert cloud.machine.history[0]["missing_count"] == 0
 
 
 def test_the_cloud_persists_each_attempt_before_announcing_it() -> None:

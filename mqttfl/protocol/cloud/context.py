@@ -8,7 +8,7 @@ these interfaces.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,9 +39,12 @@ class Cloud(Protocol):
 
     def drop(self, reason: str, detail: str, src: str = "") -> None: ...
 
-    def eligible(self) -> dict[str, Presence]: ...
+    @property
+    def eligible_version(self) -> int: ...
 
-    def may_begin(self, devices: dict[str, Presence], now: float) -> bool: ...
+    def eligible(self) -> Mapping[str, Presence]: ...
+
+    def may_begin(self, devices: Mapping[str, Presence], now: float) -> bool: ...
 
     def is_edge(self, node: str) -> bool: ...
 

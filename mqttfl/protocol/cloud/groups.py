@@ -31,6 +31,7 @@ restored open rounds keep accepting their edges' deltas until their deadline.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ import numpy as np
 from mqttfl.fl.aggregate import apply_delta
 from mqttfl.fl.grouping import DROPPED, ClientProfile, form_groups, initial_groups, regroup
 from mqttfl.fl.strategies import Grouping, Update, UpdateRejected, make_strategy, mean_delta
+from mqttfl.protocol.cloud import record
 from mqttfl.protocol.cloud.context import Cloud
 from mqttfl.protocol.cloud.rounds import CloudRound, device_costs
 from mqttfl.protocol.errors import ProtocolError
@@ -69,6 +71,7 @@ class AsyncGroups:
         self.probe_due: set[str] = set()
         self.online_seen: dict[str, bool] = {}
         self.dirty = False
+        self._scheduled: tuple[Any, ...] | None = None  # what the last schedule() saw (progress)
         self._saved_open: dict[str, Any] = {}
         if saved:
             self._load(saved)
@@ -175,7 +178,15 @@ class AsyncGroups:
                        group_versions={str(g): n for g, n in self.group_versions.items()})
             return
         if c.running:
-            self.schedule(now)
+            # Scheduling looks at every eligible device: only when something it depends on changed, so that
+            # the statuses of a large fleet's devices cost O(1) each (the profile phase's first round also
+            # waits on a clock: always).
+            key = (c.eligible_version, self.phase, self.completed, self.next_round, len(self.open),
+                   len(self.probe_due), len(self.assign), self.last_regroup, self.strategy.version)
+            if self.phase == "profile" or key != self._scheduled:
+                self.schedule(now)
+                self._scheduled = (c.eligible_version, self.phase, self.completed, self.next_round, len(self.open),
+                                   len(self.probe_due), len(self.assign), self.last_regroup, self.strategy.version)
         if self.dirty:
             self.dirty = False
             c.persist(now)
@@ -202,7 +213,7 @@ class AsyncGroups:
                 self.probe_due.discard(d)
                 self.start({d: ready[d]}, RoundKind.PROBE, PROFILE, float(s.group_deadline_s), now)
 
-    def _admit_newcomers(self, ready: dict[str, Presence]) -> None:
+    def _admit_newcomers(self, ready: Mapping[str, Presence]) -> None:
         """A device first seen after profiling: its own group (per client), the one group, or a probe round
         first so that its latency decides its group (Eco-FL, tiers)."""
         for d in sorted(set(ready) - set(self.assign)):
@@ -228,7 +239,8 @@ class AsyncGroups:
         self.assign.setdefault(device, DROPPED)
         self.regroup(reason="probe")
 
-    def start(self, devices: dict[str, Presence], kind: RoundKind, group: int, deadline_s: float, now: float) -> None:
+    def start(self, devices: Mapping[str, Presence], kind: RoundKind, group: int, deadline_s: float,
+              now: float) -> None:
         c = self.cloud
         rid = self.next_round
         self.next_round += 1
@@ -241,11 +253,12 @@ class AsyncGroups:
                        declared={d: c.declared(d) for d in devices})
         self.open[rid] = r
         c.announce(plan, by_edge, tag)
+        who = record.round_devices(by_edge, c.settings.metrics_devices)  # a large round: counts
         c.do(SetTimer(("deadline", plan.key), r.deadline),
-             Emit("round_started", fields={"run": plan.run, "round": rid, "attempt": 0, "edges": by_edge,
+             Emit("round_started", fields={"run": plan.run, "round": rid, "attempt": 0, **who,
                                            "group": group, "version": self.completed, "kind": kind}),
              Log("info", "group round start", {"round": rid, "group": group, "kind": kind,
-                                               "version": self.completed, "edges": by_edge}))
+                                               "version": self.completed, **who}))
         self.dirty = True
 
     # ------------------------------------------------------------------ deltas

@@ -27,14 +27,15 @@ leave done, failed and stopped.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from mqttfl.protocol import stage
-from mqttfl.protocol.cloud import fedeval
+from mqttfl.protocol.cloud import fedeval, record
 from mqttfl.protocol.cloud.context import Policy
 from mqttfl.protocol.cloud.cutplan import CutPlanner
 from mqttfl.protocol.cloud.groups import AsyncGroups
@@ -86,7 +87,7 @@ from mqttfl.protocol.status import NodeState, Presence
 from mqttfl.wire.encoding import ALLOWED as ENCODINGS_ALLOWED
 
 STATE_FORMAT = 2
-HISTORY = 1000  # rounds kept in memory; the run log keeps everything
+HISTORY = 1000  # rounds kept in memory (bounded entries, record.bounded); the run log keeps everything
 
 # Run parameters an operator may change with `set` (flat [cloud] keys), and their checks.
 SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
@@ -108,6 +109,7 @@ SETTABLE: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool]]] = {
     "fed_eval_every": (int, lambda v: v >= 0),
     "max_update_norm": ((int, float), lambda v: v >= 0),
     "max_samples": (int, lambda v: v >= 0),
+    "metrics_devices": (int, lambda v: v >= 0),
     "resume_every": (int, lambda v: v >= 0),
     "cut": (int, lambda v: v == -1 or v >= 1),
     # Pipelines (docs/design.md, "Pipeline"): from the next round on.
@@ -154,10 +156,12 @@ class CloudMachine:
         self._waiting: list[str] | None = None  # the devices round 0 waits for, as last announced
         self._refusals: set[tuple[str, str, str]] = set()  # (node, run, reason) already reported
         self.chain_overrides: dict[str, tuple[str, ...]] = {}  # device -> helpers, set by the chain command
+        self._helpers: frozenset[str] | None = None  # helper_nodes(), until chain_overrides changes
         self.cut_planner = CutPlanner()  # devices' and edges' profiles (split-point planning)
         self._unknown_classes: set[tuple[str, str]] = set()  # (device, class) reported as not configured
         self._eligible: dict[str, Presence] = {}  # eligible(), maintained per status
         self._eligible_run: str | None = None  # the run _eligible was built for (None: rebuild)
+        self.eligible_version = 0  # bumped when a device becomes eligible or not, or changes edge
         self._fx: list[Effect] = []
         saved_policy: dict[str, Any] | None = None
         if restored:
@@ -309,8 +313,11 @@ class CloudMachine:
         """The helpers ``device`` may pipeline across: the chain command's, else ``[cloud] chains``."""
         return self.chain_overrides.get(device, self.roles.chains.get(device, ()))
 
-    def helper_nodes(self) -> set[str]:
-        return {h for d in {*self.roles.chains, *self.chain_overrides} for h in self.chain_of(d)}
+    def helper_nodes(self) -> frozenset[str]:
+        """Every node some device's chain names; asked on every status, so kept until a chain changes."""
+        if self._helpers is None:
+            self._helpers = frozenset(h for d in {*self.roles.chains, *self.chain_overrides} for h in self.chain_of(d))
+        return self._helpers
 
     def helpers_online(self, device: str) -> tuple[str, ...]:
         run = self.settings.run
@@ -328,16 +335,18 @@ class CloudMachine:
     def online(self, role: str) -> dict[str, Presence]:
         return {n: p for n, p in self.fleet.items() if p.online and self.role_of(n) == role}
 
-    def eligible(self) -> dict[str, Presence]:
+    def eligible(self) -> Mapping[str, Presence]:
         """Online devices attached to an online edge they may use, with a usable sample count, unless either
         refused this run (another model, unfit data). Kept up to date per status (``_note_eligible``), so that a
-        fleet of thousands coming online costs O(1) per status, not a scan of the fleet each."""
+        fleet of thousands coming online costs O(1) per status, not a scan of the fleet each; a read-only view
+        (no copy: the policies look at it after every event), which a caller copies to keep."""
         if self._eligible_run != self.settings.run:
             run = self.settings.run
             edges = {e for e, p in self.online("edge").items() if not p.refuses(run)}
             self._eligible = {d: p for d, p in self.online("device").items() if self._fits(d, p, edges)}
+            self.eligible_version += 1
             self._eligible_run = run
-        return dict(self._eligible)
+        return MappingProxyType(self._eligible)
 
     def _fits(self, device: str, p: Presence, edges: set[str]) -> bool:
         run = self.settings.run
@@ -351,17 +360,21 @@ class CloudMachine:
         role = self.role_of(node)
         if role == "edge":
             self._eligible_run = None
+            self.eligible_version += 1
             return
-        self._eligible.pop(node, None)
+        before = self._eligible.pop(node, None)
         p = self.fleet.get(node)
-        if role != "device" or p is None or not p.online or p.edge is None:
-            return
-        edge = self.fleet.get(p.edge)
-        if edge is not None and edge.online and self.role_of(p.edge) == "edge" and not edge.refuses(self.settings.run) \
-                and self._fits(node, p, {p.edge}):
-            self._eligible[node] = p
+        if role == "device" and p is not None and p.online and p.edge is not None:
+            edge = self.fleet.get(p.edge)
+            if edge is not None and edge.online and self.role_of(p.edge) == "edge" \
+                    and not edge.refuses(self.settings.run) and self._fits(node, p, {p.edge}):
+                self._eligible[node] = p
+        after = self._eligible.get(node)
+        if (before is None) != (after is None) or (before is not None and after is not None
+                                                   and before.edge != after.edge):
+            self.eligible_version += 1
 
-    def may_begin(self, devices: dict[str, Presence], now: float) -> bool:
+    def may_begin(self, devices: Mapping[str, Presence], now: float) -> bool:
         """Whether the first round of the run may start with these eligible devices: at least ``min_devices``,
         and every device ``wait_for`` names, or else ``start_grace_s`` passed since ``min_devices`` were there.
         Without ``wait_for``, a grace period lets more devices join before round 0."""
@@ -373,7 +386,7 @@ class CloudMachine:
             return True
         if self._enough_since is None:
             self._enough_since = now
-        missing = sorted(set(s.wait_for) - set(devices))
+        missing = sorted(d for d in set(s.wait_for) if d not in devices)  # O(wait_for), not O(fleet): per event
         grace_over = s.start_grace_s > 0 and now >= self._enough_since + s.start_grace_s
         if (s.wait_for and not missing) or (not s.wait_for and s.start_grace_s == 0) or grace_over:
             self.begun = True
@@ -560,11 +573,12 @@ class CloudMachine:
         for name, value in (res.metrics if res is not None else {}).items():
             entry.setdefault(name, _finite(value))  # the task's other metrics: mse, mae, exact_match
         entry["wall_s"] = round(self.elapsed(now), 3)
-        self.history.append(entry)
+        # The run log has the whole record; memory, the persisted state and large rounds' metrics a bounded one.
+        self.history.append(record.bounded(entry))
         del self.history[:-HISTORY]
         self._keep_model(entry)
         self.persist(now)  # on disk before anyone hears of it
-        self._do(RunLog(entry), Metrics(entry))
+        self._do(RunLog(entry), Metrics(record.for_metrics(entry, self.settings.metrics_devices)))
         self.publish_status(accuracy=entry["accuracy"])
         self._do(Log("info", f"{entry['kind']} done", {k: entry.get(k) for k in
                                                         ("round", "version", "accuracy", "loss", "participants")}))
@@ -806,6 +820,7 @@ class CloudMachine:
         device = check_id(arg(args, "device", str), "device")
         if arg(args, "reset", bool, default=False):
             self.chain_overrides.pop(device, None)
+            self._helpers = None
         else:
             raw = arg(args, "helpers", (list, str))
             names = [h.strip() for h in raw.split(",")] if isinstance(raw, str) else raw
@@ -814,6 +829,7 @@ class CloudMachine:
                     or any(self.roles.is_edge(h) for h in helpers):
                 raise CommandError("helpers must be node ids other than the device and the edges, each once")
             self.chain_overrides[device] = helpers
+            self._helpers = None
         self.persist(now)
         self._tell_chain(device)
         return {"device": device, "helpers": list(self.chain_of(device)), "online": list(self.helpers_online(device))}

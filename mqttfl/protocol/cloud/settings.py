@@ -48,6 +48,9 @@ class CloudSettings:
     fed_eval_every: int = field(default=0, metadata={"doc": (
         "sync: every this many rounds (and after the last), devices with eval_data evaluate the global model and "
         "the cloud reports the weighted result beside its own (federated evaluation); 0: never")})
+    metrics_devices: int = field(default=100, metadata={"doc": (
+        "a round's metrics list each device's costs when the round had at most this many devices; a larger "
+        "round's metrics carry the per-class costs and the slowest devices only (the run log has every device)")})
     max_samples: int = field(default=0, metadata={"doc": (
         "a device declaring more samples than this when it joins is left out of rounds (0: no cap); a report "
         "never counts more samples than its device declared")})
@@ -110,6 +113,8 @@ class CloudSettings:
             out.append("quorum must be in (0, 1]")
         if self.max_samples < 0:
             out.append("max_samples must be >= 0")
+        if self.metrics_devices < 0:
+            out.append("metrics_devices must be >= 0")
         if self.max_attempts < 1 or self.min_devices < 1 or self.num_groups < 1 or self.profile_rounds < 1:
             out.append("max_attempts, min_devices, num_groups and profile_rounds must be >= 1")
         if self.cut == 0 or self.cut < -1:

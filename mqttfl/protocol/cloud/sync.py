@@ -17,10 +17,12 @@ may pre-aggregate), and under FedLAMA (``fedlama_phi``) the layers' intervals (`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mqttfl.fl.sampling import sample_clients
 from mqttfl.fl.strategies import RoundInfo, UpdateRejected, make_strategy, mean_delta
+from mqttfl.protocol.cloud import record
 from mqttfl.protocol.cloud.context import Cloud, quorum_needed
 from mqttfl.protocol.cloud.layerwise import LayerWise
 from mqttfl.protocol.cloud.rounds import CloudRound, device_costs
@@ -98,7 +100,7 @@ class SyncRounds:
         if len(devices) >= c.settings.min_devices and (self.completed > 0 or c.may_begin(devices, now)):
             self.start(devices, now)
 
-    def start(self, devices: dict[str, Presence], now: float) -> None:
+    def start(self, devices: Mapping[str, Presence], now: float) -> None:
         c = self.cloud
         s = c.settings
         plan = c.plan(self.completed, self.attempt, prox_mu=self.strategy.prox_mu,
@@ -126,10 +128,10 @@ class SyncRounds:
         c.announce(plan, by_edge, partial=self.lama.partial(by_edge) if self.lama else None, cuts=cuts)
         c.do(SetTimer(("deadline", plan.key), self.current.deadline))
         c.publish_status()
-        c.do(Emit("round_started", fields={"run": plan.run, "round": plan.round, "attempt": plan.attempt,
-                                           "edges": by_edge, "sampled": sampled, "eligible": len(devices),
-                                           "lr": plan.lr}),
-             Log("info", "round start", {"round": plan.round, "attempt": plan.attempt, "edges": by_edge}))
+        who = record.round_devices(by_edge, s.metrics_devices, sampled=True)  # a large round: counts
+        c.do(Emit("round_started", fields={"run": plan.run, "round": plan.round, "attempt": plan.attempt, **who,
+                                           "eligible": len(devices), "lr": plan.lr}),
+             Log("info", "round start", {"round": plan.round, "attempt": plan.attempt, **who}))
 
     def on_update(self, ev: Received, msg: EdgeUpdate, now: float) -> None:
         c = self.cloud
