@@ -15,6 +15,7 @@ from mqttfl.ml.shard import label_counts, open_shard
 from mqttfl.protocol.device import DeviceMachine
 from mqttfl.protocol.helper import HelperDevice, StageServer
 from mqttfl.runtime.config import AgentConfig, DeviceSection, parse_section
+from mqttfl.runtime.journal import Journal
 from mqttfl.runtime.loop import Machine
 from mqttfl.runtime.netloop import SocketLoop
 from mqttfl.runtime.node import Node
@@ -26,11 +27,11 @@ STATE_FILE = "device.state"  # the top-k error-feedback residual (docs/algorithm
 
 
 def build_device(cfg: AgentConfig, *, data: Any = None, held_out: Any = None, replay: bool = False,
-                 driver: SocketLoop | None = None) -> Node:
+                 driver: SocketLoop | None = None, journal: Journal | None = None) -> Node:
     """The device node of ``cfg``. ``data``/``held_out``: shards already open (virtual devices share them; by
     default the ``[device]`` paths are opened). ``replay``: a fixed update instead of training
-    (:class:`ReplayBackend`). ``driver``: the network loop serving its client (virtual devices share one). A node
-    without data and with ``serve`` is a helper only."""
+    (:class:`ReplayBackend`). ``driver``: the network loop serving its client and ``journal`` the journal holding its
+    outbox and keyed state (virtual devices share both). A node without data and with ``serve`` is a helper only."""
     sec: DeviceSection = parse_section(DeviceSection, cfg.section, "device")
     if data is None and sec.data:
         data = open_shard(sec.data)  # memory-mapped: batches are read from disk as training asks for them
@@ -65,4 +66,4 @@ def build_device(cfg: AgentConfig, *, data: Any = None, held_out: Any = None, re
                                                                   block_ms=sec.block_ms)
 
     return Node(cfg, machine, DeferredBackend(backend), cloud=sec.cloud, edge_brokers=sec.brokers(),
-                state_file=STATE_FILE, preload=preload, driver=driver)
+                state_file=STATE_FILE, preload=preload, driver=driver, journal=journal)

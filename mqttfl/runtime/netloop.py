@@ -35,6 +35,10 @@ class Driven(Protocol):
     def wants_write(self) -> bool: ...
 
 
+class Barrier(Protocol):
+    def sync(self) -> Any: ...
+
+
 class SocketLoop:
     """The sockets of many transports, served from the thread that calls :meth:`poll`."""
 
@@ -45,6 +49,17 @@ class SocketLoop:
         self._tend_at = 0.0
         self._flush: dict[Driven, Any] = {}  # transports with bytes to write, and their sockets
         self._blocked: set[Driven] = set()  # transports whose socket was full: the selector waits for room
+        self._barriers: dict[int, Barrier] = {}  # by identity: nodes sharing a journal add it once
+
+    def add_barrier(self, barrier: Barrier) -> None:
+        """A journal (or anything with ``sync()``) to make durable before any byte of this loop's sockets is
+        written: the transports it serves publish without their own barrier, so several nodes' writes between two
+        turns of the loop cost one ``fdatasync`` per journal (group commit; docs/design.md, "The journal")."""
+        self._barriers[id(barrier)] = barrier
+
+    def _barrier(self) -> None:
+        for b in self._barriers.values():
+            b.sync()
 
     def add(self, t: Driven) -> None:
         self.transports[id(t)] = t
@@ -87,6 +102,8 @@ class SocketLoop:
             pass  # closed meanwhile
 
     def _write_pending(self) -> None:
+        if self._flush:
+            self._barrier()
         while self._flush:
             t, sock = self._flush.popitem()
             t.on_writable()
@@ -105,6 +122,7 @@ class SocketLoop:
             if mask & selectors.EVENT_READ:
                 t.on_readable()
             if mask & selectors.EVENT_WRITE:
+                self._barrier()
                 t.on_writable()
         now = time.monotonic()
         if now >= self._tend_at:

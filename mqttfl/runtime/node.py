@@ -38,6 +38,7 @@ from mqttfl.runtime.log import get_logger
 from mqttfl.runtime.loop import Backend, Machine, MachineRunner
 from mqttfl.runtime.netloop import SocketLoop
 from mqttfl.runtime.outbox import JOURNAL_FILE, Outbox
+from mqttfl.runtime.outbox import PREFIX as OUTBOX_PREFIX
 from mqttfl.runtime.persist import dumps, loads, save_state
 from mqttfl.runtime.preload import Preload
 from mqttfl.runtime.runs import RunStore
@@ -151,9 +152,12 @@ class Node(MachineRunner):
     def __init__(self, cfg: AgentConfig, machine: Machine, backend: Backend | None = None, *,
                  cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = (),
                  keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None,
-                 preload: Preload | None = None, driver: SocketLoop | None = None) -> None:
+                 preload: Preload | None = None, driver: SocketLoop | None = None,
+                 journal: Journal | None = None) -> None:
         """``preload``: the torch modules this node loads once it is online (a device). ``driver``: the network
-        loop that serves this node's client, instead of a thread of its own (virtual devices)."""
+        loop that serves this node's client, instead of a thread of its own (virtual devices). ``journal``: one
+        shared with other nodes of this process, this node's keys under ``<node>/`` (virtual devices: one
+        ``fdatasync`` per turn of their loop covers them all, instead of one per device and message)."""
         self.cfg = cfg
         self.preload = preload
         self.name = cfg.node
@@ -170,8 +174,12 @@ class Node(MachineRunner):
         self.edge_brokers = dict(edge_brokers or {})
         self._move_to: tuple[str, int] | None = None
         # Keyed state and outbox share one journal, so one sync before a publish covers both.
-        self.journal = open_journal(self.state_dir) if self.state_dir else None
-        self.outbox = Outbox(self.state_dir / "outbox", journal=self.journal) if self.state_dir else None
+        self._own_journal = journal is None
+        self.journal = journal if journal is not None else open_journal(self.state_dir) if self.state_dir else None
+        prefix = "" if journal is None else f"{cfg.node}/"
+        self._keyed_prefix = prefix + KEYED_PREFIX
+        self.outbox = (Outbox(self.state_dir / "outbox", journal=self.journal, prefix=prefix + OUTBOX_PREFIX)
+                       if self.state_dir else None)
         # Every node hears what is addressed to it; broadcasts only of the kinds its role needs (the cloud:
         # status), so fleet-wide status traffic does not reach every board.
         subs = [filter_for(cfg.fleet, dst=cfg.node), *(filter_for(cfg.fleet, kind=k, dst="all") for k in broadcasts)]
@@ -287,7 +295,7 @@ class Node(MachineRunner):
         if self.journal is not None:
             self.journal.sync()  # the offline status below is published without the transport's barrier
         self.transport.stop()
-        if self.journal is not None:
+        if self.journal is not None and self._own_journal:
             self.journal.close()
 
     # ------------------------------------------------------------------ events in
@@ -361,9 +369,9 @@ class Node(MachineRunner):
         if self.journal is None:
             return
         if state is None:
-            self.journal.delete(KEYED_PREFIX + key)
+            self.journal.delete(self._keyed_prefix + key)
         else:
-            self.journal.put(KEYED_PREFIX + key, dumps(state))  # durable at the next publish (the barrier)
+            self.journal.put(self._keyed_prefix + key, dumps(state))  # durable at the next publish (the barrier)
 
     def reconnect_within(self, seconds: float | None) -> None:
         self.transport.set_reconnect_cap(seconds)

@@ -42,7 +42,10 @@ class Outbox:
     (the outbox's earlier format, one file per message) are folded into the journal at start."""
 
     def __init__(self, directory: str | Path, *, max_entries: int = 256, max_age_s: float = 86_400.0,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, prefix: str = PREFIX) -> None:
+        """``prefix``: this outbox's keys in the journal (a process of virtual devices shares one journal among
+        its nodes, each under its own prefix)."""
+        self.prefix = prefix
         self.dir = Path(directory)  # its own journal's home; with the node's: where earlier versions kept files
         self.journal = journal if journal is not None else Journal(self.dir / JOURNAL_FILE)
         self.max_entries = max_entries
@@ -50,8 +53,8 @@ class Outbox:
         self.expired = 0
         self._index: dict[str, tuple[str, float, float]] = {}  # key -> (topic, created, last_sent)
         self._fold_legacy()
-        for name in self.journal.keys(PREFIX):
-            e = self._read(name[len(PREFIX):])
+        for name in self.journal.keys(self.prefix):
+            e = self._read(name[len(self.prefix):])
             if e is not None:
                 self._index[e.key] = (e.topic, e.created, 0.0)  # after a restart, everything is due at once
 
@@ -67,7 +70,7 @@ class Outbox:
                 done.append(p)  # a torn file cannot be re-sent
                 continue
             try:
-                self.journal.put(PREFIX + p.stem, value)
+                self.journal.put(self.prefix + p.stem, value)
             except OverflowError:
                 continue  # a full journal: the file stays for a later start
             done.append(p)
@@ -79,11 +82,10 @@ class Outbox:
                 with contextlib.suppress(OSError):
                     self.dir.rmdir()  # the earlier format's folder, empty now
 
-    @staticmethod
-    def _check(key: str) -> str:
+    def _check(self, key: str) -> str:
         if not key or not all(c in "0123456789abcdef" for c in key):
             raise ValueError(f"bad outbox key {key!r}")
-        return PREFIX + key
+        return self.prefix + key
 
     def put(self, key: str, topic: str, payload: bytes, now: float) -> None:
         if len(self._index) >= self.max_entries:
@@ -139,8 +141,8 @@ class Outbox:
             return OutboxEntry(key, d["topic"], d["payload"], float(d["created"]), 0.0)
         except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
             # Not a message we can re-send (the journal's CRC makes a torn value unlikely): forget it.
-            if key in self._index or PREFIX + key in self.journal:
-                self.journal.delete(PREFIX + key)
+            if key in self._index or self.prefix + key in self.journal:
+                self.journal.delete(self.prefix + key)
             self._index.pop(key, None)
             return None
 

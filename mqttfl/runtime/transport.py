@@ -208,6 +208,8 @@ class Transport:
         self._status: dict[str, Any] = {"state": "starting", **(status_fields or {})}
         self._event_times: collections.deque[float] = collections.deque(maxlen=50)
         self.driver = driver
+        if driver is not None and outbox is not None:
+            driver.add_barrier(outbox.journal)  # the loop syncs before it writes any socket: see publish()
         self._started = False
         self._reconnect_at: float | None = None  # driven: when to try again (paho's loop_forever does it otherwise)
         self._misc_at = 0.0
@@ -609,9 +611,10 @@ class Transport:
     # ------------------------------------------------------------------ sending
     def publish(self, kind: str, dst: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         t = self.topic(kind, dst)
-        if self.outbox is not None:
+        if self.outbox is not None and self.driver is None:
             # The durability barrier: what the node wrote before this (its outbox entries and keyed state share
             # one journal) is on disk before anything that follows it can be seen (docs/design.md, "Trust").
+            # Driven, the bytes only leave when the loop writes the socket, and the loop syncs before it does.
             self.outbox.sync()
         chunks = make_chunks(payload, self.cfg.mqtt.chunk_bytes)
         for chunk in chunks:

@@ -146,7 +146,7 @@ def plot(runs: list[dict[str, Any]], out: Path) -> Path:
     except ImportError:
         from mqttfl.tools.bench.scale import _svg
 
-        return _svg(ns, series, out.with_suffix(".svg"))
+        return _svg({"cloud machine, KB": {name: (ns, ys) for name, ys in series.items()}}, out.with_suffix(".svg"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in series.items():
         ax.plot(ns, ys, marker="o", label=name)
