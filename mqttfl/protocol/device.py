@@ -362,6 +362,11 @@ class DeviceMachine(PipelineCoordinator):
         if ev.src != self.edge and not (r is None and ev.src == self.previous_edge):
             self._do(Drop("unknown_sender", f"model from {ev.src}, attached to {self.edge}", ev.src))
             return
+        if msg.devices and self.node not in msg.devices:
+            # Our edge's group announcement for the others (we were not sampled, or just arrived): counted,
+            # not reported, as it is no fault.
+            self._do(Count("group_not_named"))
+            return
         if plan.key in self.done_keys or (r is not None and plan.key == r.plan.key):
             return  # a re-delivered announcement of a round we run or finished
         schema = self._compatible(plan, msg.schema)

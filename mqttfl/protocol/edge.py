@@ -80,6 +80,7 @@ from mqttfl.protocol.events import (
 from mqttfl.protocol.hetero import LocalModel, compact, expand
 from mqttfl.protocol.links import Upstream
 from mqttfl.protocol.messages import (
+    MAX_GROUP,
     Abort,
     Activations,
     ChainSet,
@@ -115,6 +116,7 @@ from mqttfl.protocol.plan import Plan, reconnect_within
 from mqttfl.protocol.resume import SavedSession, record_key
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch, state_norm
 from mqttfl.protocol.status import NodeState
+from mqttfl.wire.topics import BROADCAST
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
 Key = tuple[int, int]
@@ -209,8 +211,12 @@ class EdgeRound:
 
 class EdgeMachine:
     def __init__(self, node: str, *, schemas: SchemaSource, cloud: str = "cloud", deadline_fraction: float = 0.85,
-                 id_prefix: str = "0", restored: dict[str, Any] | None = None, delta_encoding: str = "") -> None:
+                 id_prefix: str = "0", restored: dict[str, Any] | None = None, delta_encoding: str = "",
+                 group_downloads: bool = True) -> None:
         self.node, self.cloud = node, cloud
+        # One announcement to the broadcast topic for the devices whose announcement is identical, instead of
+        # one publish (and one encoding of the model) per device.
+        self.group_downloads = group_downloads
         self.restored = dict(restored or {})  # saved sessions (key -> record), taken up at Started
         self.delta_encoding = delta_encoding  # "": the plan's
         self.lama: LamaCopy | None = None
@@ -424,6 +430,7 @@ class EdgeMachine:
             self.device_round[device] = plan.key
         self.rounds[plan.key] = r
         self._do(Log("info", "round start", {"round": plan.round, "devices": sorted(devices)}))
+        groups: dict[tuple[int, tuple[tuple[str, str], ...]], list[str]] = {}
         for device, cut in devices.items():
             local = self._lama_local(plan, device, cut)
             r.sessions[device] = s = self._open_session(plan, device, cut, r.global_state, schema,
@@ -436,10 +443,26 @@ class EdgeMachine:
             if local is not None:
                 keys = [k for k in keys if k in given]  # the device keeps the rest from last round
             enc = plan.encodings(msg.encodings.get(device))
+            if self.group_downloads and local is None and not chain and msg.locals.get(device) is None:
+                # Same cut and encodings, nothing of its own: the same announcement as its peers'.
+                groups.setdefault((cut, tuple(sorted(enc.items()))), []).append(device)
+                continue
             self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
                                              state={k: r.global_state[k] for k in keys}, schema=msg.schema,
                                              encodings=enc, partial=local is not None, helpers=s.helpers,
                                              local=msg.locals.get(device)), encoding=enc["model"]))
+        for (cut, enc_items), named in groups.items():
+            enc = dict(enc_items)
+            state = {k: r.global_state[k] for k in schema.keys(0, cut)}
+            for i in range(0, len(named), MAX_GROUP):
+                part = sorted(named[i:i + MAX_GROUP])
+                group = tuple(part) if len(part) > 1 else ()
+                self._do(Send(BROADCAST if group else part[0],
+                              TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
+                                         state=state, schema=msg.schema, encodings=enc, devices=group),
+                              encoding=enc["model"]))
+                if group:
+                    self._do(Count("group_downloads"), Count("group_download_devices", len(group)))
         self._set_status()
         self._profile(plan)
         if not devices:

@@ -61,5 +61,6 @@ def build_device(cfg: AgentConfig, *, data: Any = None, held_out: Any = None, re
                                                                   slowdown=sec.slowdown, step_delay_s=sec.step_delay_s,
                                                                   block_ms=sec.block_ms)
 
+    # A device hears its edge's group announcements (model broadcasts) besides its own inbox.
     return Node(cfg, machine, DeferredBackend(backend), cloud=sec.cloud, edge_brokers=sec.brokers(),
-                state_file=STATE_FILE, preload=preload)
+                state_file=STATE_FILE, preload=preload, edge_broadcasts=("model",))

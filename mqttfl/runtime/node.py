@@ -41,7 +41,7 @@ from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.wire.codec import CodecError
 from mqttfl.wire.encoding import decode_tensors
-from mqttfl.wire.topics import filter_for
+from mqttfl.wire.topics import BROADCAST, filter_for
 
 
 class Shutdown(Exception):
@@ -126,8 +126,9 @@ class Node(MachineRunner):
     def __init__(self, cfg: AgentConfig, machine: Machine, backend: Backend | None = None, *,
                  cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = (),
                  keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None,
-                 preload: Preload | None = None) -> None:
-        """``preload``: the torch modules this node loads once it is online (a device)."""
+                 preload: Preload | None = None, edge_broadcasts: tuple[str, ...] = ()) -> None:
+        """``preload``: the torch modules this node loads once it is online (a device). ``edge_broadcasts``: the
+        kinds of broadcast this node hears from its current edge only (the edge its status names)."""
         self.cfg = cfg
         self.preload = preload
         self.name = cfg.node
@@ -149,6 +150,8 @@ class Node(MachineRunner):
         subs = [filter_for(cfg.fleet, dst=cfg.node), *(filter_for(cfg.fleet, kind=k, dst="all") for k in broadcasts)]
         self.transport = Transport(cfg, log=self.logger, outbox=self.outbox, subscriptions=subs, inbox=False,
                                    status_fields=machine.presence())
+        self.edge_broadcasts = edge_broadcasts
+        self._follow(machine.presence().get("edge"))
         self.running = True
         self.timers: dict[Hashable, float] = {}
         self.watchdog = sdnotify.Watchdog(interval) if (interval := sdnotify.watchdog_interval()) else None
@@ -290,8 +293,16 @@ class Node(MachineRunner):
     def cancel_timer(self, key: Hashable) -> None:
         self.timers.pop(key, None)
 
+    def _follow(self, edge: Any) -> None:
+        """Hear the group announcements of this edge (docs/design.md, "Topics"), and no longer the last one's."""
+        if self.edge_broadcasts and isinstance(edge, str):
+            self.transport.follow(filter_for(self.cfg.fleet, kind=k, src=edge, dst=BROADCAST)
+                                  for k in self.edge_broadcasts)
+
     def set_status(self, state: str, fields: dict[str, Any]) -> None:
         self.transport.set_status(state, **fields)
+        if "edge" in fields:
+            self._follow(fields["edge"])
         broker = self.edge_brokers.get(str(fields.get("edge")))
         if broker is not None and broker != (self.transport.cfg.mqtt.host, self.transport.cfg.mqtt.port):
             self._move_to = broker
