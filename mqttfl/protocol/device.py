@@ -64,6 +64,7 @@ from mqttfl.protocol.events import (
     Effect,
     Emit,
     Event,
+    Follow,
     JobDone,
     LinkChanged,
     Log,
@@ -226,6 +227,7 @@ class DeviceMachine(PipelineCoordinator):
         self.pending_move: tuple[str, MovePath] | None = None
         self.move_at_step = 0
         self.previous_edge: str | None = None  # a round announced there before an idle move still counts
+        self.following: tuple[str, ...] = (edge,)  # the runtime subscribes to the configured edge's from the start
         self.idle_move: tuple[MovePath, int] = (MovePath.DIRECT, 0)
         self.migrations: list[dict[str, Any]] = []
         self.resume_tokens: list[str] = []  # edge restarts already acted on
@@ -312,6 +314,12 @@ class DeviceMachine(PipelineCoordinator):
             self._on_command(ev, now)
         elif isinstance(ev, Started):
             self._status(NodeState.IDLE, round=None)
+        following = tuple(dict.fromkeys(e for e in (self.edge, self.previous_edge) if e is not None))
+        if following != self.following:
+            # The edges whose group announcements we hear: ours, and the one an idle move just left, whose
+            # announcement of a round may still be on its way (docs/design.md, "Topics").
+            self.following = following
+            self._do(Follow(following))
         fx, self._fx = self._fx, []
         return fx
 

@@ -215,7 +215,7 @@ class SimNode(MachineRunner):
     commanders: set[str] = field(default_factory=set)
     busy_s: float = 0.0  # virtual compute time so far: the CPU time its meters report
     follows_edge: bool = False  # a device: subscribed to its current edge's model broadcasts (Node.edge_broadcasts)
-    following: str | None = None  # that edge (the broker's subscription: it outlives a kill, like the session)
+    following: tuple[str, ...] = ()  # those edges (the broker's subscription: it outlives a kill, like the session)
 
     @property
     def strict(self) -> bool:  # type: ignore[override]
@@ -258,11 +258,13 @@ class SimNode(MachineRunner):
     def cancel_timer(self, key: Hashable) -> None:
         self.timers.pop(key, None)
 
+    def follow(self, edges: tuple[str, ...]) -> None:
+        if self.follows_edge:
+            self.following = edges
+
     def set_status(self, state: str, fields: dict[str, Any]) -> None:
         self.status.update(fields)
         self.status["state"] = state
-        if self.follows_edge and isinstance(fields.get("edge"), str):
-            self.following = fields["edge"]
         self.fleet._publish_status(self)
 
     def emit(self, event: str, level: str, fields: dict[str, Any]) -> None:
@@ -555,7 +557,7 @@ class MemoryFleet:
         n.seen, n.acked, n.timers = RecentIds(20_000), RecentIds(20_000), {}
         n.status = {"state": "starting", **n.machine.presence()}
         if n.follows_edge and isinstance(n.status.get("edge"), str):
-            n.following = n.status["edge"]  # subscribed before it goes online, as Node does
+            n.following = (n.status["edge"],)  # subscribed before it goes online, as Node does
         n.will = self._json({**self._status_body(n), "state": "offline"})
         self._publish_status(n)
         n.feed(E.Started(wall=n.clock))
@@ -737,7 +739,7 @@ class MemoryFleet:
             # The broker's copy for each subscriber of this sender's broadcasts (devices following it as their
             # edge); a fault rule sees each copy with its receiver as ``dst``.
             for name, other in self.nodes.items():
-                if other.follows_edge and other.following == n.name and msg.kind == "model":
+                if other.follows_edge and n.name in other.following and msg.kind == "model":
                     self._transmit(replace(p, dst=name), n.clock)
             return
         if reliable:

@@ -151,7 +151,9 @@ class Node(MachineRunner):
         self.transport = Transport(cfg, log=self.logger, outbox=self.outbox, subscriptions=subs, inbox=False,
                                    status_fields=machine.presence())
         self.edge_broadcasts = edge_broadcasts
-        self._follow(machine.presence().get("edge"))
+        edge = machine.presence().get("edge")
+        # Subscribed from the first connection on: the configured edge's announcements wait in the session.
+        self.follow((edge,) if isinstance(edge, str) else ())
         self.running = True
         self.timers: dict[Hashable, float] = {}
         self.watchdog = sdnotify.Watchdog(interval) if (interval := sdnotify.watchdog_interval()) else None
@@ -293,16 +295,13 @@ class Node(MachineRunner):
     def cancel_timer(self, key: Hashable) -> None:
         self.timers.pop(key, None)
 
-    def _follow(self, edge: Any) -> None:
-        """Hear the group announcements of this edge (docs/design.md, "Topics"), and no longer the last one's."""
-        if self.edge_broadcasts and isinstance(edge, str):
-            self.transport.follow(filter_for(self.cfg.fleet, kind=k, src=edge, dst=BROADCAST)
-                                  for k in self.edge_broadcasts)
+    def follow(self, edges: tuple[str, ...]) -> None:
+        if self.edge_broadcasts:
+            self.transport.follow(filter_for(self.cfg.fleet, kind=k, src=e, dst=BROADCAST)
+                                  for e in edges for k in self.edge_broadcasts)
 
     def set_status(self, state: str, fields: dict[str, Any]) -> None:
         self.transport.set_status(state, **fields)
-        if "edge" in fields:
-            self._follow(fields["edge"])
         broker = self.edge_brokers.get(str(fields.get("edge")))
         if broker is not None and broker != (self.transport.cfg.mqtt.host, self.transport.cfg.mqtt.port):
             self._move_to = broker
