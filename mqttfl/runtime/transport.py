@@ -95,6 +95,13 @@ def next_boot(state_dir: str | Path | None) -> int:
     return n
 
 
+def _read_lines(path: Path | None) -> list[str]:
+    try:
+        return path.read_text().split() if path is not None else []
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def _load_libc() -> Any:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -193,7 +200,11 @@ class Transport:
         self._subs = minimal_filters([*(inbox_filters(cfg.fleet, cfg.node) if inbox else []), *subscriptions])
         self._base_subs = list(self._subs)
         self._following: list[str] = []  # filters that change with the node's edge (follow)
-        self._unfollow: set[str] = set()  # dropped while offline: unsubscribed at the next connection
+        # What the last life followed: its persistent session still holds those filters, so the ones this life
+        # does not follow are unsubscribed at the next connection (as are those dropped while offline).
+        self._follow_file = Path(cfg.state_dir) / "following" if cfg.state_dir else None
+        self._followed = _read_lines(self._follow_file)
+        self._unfollow: set[str] = set(self._followed) - set(self._subs)
         self._subs_lock = threading.Lock()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -354,6 +365,9 @@ class Transport:
             self._following = new
             self._subs = minimal_filters([*self._base_subs, *new])
             self._unfollow = (self._unfollow | set(gone)) - set(new)
+            if self._follow_file is not None and new != self._followed:
+                atomic_write(self._follow_file, "".join(f"{f}\n" for f in new).encode())
+                self._followed = new
             if not self.connected:
                 return  # the next connection subscribes self._subs and drops self._unfollow
             if added:
