@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="[cloud] resume_every of the virtual fleets (default: the key's default; 0: edge resume off, "
                         "so edges write no session files)")
     p.add_argument("--small", action="store_true", help="toy sizes (tests)")
+    p.add_argument("--per-device-downloads", action="store_true",
+                   help="edges announce rounds with one message per device ([edge] group_downloads = false)")
     add_out_argument(p, "scale")
     p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
 
@@ -82,8 +84,8 @@ def _messages(transport: dict[str, Any]) -> int:
                if k.startswith(("tx_", "rx_")) and not k.endswith("_bytes") and "bytes" not in k)
 
 
-def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
+def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str, Any] | None = None,
+                edge: dict[str, Any] | None = None) -> dict[str, Any]:
     """One fleet of ``n`` replaying virtual devices on a fresh broker; see the module docstring."""
     from mqttfl.ml.models import schema_of
     from mqttfl.protocol.schema import ModelRef
@@ -94,6 +96,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
     broker = Broker(BrokerOptions(), workdir=root / "broker")
     broker.start()
     spec = FleetSpec(devices={}, extra_edges=("edge1", "edge2"), model="mlp", input_shape=(64,),
+                     edge_extra=dict(edge or {}),
                      cloud={"rounds": rounds, "batch_size": 10, "lr": 0.05, "seed": 1, "min_devices": n,
                             "deadline_s": max(60.0, timeout), "run": f"scale-{n}", **(cloud or {})})
     try:
@@ -118,6 +121,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
             if not any(m.kind == "event" and m.data and m.data.get("event") == "run_complete" for m in tb.inbox):
                 tb.wait_event("run_complete", timeout)  # unless it came in while the counters were read
             c1, m1, w1 = cpu(), msgs(), time.monotonic()
+            model_msgs = sum(int(tb.ctl(e, "status")["result"]["transport"].get("tx_model", 0)) for e in spec.edges)
             # From the cloud's run log: an operator's inbox keeps only the newest messages of a large fleet.
             log = root / "state" / "cloud" / "runlog.jsonl"
             entries = sorted((e for e in map(json.loads, log.read_text().splitlines()) if e.get("kind") == "round"),
@@ -140,6 +144,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
         "cloud_peak_rss_mb": round(rss["cloud"], 1), "edge_peak_rss_mb": round(rss["edge"], 1),
         "virtual_peak_rss_mb": round(rss["virtual"], 1),
         "messages_per_s": round((m1 - m0) / max(w1 - w0, 1e-9), 1),
+        "edge_model_msgs_per_round": round(model_msgs / max(done, 1), 1),  # group downloads: one per edge
         MODEL_MB_KEY: round(sum(math.prod(s.shape) * 4 for s in schema.specs().values()) / 2**20, 4),  # float32
     }
 
@@ -239,7 +244,9 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     for n in sizes:
         try:
             cloud = {} if args.resume_every is None else {"resume_every": args.resume_every}
-            res["virtual"].append(virtual_run(root / f"n{n}", n, rounds, timeout=120.0 + 1.0 * n, cloud=cloud))
+            edge = {"group_downloads": False} if args.per_device_downloads else {}
+            res["virtual"].append(virtual_run(root / f"n{n}", n, rounds, timeout=120.0 + 1.0 * n, cloud=cloud,
+                                              edge=edge))
         except TimeoutError as e:
             raise RunFailed({"run": f"scale-{n}", "round": -1, "reason": f"N={n}: {e}"}) from e
     sim_devices, sim_rounds = (20, 2) if args.small else (args.sim_devices, args.sim_rounds)
@@ -253,7 +260,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     by_n = {str(r["devices"]): r for r in runs}
     out: dict[str, Any] = {key: {n: r[key] for n, r in by_n.items()} for key in (
         "round_overhead_s", "cloud_peak_rss_mb", "edge_peak_rss_mb", "cloud_cpu_s_per_round",
-        "edge_cpu_s_per_round", "broker_cpu_s_per_round", "messages_per_s", "virtual_peak_rss_mb")}
+        "edge_cpu_s_per_round", "broker_cpu_s_per_round", "messages_per_s", "virtual_peak_rss_mb",
+        "edge_model_msgs_per_round")}
     sim = res.get("sim")
     out["sim"] = sim
     out["sim_wall_s_1000x10"] = sim["wall_s"] if sim and sim["devices"] == 1000 and sim["rounds"] == 10 else None
