@@ -430,7 +430,7 @@ class EdgeMachine:
             self.device_round[device] = plan.key
         self.rounds[plan.key] = r
         self._do(Log("info", "round start", {"round": plan.round, "devices": sorted(devices)}))
-        groups: dict[tuple[int, tuple[tuple[str, str], ...]], list[str]] = {}
+        grouped, announced = self._groups(plan, msg, devices, schema), set()
         for device, cut in devices.items():
             local = self._lama_local(plan, device, cut)
             r.sessions[device] = s = self._open_session(plan, device, cut, r.global_state, schema,
@@ -443,30 +443,45 @@ class EdgeMachine:
             if local is not None:
                 keys = [k for k in keys if k in given]  # the device keeps the rest from last round
             enc = plan.encodings(msg.encodings.get(device))
-            if self.group_downloads and local is None and not chain and msg.locals.get(device) is None:
-                # Same cut and encodings, nothing of its own: the same announcement as its peers'.
-                groups.setdefault((cut, tuple(sorted(enc.items()))), []).append(device)
+            group = grouped.get(device)
+            if group is not None:
+                # Out with its first device's session, as that device's own announcement would have gone.
+                if group not in announced:
+                    announced.add(group)
+                    self._do(Send(BROADCAST, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut,
+                                                        edge=self.node, state={k: r.global_state[k] for k in keys},
+                                                        schema=msg.schema, encodings=enc, devices=group),
+                                  encoding=enc["model"]),
+                             Count("group_downloads"), Count("group_download_devices", len(group)))
                 continue
             self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
                                              state={k: r.global_state[k] for k in keys}, schema=msg.schema,
                                              encodings=enc, partial=local is not None, helpers=s.helpers,
                                              local=msg.locals.get(device)), encoding=enc["model"]))
-        for (cut, enc_items), named in groups.items():
-            enc = dict(enc_items)
-            state = {k: r.global_state[k] for k in schema.keys(0, cut)}
-            for i in range(0, len(named), MAX_GROUP):
-                part = sorted(named[i:i + MAX_GROUP])
-                group = tuple(part) if len(part) > 1 else ()
-                self._do(Send(BROADCAST if group else part[0],
-                              TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
-                                         state=state, schema=msg.schema, encodings=enc, devices=group),
-                              encoding=enc["model"]))
-                if group:
-                    self._do(Count("group_downloads"), Count("group_download_devices", len(group)))
         self._set_status()
         self._profile(plan)
         if not devices:
             self._finish_round(r, now)
+
+    def _groups(self, plan: Plan, msg: OpenRound, devices: dict[str, int], schema: ModelSchema
+                ) -> dict[str, tuple[str, ...]]:
+        """Group downloads: each device whose announcement is the same as at least one other's (same cut and
+        encodings; no FedLAMA layers, pipeline or class model of its own) -> the devices of that announcement."""
+        if not self.group_downloads:
+            return {}
+        alike: dict[tuple[int, tuple[tuple[str, str], ...]], list[str]] = {}
+        for device, cut in devices.items():
+            chained = cut < schema.n_blocks and bool(msg.chains.get(device)) and not plan.fedlama and not plan.prox_mu
+            if chained or msg.locals.get(device) is not None or self._lama_local(plan, device, cut) is not None:
+                continue
+            alike.setdefault((cut, tuple(sorted(plan.encodings(msg.encodings.get(device)).items()))), []).append(device)
+        out: dict[str, tuple[str, ...]] = {}
+        for named in alike.values():
+            for i in range(0, len(named), MAX_GROUP):
+                part = tuple(sorted(named[i:i + MAX_GROUP]))
+                if len(part) > 1:
+                    out.update(dict.fromkeys(part, part))
+        return out
 
     def _lama_global(self, plan: Plan, given: State, partial: bool) -> State | None:
         """FedLAMA: the global model after this announcement, or None if a partial one cannot be completed."""
