@@ -20,5 +20,5 @@ def build(cfg: AgentConfig) -> Node:
     # The sessions a killed edge left in its state directory: the rounds in progress resume (edge resume).
     machine = EdgeMachine(cfg.node, schemas=schema_of, cloud=sec.cloud, deadline_fraction=sec.deadline_fraction,
                           id_prefix=os.urandom(4).hex(), restored=load_keyed_states(cfg.state_dir),
-                          delta_encoding=sec.delta_encoding)
+                          delta_encoding=sec.delta_encoding, group_downloads=sec.group_downloads)
     return Node(cfg, machine, TorchBackend(cfg.node, slowdown=sec.slowdown, block_ms=sec.block_ms), cloud=sec.cloud)

@@ -150,7 +150,8 @@ def _scale_run(n: int, round_s: float, rss: float) -> dict[str, Any]:
             "round_overhead_s": round_s, "participants": [n, n, n], "cloud_cpu_s_per_round": 0.01 * n,
             "edge_cpu_s_per_round": 0.02 * n, "broker_cpu_s_per_round": 0.005 * n,
             "virtual_cpu_s_per_round": 0.03 * n, "cloud_peak_rss_mb": rss, "edge_peak_rss_mb": rss - 5,
-            "virtual_peak_rss_mb": 230.0 + n / 10, "messages_per_s": 100.0 * n, "model_mb": 0.5}
+            "virtual_peak_rss_mb": 230.0 + n / 10, "messages_per_s": 100.0 * n, "model_mb": 0.5,
+            "edge_model_msgs_per_round": 2.0}
 
 
 def _bridged_run(n: int, round_s: float, rss: float) -> dict[str, Any]:

@@ -17,8 +17,9 @@ def test_sim_trains_a_fleet_and_reports_every_round(capsys: pytest.CaptureFixtur
     assert [h["step"] for h in out["history"]] == [0, 1, 2]
     assert out["final_accuracy"] > 0.6  # chance is 0.1
     assert out["history"][-1]["loss"] < out["history"][0]["loss"]
-    # Every round moved one model per device down and one delta per device and edge up, at least.
-    assert out["messages"]["tx_model"] >= 3 * (4 + 2) and out["messages"]["tx_delta"] >= 3 * (4 + 2)
+    # Every round moved the model to each edge and, on group downloads (the default), once from each edge to its
+    # two devices; one delta per device and edge up, at least.
+    assert out["messages"]["tx_model"] == 3 * (2 + 2) and out["messages"]["tx_delta"] >= 3 * (4 + 2)
     # Virtual time follows the configured latency: each round crosses several links.
     assert out["virtual_s"] >= 3 * 4 * 0.005
 

@@ -64,6 +64,7 @@ from mqttfl.protocol.events import (
     Effect,
     Emit,
     Event,
+    Follow,
     JobDone,
     LinkChanged,
     Log,
@@ -226,6 +227,7 @@ class DeviceMachine(PipelineCoordinator):
         self.pending_move: tuple[str, MovePath] | None = None
         self.move_at_step = 0
         self.previous_edge: str | None = None  # a round announced there before an idle move still counts
+        self.following: tuple[str, ...] = (edge,)  # the runtime subscribes to the configured edge's from the start
         self.idle_move: tuple[MovePath, int] = (MovePath.DIRECT, 0)
         self.migrations: list[dict[str, Any]] = []
         self.resume_tokens: list[str] = []  # edge restarts already acted on
@@ -312,6 +314,12 @@ class DeviceMachine(PipelineCoordinator):
             self._on_command(ev, now)
         elif isinstance(ev, Started):
             self._status(NodeState.IDLE, round=None)
+        following = tuple(dict.fromkeys(e for e in (self.edge, self.previous_edge) if e is not None))
+        if following != self.following:
+            # The edges whose group announcements we hear: ours, and the one an idle move just left, whose
+            # announcement of a round may still be on its way (docs/design.md, "Topics").
+            self.following = following
+            self._do(Follow(following))
         fx, self._fx = self._fx, []
         return fx
 
@@ -361,6 +369,11 @@ class DeviceMachine(PipelineCoordinator):
         plan, r = msg.plan, self.round
         if ev.src != self.edge and not (r is None and ev.src == self.previous_edge):
             self._do(Drop("unknown_sender", f"model from {ev.src}, attached to {self.edge}", ev.src))
+            return
+        if msg.devices and self.node not in msg.devices:
+            # Our edge's group announcement for the others (we were not sampled, or just arrived): counted,
+            # not reported, as it is no fault.
+            self._do(Count("group_not_named"))
             return
         if plan.key in self.done_keys or (r is not None and plan.key == r.plan.key):
             return  # a re-delivered announcement of a round we run or finished

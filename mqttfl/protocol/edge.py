@@ -80,6 +80,7 @@ from mqttfl.protocol.events import (
 from mqttfl.protocol.hetero import LocalModel, compact, expand
 from mqttfl.protocol.links import Upstream
 from mqttfl.protocol.messages import (
+    MAX_GROUP,
     Abort,
     Activations,
     ChainSet,
@@ -115,6 +116,7 @@ from mqttfl.protocol.plan import Plan, reconnect_within
 from mqttfl.protocol.resume import SavedSession, record_key
 from mqttfl.protocol.schema import ModelRef, ModelSchema, check_state, mismatch, state_norm
 from mqttfl.protocol.status import NodeState
+from mqttfl.wire.topics import BROADCAST
 
 SchemaSource = Callable[[ModelRef], ModelSchema]
 Key = tuple[int, int]
@@ -209,8 +211,12 @@ class EdgeRound:
 
 class EdgeMachine:
     def __init__(self, node: str, *, schemas: SchemaSource, cloud: str = "cloud", deadline_fraction: float = 0.85,
-                 id_prefix: str = "0", restored: dict[str, Any] | None = None, delta_encoding: str = "") -> None:
+                 id_prefix: str = "0", restored: dict[str, Any] | None = None, delta_encoding: str = "",
+                 group_downloads: bool = True) -> None:
         self.node, self.cloud = node, cloud
+        # One announcement to the broadcast topic for the devices whose announcement is identical, instead of
+        # one publish (and one encoding of the model) per device.
+        self.group_downloads = group_downloads
         self.restored = dict(restored or {})  # saved sessions (key -> record), taken up at Started
         self.delta_encoding = delta_encoding  # "": the plan's
         self.lama: LamaCopy | None = None
@@ -424,6 +430,7 @@ class EdgeMachine:
             self.device_round[device] = plan.key
         self.rounds[plan.key] = r
         self._do(Log("info", "round start", {"round": plan.round, "devices": sorted(devices)}))
+        grouped, announced = self._groups(plan, msg, devices, schema), set()
         for device, cut in devices.items():
             local = self._lama_local(plan, device, cut)
             r.sessions[device] = s = self._open_session(plan, device, cut, r.global_state, schema,
@@ -436,6 +443,17 @@ class EdgeMachine:
             if local is not None:
                 keys = [k for k in keys if k in given]  # the device keeps the rest from last round
             enc = plan.encodings(msg.encodings.get(device))
+            group = grouped.get(device)
+            if group is not None:
+                # Out with its first device's session, as that device's own announcement would have gone.
+                if group not in announced:
+                    announced.add(group)
+                    self._do(Send(BROADCAST, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut,
+                                                        edge=self.node, state={k: r.global_state[k] for k in keys},
+                                                        schema=msg.schema, encodings=enc, devices=group),
+                                  encoding=enc["model"]),
+                             Count("group_downloads"), Count("group_download_devices", len(group)))
+                continue
             self._do(Send(device, TrainRound(run=plan.run, round=plan.round, plan=plan, cut=cut, edge=self.node,
                                              state={k: r.global_state[k] for k in keys}, schema=msg.schema,
                                              encodings=enc, partial=local is not None, helpers=s.helpers,
@@ -444,6 +462,26 @@ class EdgeMachine:
         self._profile(plan)
         if not devices:
             self._finish_round(r, now)
+
+    def _groups(self, plan: Plan, msg: OpenRound, devices: dict[str, int], schema: ModelSchema
+                ) -> dict[str, tuple[str, ...]]:
+        """Group downloads: each device whose announcement is the same as at least one other's (same cut and
+        encodings; no FedLAMA layers, pipeline or class model of its own) -> the devices of that announcement."""
+        if not self.group_downloads:
+            return {}
+        alike: dict[tuple[int, tuple[tuple[str, str], ...]], list[str]] = {}
+        for device, cut in devices.items():
+            chained = cut < schema.n_blocks and bool(msg.chains.get(device)) and not plan.fedlama and not plan.prox_mu
+            if chained or msg.locals.get(device) is not None or self._lama_local(plan, device, cut) is not None:
+                continue
+            alike.setdefault((cut, tuple(sorted(plan.encodings(msg.encodings.get(device)).items()))), []).append(device)
+        out: dict[str, tuple[str, ...]] = {}
+        for named in alike.values():
+            for i in range(0, len(named), MAX_GROUP):
+                part = tuple(sorted(named[i:i + MAX_GROUP]))
+                if len(part) > 1:
+                    out.update(dict.fromkeys(part, part))
+        return out
 
     def _lama_global(self, plan: Plan, given: State, partial: bool) -> State | None:
         """FedLAMA: the global model after this announcement, or None if a partial one cannot be completed."""

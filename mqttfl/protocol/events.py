@@ -214,9 +214,17 @@ class ReconnectWithin:
     seconds: float | None
 
 
+@dataclass(frozen=True, eq=False)
+class Follow:
+    """Hear the group announcements (``model`` broadcasts) of these edges and no other's: a device's current
+    edge, and the one it just left while a round announced there may still arrive (docs/design.md, "Topics")."""
+
+    edges: tuple[str, ...]
+
+
 Effect = (Send | Ack | SetTimer | CancelTimer | Run | Persist | RunLog | SaveModel | SetStatus | Emit | Metrics | Drop
           | Count
-          | Reply | Log | SendCommand | ReconnectWithin)
+          | Reply | Log | SendCommand | ReconnectWithin | Follow)
 
 
 class CommandError(Exception):

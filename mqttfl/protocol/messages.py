@@ -153,12 +153,15 @@ def numbers_field(body: Mapping[str, Any], name: str, max_len: int = MAX_STAGES)
     return tuple(float(x) for x in v)
 
 
-def ids_field(body: Mapping[str, Any], name: str) -> tuple[str, ...]:
+def ids_field(body: Mapping[str, Any], name: str, max_len: int = MAX_STAGES) -> tuple[str, ...]:
     """A short list of node ids; empty when absent."""
     v = body.get(name, [])
-    if not isinstance(v, list) or len(v) > MAX_STAGES:
-        raise ProtocolError("bad_field", f"field {name!r} must be a list of at most {MAX_STAGES} node ids")
+    if not isinstance(v, list) or len(v) > max_len:
+        raise ProtocolError("bad_field", f"field {name!r} must be a list of at most {max_len} node ids")
     return tuple(id_field({"n": n}, "n") for n in v)
+
+
+MAX_GROUP = 10_000  # devices one group announcement may name (an edge's share of a large fleet)
 
 
 def tensor(tensors: Mapping[str, Any], name: str) -> np.ndarray:
@@ -288,9 +291,13 @@ class TrainRound(Message):
     helpers: tuple[str, ...] = ()  # a pipeline: the device's helpers online now, in chain order (then the whole
     # model comes, and ``cut`` is where the edge's blocks start)
     local: LocalModel | None = None  # the device's class model (None: the whole model in fp32, no cutoff)
+    # A group announcement (docs/design.md, "Round"): published once to the edge's broadcast topic, for the
+    # devices named here; empty: addressed to one device.
+    devices: tuple[str, ...] = ()
 
     def body(self) -> dict[str, Any]:
         return {"plan": self.plan.to_body(), "cut": self.cut, "edge": self.edge, "schema": _rows(self.schema),
+                **({"devices": list(self.devices)} if self.devices else {}),
                 "encodings": dict(self.encodings), **({"partial": True, "keys": list(self.state)} if self.partial
                                                       else {}), **({"helpers": list(self.helpers)} if self.helpers
                                                                    else {}),
@@ -306,7 +313,18 @@ class TrainRound(Message):
                    edge=id_field(body, "edge"), state=dict(tensors), schema=parse_description(body.get("schema", [])),
                    encodings=check_encodings(body.get("encodings", {}), "encodings"),
                    partial=body.get("partial", False) is True, helpers=ids_field(body, "helpers"),
-                   local=LocalModel.from_body(body["local"]) if "local" in body else None)
+                   local=LocalModel.from_body(body["local"]) if "local" in body else None,
+                   devices=_group(body))
+
+
+def _group(body: Mapping[str, Any]) -> tuple[str, ...]:
+    devices = ids_field(body, "devices", MAX_GROUP)
+    if len(set(devices)) != len(devices) or ("devices" in body and len(devices) < 2):
+        raise ProtocolError("bad_field", "field 'devices' must name at least two distinct devices")
+    if devices and ("partial" in body or "helpers" in body or "local" in body):
+        raise ProtocolError("bad_field", "a group announcement carries no per-device fields (partial, helpers, "
+                                         "local)")
+    return devices
 
 
 @dataclass(frozen=True, kw_only=True)

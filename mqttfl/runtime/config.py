@@ -245,6 +245,11 @@ class EdgeSection:
         "emulated speed: every compute step takes this many times as long (benchmarks, tests)"))
     block_ms: float = field(default=0.0, metadata=doc(
         "emulated compute per block and mini-batch, ms, as [device] block_ms (the last stage of pipelines)"))
+    group_downloads: bool = field(default=True, metadata=doc(
+        "announce a round to the devices whose announcement is identical (same cut and encodings, no "
+        "pipeline, class model or FedLAMA part of their own) with one message on this edge's broadcast topic "
+        "instead of one per device; devices not in the round receive it too and ignore it. false: one message "
+        "per device"))
 
     def problems(self) -> list[str]:
         out = [] if 0 < self.deadline_fraction <= 1 else ["[edge] deadline_fraction must be in (0, 1]"]

@@ -65,5 +65,6 @@ def build_device(cfg: AgentConfig, *, data: Any = None, held_out: Any = None, re
                                                                   slowdown=sec.slowdown, step_delay_s=sec.step_delay_s,
                                                                   block_ms=sec.block_ms)
 
+    # A device hears its edge's group announcements (model broadcasts) besides its own inbox.
     return Node(cfg, machine, DeferredBackend(backend), cloud=sec.cloud, edge_brokers=sec.brokers(),
-                state_file=STATE_FILE, preload=preload, driver=driver, journal=journal)
+                state_file=STATE_FILE, preload=preload, driver=driver, journal=journal, edge_broadcasts=("model",))

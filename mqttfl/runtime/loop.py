@@ -114,6 +114,8 @@ class MachineRunner:
             self.send_command(fx.dst, fx.cmd, fx.args)
         elif isinstance(fx, E.ReconnectWithin):
             self.reconnect_within(fx.seconds)
+        elif isinstance(fx, E.Follow):
+            self.follow(fx.edges)
         else:
             raise TypeError(f"unknown effect {fx!r}")
 
@@ -219,6 +221,9 @@ class MachineRunner:
         raise NotImplementedError
 
     def reconnect_within(self, seconds: float | None) -> None:
+        raise NotImplementedError
+
+    def follow(self, edges: tuple[str, ...]) -> None:
         raise NotImplementedError
 
     def run_log(self, entry: dict[str, Any]) -> None:

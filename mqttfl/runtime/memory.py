@@ -81,6 +81,7 @@ from mqttfl.wire import encoding
 from mqttfl.wire.codec import CodecError, Envelope, decode, decode_json, encode, encode_json
 from mqttfl.wire.dedupe import RecentIds
 from mqttfl.wire.encoding import decode_tensors
+from mqttfl.wire.topics import BROADCAST
 
 Compute = float | Callable[[stage.Job], float]
 LIVELOCK_STEPS = 100_000  # things done at one virtual instant before the fleet calls it a livelock
@@ -213,6 +214,8 @@ class SimNode(MachineRunner):
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     commanders: set[str] = field(default_factory=set)
     busy_s: float = 0.0  # virtual compute time so far: the CPU time its meters report
+    follows_edge: bool = False  # a device: subscribed to its current edge's model broadcasts (Node.edge_broadcasts)
+    following: tuple[str, ...] = ()  # those edges (the broker's subscription: it outlives a kill, like the session)
 
     @property
     def strict(self) -> bool:  # type: ignore[override]
@@ -254,6 +257,10 @@ class SimNode(MachineRunner):
 
     def cancel_timer(self, key: Hashable) -> None:
         self.timers.pop(key, None)
+
+    def follow(self, edges: tuple[str, ...]) -> None:
+        if self.follows_edge:
+            self.following = edges
 
     def set_status(self, state: str, fields: dict[str, Any]) -> None:
         self.status.update(fields)
@@ -408,13 +415,14 @@ class MemoryFleet:
 
     def add_edge(self, name: str, *, deadline_fraction: float = 0.85, compute_s: Compute | None = None,
                  schemas: Callable[[Any], Any] = schema_of, delta_encoding: str = "", slowdown: float = 1.0,
-                 block_ms: float = 0.0) -> None:
+                 block_ms: float = 0.0, group_downloads: bool = True) -> None:
         """A restarted edge reads back the sessions it saved (edge resume), as the edge agent does."""
         node = self._add(name, "edge", lambda n: EdgeMachine(name, schemas=schemas, cloud=self.cloud or "cloud",
                                                              deadline_fraction=deadline_fraction,
                                                              id_prefix=self._prefix(),
                                                              restored={k: loads(v) for k, v in n.keyed.items()},
-                                                             delta_encoding=delta_encoding),
+                                                             delta_encoding=delta_encoding,
+                                                             group_downloads=group_downloads),
                          lambda: self._backend(node, name, block_ms=block_ms), compute_s, slowdown, block_ms)
 
     def _backend(self, node: SimNode, name: str, **kw: Any) -> TorchBackend:
@@ -441,6 +449,7 @@ class MemoryFleet:
         node = self._add(name, "device", make, lambda: self._backend(node, name, data=data, test=eval_data,
                                                                     block_ms=block_ms),
                          compute_s, slowdown, block_ms)
+        node.follows_edge = True
 
     def add_helper(self, name: str, *, serve: tuple[str, ...], memory_bytes: int = 0, compute_s: Compute | None = None,
                    slowdown: float = 1.0, block_ms: float = 0.0, act_timeout_s: float = 10.0) -> None:
@@ -471,7 +480,7 @@ class MemoryFleet:
         for e in spec.edges:
             fleet.add_edge(e, **{k: v for k, v in spec.edge_extra.items() if k in ("deadline_fraction",
                                                                                    "delta_encoding", "slowdown",
-                                                                                   "block_ms")})
+                                                                                   "block_ms", "group_downloads")})
         for h, clients in sorted(spec.helpers.items()):
             extra = spec.helper_extra.get(h, {})
             fleet.add_helper(h, serve=tuple(clients), memory_bytes=int(extra.get("memory_mb", 0) * 2**20),
@@ -547,6 +556,8 @@ class MemoryFleet:
         n._backend = n.make_backend()
         n.seen, n.acked, n.timers = RecentIds(20_000), RecentIds(20_000), {}
         n.status = {"state": "starting", **n.machine.presence()}
+        if n.follows_edge and isinstance(n.status.get("edge"), str):
+            n.following = (n.status["edge"],)  # subscribed before it goes online, as Node does
         n.will = self._json({**self._status_body(n), "state": "offline"})
         self._publish_status(n)
         n.feed(E.Started(wall=n.clock))
@@ -724,6 +735,13 @@ class MemoryFleet:
         if reliable:
             body["reliable"] = True
         p = self._packet(n, self._envelope(n, msg.kind, dst, body, tensors, msg.run, msg.round), msg, reliable)
+        if dst == BROADCAST:
+            # The broker's copy for each subscriber of this sender's broadcasts (devices following it as their
+            # edge); a fault rule sees each copy with its receiver as ``dst``.
+            for name, other in self.nodes.items():
+                if other.follows_edge and n.name in other.following and msg.kind == "model":
+                    self._transmit(replace(p, dst=name), n.clock)
+            return
         if reliable:
             assert p.env is not None
             key = p.env.id.hex()

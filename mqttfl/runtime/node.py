@@ -45,7 +45,7 @@ from mqttfl.runtime.runs import RunStore
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.wire.codec import CodecError
 from mqttfl.wire.encoding import decode_tensors
-from mqttfl.wire.topics import filter_for
+from mqttfl.wire.topics import BROADCAST, filter_for
 
 
 class Shutdown(Exception):
@@ -153,11 +153,13 @@ class Node(MachineRunner):
                  cloud: str = "cloud", state_file: str = "", broadcasts: tuple[str, ...] = (),
                  keep_models: int = 0, edge_brokers: Mapping[str, tuple[str, int]] | None = None,
                  preload: Preload | None = None, driver: SocketLoop | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, edge_broadcasts: tuple[str, ...] = ()) -> None:
         """``preload``: the torch modules this node loads once it is online (a device). ``driver``: the network
         loop that serves this node's client, instead of a thread of its own (virtual devices). ``journal``: one
         shared with other nodes of this process, this node's keys under ``<node>/`` (virtual devices: one
-        ``fdatasync`` per turn of their loop covers them all, instead of one per device and message)."""
+        ``fdatasync`` per turn of their loop covers them all, instead of one per device and message).
+        ``edge_broadcasts``: the kinds of broadcast this node hears from its current edge only (the edge its
+        status names)."""
         self.cfg = cfg
         self.preload = preload
         self.name = cfg.node
@@ -185,6 +187,10 @@ class Node(MachineRunner):
         subs = [filter_for(cfg.fleet, dst=cfg.node), *(filter_for(cfg.fleet, kind=k, dst="all") for k in broadcasts)]
         self.transport = Transport(cfg, log=self.logger, outbox=self.outbox, subscriptions=subs, inbox=False,
                                    status_fields=machine.presence(), driver=driver)
+        self.edge_broadcasts = edge_broadcasts
+        edge = machine.presence().get("edge")
+        # Subscribed from the first connection on: the configured edge's announcements wait in the session.
+        self.follow((edge,) if isinstance(edge, str) else ())
         self.running = True
         self.timers: dict[Hashable, float] = {}
         self.watchdog = sdnotify.Watchdog(interval) if (interval := sdnotify.watchdog_interval()) else None
@@ -334,6 +340,11 @@ class Node(MachineRunner):
 
     def cancel_timer(self, key: Hashable) -> None:
         self.timers.pop(key, None)
+
+    def follow(self, edges: tuple[str, ...]) -> None:
+        if self.edge_broadcasts:
+            self.transport.follow(filter_for(self.cfg.fleet, kind=k, src=e, dst=BROADCAST)
+                                  for e in edges for k in self.edge_broadcasts)
 
     def set_status(self, state: str, fields: dict[str, Any]) -> None:
         self.transport.set_status(state, **fields)

@@ -101,6 +101,13 @@ def next_boot(state_dir: str | Path | None) -> int:
     return n
 
 
+def _read_lines(path: Path | None) -> list[str]:
+    try:
+        return path.read_text().split() if path is not None else []
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def _load_libc() -> Any:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -199,6 +206,14 @@ class Transport:
         self._client_suffix = client_suffix
         self._tcp_nodelay = tcp_nodelay
         self._subs = minimal_filters([*(inbox_filters(cfg.fleet, cfg.node) if inbox else []), *subscriptions])
+        self._base_subs = list(self._subs)
+        self._following: list[str] = []  # filters that change with the node's edge (follow)
+        # What the last life followed: its persistent session still holds those filters, so the ones this life
+        # does not follow are unsubscribed at the next connection (as are those dropped while offline).
+        self._follow_file = Path(cfg.state_dir) / "following" if cfg.state_dir else None
+        self._followed = _read_lines(self._follow_file)
+        self._unfollow: set[str] = set(self._followed) - set(self._subs)
+        self._subs_lock = threading.Lock()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._pending_sub_mid: int | None = None
@@ -423,8 +438,11 @@ class Transport:
         self._attempt = 0
         self._connected.set()
         self._subscribed.clear()
-        result, mid = client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._subs])
-        self._pending_sub_mid = mid
+        with self._subs_lock:
+            result, mid = client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._subs])
+            self._pending_sub_mid = mid
+            if self._unfollow and client.unsubscribe(sorted(self._unfollow))[0] == mqtt.MQTT_ERR_SUCCESS:
+                self._unfollow.clear()
         if self.presence:
             # online after CONNACK (docs/design.md, "Transport"); retained so late subscribers see presence.
             client.publish(self.topic("status", BROADCAST), self._status_payload(), qos=1, retain=True)
@@ -434,6 +452,30 @@ class Transport:
     def _wake(self) -> None:
         if self.driver is not None:
             self.driver.ready.add(self)
+
+    def follow(self, filters: Iterable[str]) -> None:
+        """Replace the subscriptions that follow the node's edge (a device hears its current edge's group
+        announcements, no other edge's). The session is persistent, so the broker keeps the new filter's
+        messages while the node is offline; a filter dropped while offline is unsubscribed on reconnecting."""
+        new = list(dict.fromkeys(filters))
+        with self._subs_lock:
+            if new == self._following:
+                return
+            added = [f for f in new if f not in self._following]
+            gone = [f for f in self._following if f not in new]
+            self._following = new
+            self._subs = minimal_filters([*self._base_subs, *new])
+            self._unfollow = (self._unfollow | set(gone)) - set(new)
+            if self._follow_file is not None and new != self._followed:
+                atomic_write(self._follow_file, "".join(f"{f}\n" for f in new).encode())
+                self._followed = new
+            if not self.connected:
+                return  # the next connection subscribes self._subs and drops self._unfollow
+            if added:
+                self.client.subscribe([(f, SubscribeOptions(qos=1)) for f in added])
+            if self._unfollow and self.client.unsubscribe(sorted(self._unfollow))[0] == mqtt.MQTT_ERR_SUCCESS:
+                self._unfollow.clear()
+        self._count("follow_changes")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
         if mid == self._pending_sub_mid:

@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(written for site1, as shipped; TLS and account lines are dropped on loopback), to measure "
                         "what your own topic lines carry")
     p.add_argument("--small", action="store_true", help="toy sizes (tests)")
+    p.add_argument("--per-device-downloads", action="store_true",
+                   help="edges announce rounds with one message per device ([edge] group_downloads = false)")
     add_out_argument(p, "scale")
     p.add_argument("--workdir", help="keep configs, logs and state here (default: a temp dir, removed)")
 
@@ -106,7 +108,8 @@ EDGES = ("edge1", "edge2")  # site i's edge is EDGES[i] when the fleet is spread
 
 
 def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str, Any] | None = None,
-                sites: int = 1, bridge_conf: Path | None = None) -> dict[str, Any]:
+                sites: int = 1, bridge_conf: Path | None = None, edge: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """One fleet of ``n`` replaying virtual devices on fresh brokers; see the module docstring. ``sites`` = 1: one
     broker for everything; 2: the cloud on a cloud broker, each edge and its half of the devices on a site
     broker bridged to it (``bridge_conf``, default the shipped bridge.conf)."""
@@ -117,7 +120,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
     from mqttfl.tools.testbed import FleetSpec, Testbed
 
     schema = schema_of(ModelRef("mlp", (64,), 10))
-    spec = FleetSpec(devices={}, extra_edges=EDGES, model="mlp", input_shape=(64,),
+    spec = FleetSpec(devices={}, extra_edges=EDGES, model="mlp", input_shape=(64,), edge_extra=dict(edge or {}),
                      cloud={"rounds": rounds, "batch_size": 10, "lr": 0.05, "seed": 1, "min_devices": n,
                             "deadline_s": max(60.0, timeout), "run": f"scale-{n}", **(cloud or {})})
     site_brokers: dict[str, Broker] = {}
@@ -168,6 +171,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
         if not any(m.kind == "event" and m.data and m.data.get("event") == "run_complete" for m in tb.inbox):
             tb.wait_event("run_complete", timeout)  # unless it came in while the counters were read
         b1, c1, m1, w1 = bridges(), cpu(), msgs(), time.monotonic()
+        model_msgs = sum(int(tb.ctl(e, "status")["result"]["transport"].get("tx_model", 0)) for e in EDGES)
         # From the cloud's run log: an operator's inbox keeps only the newest messages of a large fleet.
         log = root / "state" / "cloud" / "runlog.jsonl"
         entries = sorted((e for e in map(json.loads, log.read_text().splitlines()) if e.get("kind") == "round"),
@@ -192,6 +196,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
         "cloud_peak_rss_mb": round(rss["cloud"], 1), "edge_peak_rss_mb": round(rss["edge"], 1),
         "virtual_peak_rss_mb": round(rss["virtual"], 1),
         "messages_per_s": round((m1 - m0) / max(w1 - w0, 1e-9), 1),
+        "edge_model_msgs_per_round": round(model_msgs / max(done, 1), 1),  # group downloads: one per edge
         MODEL_MB_KEY: round(sum(math.prod(s.shape) * 4 for s in schema.specs().values()) / 2**20, 4),  # float32
     }
     if site_brokers:
@@ -342,7 +347,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 continue
             try:
                 res[key].append(virtual_run(root / f"n{n}-sites{sites}", n, rounds, timeout=120.0 + 1.0 * n,
-                                            cloud=cloud, sites=sites, bridge_conf=args.bridge_conf))
+                                            cloud=cloud, sites=sites, bridge_conf=args.bridge_conf,
+                                            edge={"group_downloads": False} if args.per_device_downloads else {}))
             except (TimeoutError, BrokerError) as e:  # a round or a broker (or its bridge) that never came
                 where = "" if sites == 1 else f" over {sites} bridged sites"
                 raise RunFailed({"run": f"scale-{n}", "round": -1, "reason": f"N={n}{where}: {e}"}) from e
@@ -358,7 +364,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     by_n = {str(r["devices"]): r for r in runs}
     out: dict[str, Any] = {key: {n: r[key] for n, r in by_n.items()} for key in (
         "round_overhead_s", "cloud_peak_rss_mb", "edge_peak_rss_mb", "cloud_cpu_s_per_round",
-        "edge_cpu_s_per_round", "broker_cpu_s_per_round", "messages_per_s", "virtual_peak_rss_mb")}
+        "edge_cpu_s_per_round", "broker_cpu_s_per_round", "messages_per_s", "virtual_peak_rss_mb",
+        "edge_model_msgs_per_round")}
     # The same figures with the fleet spread over two bridged site brokers, per N.
     out["bridged"] = {str(r["devices"]): r for r in bridged}
     out["round_overhead_s_bridged"] = {str(r["devices"]): r["round_overhead_s"] for r in bridged}
