@@ -151,7 +151,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
         t0 = time.monotonic()
         for prefix, edges, count in groups:
             if count:
-                tb.start_virtual(count, prefix=prefix, edges=edges, section={"cut": schema.n_blocks},
+                tb.start_virtual(count, prefix=prefix, edges=edges, mode="replay", section={"cut": schema.n_blocks},
                                  log_level="warning")
         tb.wait_event("round_started", timeout)
         online_s = time.monotonic() - t0
