@@ -255,7 +255,17 @@ def test_a_node_keeps_keyed_state_in_its_journal_durable_before_its_next_publish
     node.persist(None, key="session.dev2")
     assert node.journal.stats()["syncs"] == 0, "no sync until something leaves the node"
     node.emit("something", "info", {})
-    assert node.journal.stats()["syncs"] == 1
+    # Group commit: what follows an unsynced write waits for the node's next flush (its inbox drained), and so
+    # does everything after it; several messages' writes and effects then cost one sync.
+    assert node.transport.deferred == 1 and node.journal.stats()["syncs"] == 0
+    node.persist({"step": 4}, key="session.dev3")
+    node.emit("something else", "info", {})
+    assert node.transport.deferred == 2 and node.journal.stats()["syncs"] == 0
+    node.transport.flush()
+    assert node.transport.deferred == 0 and node.journal.stats()["syncs"] == 1
+    node.emit("clean", "info", {})  # nothing unsynced: out at once, no sync
+    assert node.transport.deferred == 0 and node.journal.stats()["syncs"] == 1
+    node.persist(None, key="session.dev3")
     node.stop()
     node._lock.close()  # the lock lasts as long as the process; the next life starts here
     assert load_keyed_states(tmp_path / "edge1") == {"session.dev1": {"step": 3}}

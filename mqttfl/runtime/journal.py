@@ -219,6 +219,11 @@ class Journal:
         self._end += len(rec)
         self._dirty = True
 
+    @property
+    def dirty(self) -> bool:
+        """Whether something was written since the last sync."""
+        return self._dirty
+
     def sync(self) -> bool:
         """The barrier: make every write so far durable (one ``fdatasync`` if anything changed); whether it
         synced."""

@@ -65,6 +65,7 @@ def lock_state_dir(path: Path, node: str) -> Any:
     return f
 
 
+GROUP_COMMIT_S = 0.02  # how long a node's effects may wait for the sync that makes the state they follow durable
 KEYED_DIR = "keyed"  # the keyed states' earlier home, one file each (folded into the journal at start)
 KEYED_PREFIX = "keyed."  # their keys in the node's journal, which they share with the outbox
 
@@ -186,7 +187,7 @@ class Node(MachineRunner):
         # status), so fleet-wide status traffic does not reach every board.
         subs = [filter_for(cfg.fleet, dst=cfg.node), *(filter_for(cfg.fleet, kind=k, dst="all") for k in broadcasts)]
         self.transport = Transport(cfg, log=self.logger, outbox=self.outbox, subscriptions=subs, inbox=False,
-                                   status_fields=machine.presence(), driver=driver)
+                                   status_fields=machine.presence(), driver=driver, group_commit=True)
         self.edge_broadcasts = edge_broadcasts
         edge = machine.presence().get("edge")
         # Subscribed from the first connection on: the configured edge's announcements wait in the session.
@@ -248,13 +249,21 @@ class Node(MachineRunner):
         nodes does the idle ones' housekeeping at a slower pace)."""
         now = time.monotonic()
         due = min(self.timers.values(), default=now + timeout)
-        msg = self.transport.get(timeout=max(0.0, min(timeout, due - now)))
+        msg = self.transport.get(timeout=0.0) if self.transport.deferred else None
+        if msg is None:
+            # Group commit: the inbox is drained, so one sync covers the writes of the messages just handled,
+            # and then their acks and sends go out (docs/design.md, "The journal").
+            self.transport.flush()
+            msg = self.transport.get(timeout=max(0.0, min(timeout, due - now)))
         if msg is not None:
             self.dispatch(msg)
+            if self.transport.deferred and time.monotonic() - self.transport.deferred_since > GROUP_COMMIT_S:
+                self.transport.flush()  # a steady stream: its effects still go out within GROUP_COMMIT_S
         elif not chores:
             return False
         self.housekeeping()
         if self._move_to is not None:
+            self.transport.flush()  # what the event said goes out on the old broker
             # After the event's effects went out on the old broker: the move, and whatever it said there.
             host, port = self._move_to
             self._move_to = None
@@ -298,6 +307,7 @@ class Node(MachineRunner):
     def stop(self) -> None:
         sdnotify.stopping()
         self.logger.info("stopping")
+        self.transport.flush()
         if self.journal is not None:
             self.journal.sync()  # the offline status below is published without the transport's barrier
         self.transport.stop()

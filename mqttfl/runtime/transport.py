@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from mqttfl.runtime.netloop import SocketLoop
 
 
+MAX_DEFERRED = 256  # publishes a group commit holds at most before it syncs and sends them anyway
+
+
 class TransportError(RuntimeError):
     """The link could not be established (bad credentials, refused, timeout)."""
 
@@ -172,12 +175,15 @@ class Transport:
         client_suffix: str = "",
         tcp_nodelay: bool = True,
         driver: SocketLoop | None = None,
+        group_commit: bool = False,
     ) -> None:
         """``presence=False``/``client_suffix`` are for console tools (ctl, monitor): no retained status or
         will, and a client id of their own so they never take over a running agent's session.
         ``inbox=False`` subscribes to ``subscriptions`` only. ``tcp_nodelay=False`` exists to measure
         what Nagle costs (bench). ``driver``: no network thread; the loop's owner drives this client (its
-        :meth:`SocketLoop.poll` reads, writes, pings and reconnects), and waits here drive that loop."""
+        :meth:`SocketLoop.poll` reads, writes, pings and reconnects), and waits here drive that loop.
+        ``group_commit``: a publish that follows an unsynced journal write waits, with every publish after it, for
+        :meth:`flush` (one sync for a burst of messages' writes; the node's loop flushes when its inbox is drained)."""
         self.cfg = cfg
         self.node, self.fleet, self.role = cfg.node, cfg.fleet, cfg.role
         self.limits = limits or cfg.limits
@@ -223,6 +229,9 @@ class Transport:
         self._status: dict[str, Any] = {"state": "starting", **(status_fields or {})}
         self._event_times: collections.deque[float] = collections.deque(maxlen=50)
         self.driver = driver
+        self.group_commit = group_commit and driver is None and outbox is not None
+        self._deferred: list[tuple[str, str, bytes, int, bool]] = []  # publishes waiting for the next sync
+        self.deferred_since = 0.0
         if driver is not None and outbox is not None:
             driver.add_barrier(outbox.journal)  # the loop syncs before it writes any socket: see publish()
         self._started = False
@@ -652,6 +661,31 @@ class Transport:
 
     # ------------------------------------------------------------------ sending
     def publish(self, kind: str, dst: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        if self.group_commit and self.outbox is not None and (self._deferred or self.outbox.journal.dirty):
+            # Group commit: this waits for the sync that makes what came before it durable, in order with every
+            # publish after it; the node flushes when its inbox is drained (docs/design.md, "The journal").
+            if not self._deferred:
+                self.deferred_since = time.monotonic()
+            self._deferred.append((kind, dst, payload, qos, retain))
+            if len(self._deferred) >= MAX_DEFERRED:
+                self.flush()
+            return
+        self._publish(kind, dst, payload, qos=qos, retain=retain)
+
+    @property
+    def deferred(self) -> int:
+        """How many publishes wait for the next :meth:`flush`."""
+        return len(self._deferred)
+
+    def flush(self) -> None:
+        """One sync for every journal write so far, then the publishes that waited for it, in order."""
+        if not self._deferred:
+            return
+        pending, self._deferred = self._deferred, []
+        for kind, dst, payload, qos, retain in pending:
+            self._publish(kind, dst, payload, qos=qos, retain=retain)  # the first one syncs
+
+    def _publish(self, kind: str, dst: str, payload: bytes, *, qos: int, retain: bool) -> None:
         t = self.topic(kind, dst)
         if self.outbox is not None and self.driver is None:
             # The durability barrier: what the node wrote before this (its outbox entries and keyed state share
