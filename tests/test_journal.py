@@ -274,3 +274,41 @@ def test_a_node_keeps_keyed_state_in_its_journal_durable_before_its_next_publish
     again = Node(cfg, _Quiet())  # type: ignore[arg-type]
     assert again.journal is not None and again.journal.stats()["torn_bytes"] == 3
     again.stop()
+
+
+def test_a_network_loop_syncs_its_journals_once_before_it_writes_any_socket(tmp_path: Path) -> None:
+    """Virtual devices (docs/design.md, "The journal"): nodes sharing one journal publish without a barrier of their
+    own; the loop that writes their sockets syncs the journal first, once for every node that wrote."""
+    from mqttfl.runtime.netloop import SocketLoop
+
+    journal = Journal(tmp_path / "shared.journal")
+    order: list[str] = []
+
+    class Client:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_readable(self) -> None: ...
+
+        def on_writable(self) -> None:
+            order.append(f"write {self.name} (syncs so far: {journal.syncs})")
+
+        def tend(self, now: float) -> None: ...
+
+        def wants_write(self) -> bool:
+            return False
+
+    loop = SocketLoop()
+    loop.add_barrier(journal)
+    loop.add_barrier(journal)  # every node of the process adds the one journal: it counts once
+    clients = [Client(f"dev{i}") for i in range(3)]
+    for c in clients:
+        journal.put(f"{c.name}/outbox.00", b"update")
+        loop.want_write(c, None, True)
+    assert journal.syncs == 0
+    loop.poll(0.0)
+    assert sorted(order) == [f"write dev{i} (syncs so far: 1)" for i in range(3)]
+    loop.poll(0.0)  # nothing to write: no sync
+    assert journal.syncs == 1
+    loop.close()
+    journal.close()

@@ -82,6 +82,9 @@ def test_three_hundred_virtual_devices_in_one_process_share_one_network_thread(t
     assert workers == [], "the devices were spread over worker processes"
     assert threads < 10, f"{threads} threads for {n} clients"  # was one network thread per client
     assert [e["participants"] for e in entries] == [n]
+    state = tmp_path / "state"
+    assert [p.name for p in state.glob("virtual-*.journal")] == [f"virtual-vdev1-vdev{n}.journal"]
+    assert not list(state.glob("vdev*/journal.log")), "one journal for the process, not one per device"
     _assert_exact_replay_mean(tmp_path, spec, n, 1)
 
 
