@@ -407,7 +407,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plot(res: dict[str, Any], path: Path) -> Path:
-    """Four panels: accuracy vs weak clients per variant (spread over seeds), each compressed variant's ratios to
+    """Five panels: accuracy vs weak clients per variant (spread over seeds), partial training's paired gains
+    over width reduction and strong only (mean and 95% half-width), each compressed variant's ratios to
     fp32, the cutoffs' round time and accuracy, the planner's measured and predicted round times."""
     inc = res["inclusive"]
     weak = inc["weak"]
@@ -423,16 +424,19 @@ def plot(res: dict[str, Any], path: Path) -> Path:
            for k in ("fast_only", "no_cutoff", "tau_fast", "tau_1.5x", "tau_fast_fednova")]
     plan = [(k, [v["round_s"], v["predicted_round_s"] or 0.0]) for k, v in res.get("planner", {}).get("runs",
                                                                                                       {}).items()]
+    paired = [(k.replace("acc_partial_minus_", "partial - "), [res[k], res[k + "_ci95"]])
+              for k in ("acc_partial_minus_width", "acc_partial_minus_strong_only") if k in res]
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _svg(lines, [("compressed / fp32: accuracy, memory, time, bytes", ratios),
+        return _svg(lines, [("weak clients, paired per seed: mean gain, 95% half-width", paired),
+                            ("compressed / fp32: accuracy, memory, time, bytes", ratios),
                             ("cutoffs: round time / fast, accuracy", tau),
                             ("planner: measured, predicted round s", plan)], path.with_suffix(".svg"))
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
     for v, pts in lines.items():
         got = [(w, a) for w, a in pts if a is not None]
         axes[0].errorbar([w for w, _ in got], [a["mean"] for _, a in got], yerr=[a["std"] for _, a in got],
@@ -440,8 +444,9 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     axes[0].set_xlabel("weak clients")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend()
-    for ax, (title, groups) in zip(axes[1:], [("compressed / fp32", ratios), ("cutoffs", tau), ("planner", plan)],
-                                   strict=True):
+    panels = [("weak clients: paired gain, 95% half-width", paired), ("compressed / fp32", ratios),
+              ("cutoffs", tau), ("planner", plan)]
+    for ax, (title, groups) in zip(axes[1:], panels, strict=True):
         width = 0.8 / max(len(groups[0][1]) if groups else 1, 1)
         for j in range(len(groups[0][1]) if groups else 0):
             ax.bar([i + j * width for i in range(len(groups))], [g[1][j] for g in groups], width=width)
