@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weak-seeds", type=int, default=6, help="paired seeds of part 1")
     p.add_argument("--budget", type=float, default=0.5,
                    help="a weak client's training compute and memory as a fraction of a strong one's (part 1)")
+    p.add_argument("--weak-model", choices=("cnn", "vgg5"), default="cnn",
+                   help="part 1's model: the CNN on 1x8x8 digits or VGG-5 on 3x16x16 (slower)")
     p.add_argument("--width", type=float, default=0.0, help="part 1's width ratio (0: the widest within --budget)")
     p.add_argument("--train-blocks", type=int, default=0,
                    help="part 1's partial suffix in blocks (0: the longest within --budget)")
@@ -111,12 +113,16 @@ def _fleet(spec: Any, shards: Any, test: Any, seed: int, **kw: Any) -> Any:
 
 def inclusive(args: argparse.Namespace) -> dict[str, Any]:
     from mqttfl.ml.data import load_digits
+    from mqttfl.ml.models import schema_of
+    from mqttfl.protocol.schema import ModelRef
     from mqttfl.tools.bench import weak_budget
     from mqttfl.tools.testbed import FleetSpec, make_shards
 
     weak_counts = [int(w) for w in args.weak.split(",")]
-    shape, batch = (1, 8, 8), 16
-    costs = weak_budget.costs("cnn", shape, batch)
+    model, batch = args.weak_model, 16
+    shape = (1, 8, 8) if model == "cnn" else (3, 16, 16)
+    costs = weak_budget.costs(model, shape, batch)
+    n_blocks = schema_of(ModelRef(model, shape, 10)).n_blocks  # cut = n: weak and strong clients train locally
     fit = weak_budget.match(costs, args.budget)
     width, blocks = args.width or fit["width"], args.train_blocks or fit["train_blocks"]
     if width is None or blocks is None:
@@ -124,8 +130,8 @@ def inclusive(args: argparse.Namespace) -> dict[str, Any]:
     weak = {"partial": {"train": "partial", "train_blocks": blocks}, "width": {"train": "width", "width": width}}
     chosen = {k: costs[k] for k in ("full", f"partial{blocks}", f"width{width}") if k in costs}
     train, test = load_digits(shape)
-    out: dict[str, Any] = {"strong": args.strong, "weak": weak_counts, "rounds": args.rounds, "alpha": args.alpha,
-                           "seeds": args.weak_seeds, "budget": args.budget, "width": width, "train_blocks": blocks,
+    out: dict[str, Any] = {"model": model, "shape": list(shape), "strong": args.strong, "weak": weak_counts,
+                           "rounds": args.rounds, "alpha": args.alpha, "seeds": args.weak_seeds, "budget": args.budget, "width": width, "train_blocks": blocks,
                            "costs": chosen, "accuracy": {}}
     names = [f"s{i:02d}" for i in range(args.strong)] + [f"w{i:02d}" for i in range(max(weak_counts))]
     for w in weak_counts:
@@ -135,13 +141,13 @@ def inclusive(args: argparse.Namespace) -> dict[str, Any]:
         for variant in WEAK if w else ("strong_only",):
             accs = []
             for seed in range(args.weak_seeds):
-                everyone = FleetSpec(devices={n: f"edge{i % 2 + 1}" for i, n in enumerate(names)}, model="cnn",
+                everyone = FleetSpec(devices={n: f"edge{i % 2 + 1}" for i, n in enumerate(names)}, model=model,
                                      input_shape=shape, partition=f"dirichlet:{args.alpha}", data_seed=seed)
                 shards = make_shards(everyone, train)  # the same shards whoever takes part
                 use = names[:args.strong] + ([] if variant == "strong_only" else names[args.strong:][:w])
                 cloud = {"rounds": args.rounds, "batch_size": batch, "lr": 0.05, "seed": seed, "run": "bench",
-                         "deadline_s": 3600.0, "cut": 4, "classes": {"weak": weak.get(variant, {})}}
-                spec = FleetSpec(devices={n: everyone.devices[n] for n in use}, model="cnn", input_shape=shape,
+                         "deadline_s": 3600.0, "cut": n_blocks, "classes": {"weak": weak.get(variant, {})}}
+                spec = FleetSpec(devices={n: everyone.devices[n] for n in use}, model=model, input_shape=shape,
                                  cloud=cloud, device_extra={n: {"class": "weak"} for n in use if n.startswith("w")})
                 accs.append(_tail_accuracy(_fleet(spec, {n: shards[n] for n in use}, test, seed)))
             mean, std = _mean_std(accs)
