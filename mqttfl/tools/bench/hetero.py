@@ -131,7 +131,8 @@ def inclusive(args: argparse.Namespace) -> dict[str, Any]:
     chosen = {k: costs[k] for k in ("full", f"partial{blocks}", f"width{width}") if k in costs}
     train, test = load_digits(shape)
     out: dict[str, Any] = {"model": model, "shape": list(shape), "strong": args.strong, "weak": weak_counts,
-                           "rounds": args.rounds, "alpha": args.alpha, "seeds": args.weak_seeds, "budget": args.budget, "width": width, "train_blocks": blocks,
+                           "rounds": args.rounds, "alpha": args.alpha, "seeds": args.weak_seeds, "budget": args.budget,
+                           "width": width, "train_blocks": blocks,
                            "costs": chosen, "accuracy": {}}
     names = [f"s{i:02d}" for i in range(args.strong)] + [f"w{i:02d}" for i in range(max(weak_counts))]
     for w in weak_counts:
