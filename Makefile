@@ -35,7 +35,7 @@ FAST_TESTS := tests/pair tests/test_aggregate.py tests/test_backend.py tests/tes
 	tests/test_schedule.py tests/test_split.py tests/test_staleness.py tests/test_strategies.py tests/test_topics.py \
 	tests/test_compress.py tests/test_fedlama.py tests/test_server_strategies.py tests/test_proximal.py tests/test_bench_comm.py \
 	tests/test_pipeline_plan.py tests/test_split_plan.py tests/test_local_models.py tests/test_streaming.py tests/test_sites.py \
-	tests/test_virtual_limits.py tests/test_journal.py tests/test_bench_cloudmem.py
+	tests/test_virtual_limits.py tests/test_journal.py tests/test_bench_cloudmem.py tests/test_weak_budget.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra $(FAST_TESTS)

@@ -1,12 +1,16 @@
 """``mqttfl bench hetero``: heterogeneous devices, measured in one run (docs/algorithms.md, "Heterogeneous devices",
 "Deadlines", "Split-point planning").
 
-1. **Weak clients** (InclusiveFL / EmbracingFL, scaled to this machine; in memory, ``mqttfl.runtime.memory``): the
-   CNN on the 8x8 digits, the train set cut into ``strong + max(weak)`` Dirichlet(``--alpha``) shards once per
-   seed; a fixed set of strong clients trains with 0, 1x, 2x and 4x as many weak ones. Weak clients train either
-   the output-side half of the blocks (partial training: the convolutions run frozen) or HeteroFL's half-width
-   sub-model (width reduction: a quarter of the convolutions' compute), or stay out (strong only). Accuracy is the
-   mean of the last five rounds' test accuracy (non-IID rounds swing), mean and spread over ``--seeds``.
+1. **Weak clients** (InclusiveFL / EmbracingFL, scaled to this machine; in memory, ``mqttfl.runtime.memory``):
+   VGG-5 on the digits at 3x16x16 (``--weak-model cnn``: the CNN at 1x8x8), the train set cut into
+   ``strong + max(weak)`` Dirichlet(``--alpha``) shards once per seed (most clients, and most data, are weak); a
+   fixed set of strong clients trains alone or with the weak ones. A weak client has ``--budget`` f of a strong
+   client's training compute and memory (:mod:`mqttfl.tools.bench.weak_budget` counts both on the model): it
+   trains either the longest output-side suffix of blocks that fits (partial training: the input side runs
+   frozen) or HeteroFL's widest sub-model that fits (width reduction), or stays out (strong only). Every arm of a
+   seed gets the same shards and initial model (paired seeds). Accuracy is the mean of the last five rounds' test
+   accuracy (non-IID rounds swing); the differences are paired per seed: mean, std and a 95% t-interval over
+   ``--weak-seeds``.
 2. **Compressed local models**: every device in one class (fp32, pruned per weight and per channel, fp16, bf16,
    int8, width, partial), VGG-5 on the digits at 3x16x16, in memory: accuracy, bytes each device sends per
    round; and on one device in this process, VGG-5 at 3x32x32, batch 64 (the FedFly shape): training memory
@@ -19,7 +23,8 @@
    time (mean of the rounds after the first, which profiles) against the planner's prediction.
 
 JSON (``--json``): ``acc_partial_minus_width`` and ``acc_partial_minus_strong_only`` (at the most weak clients,
-mean over seeds, with ``_std``), ``planned_vs_fixed`` (planned round time / the best fixed cut's),
+the mean paired difference over seeds, with ``_std`` and ``_ci95``: the interval's half-width),
+``planned_vs_fixed`` (planned round time / the best fixed cut's),
 ``tau_time_ratio`` (round time with tau = the fast devices' time / the fast devices' own round time),
 ``tau_acc_delta`` (its accuracy minus no cutoff's), ``int8_memory_ratio`` (training memory int8 / fp32), and
 every figure behind them. Writes ``results.json`` and ``hetero.svg`` (or ``.png`` with matplotlib) into ``--out``.
@@ -47,7 +52,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "width": {"train": "width", "width": 0.5},
     "partial": {"train": "partial", "train_blocks": 2},
 }
-WEAK = {"partial": {"train": "partial", "train_blocks": 2}, "width": {"train": "width", "width": 0.5}}
+WEAK = ("partial", "width")
+# Student's t, two-sided 95%, by degrees of freedom (past the table: the normal's 1.96).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
 SPEEDS = (1.0, 2.0, 4.0, 8.0)
 
 
@@ -55,9 +62,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the in-memory parts (spread over seeds)")
     p.add_argument("--strong", type=int, default=4, help="strong clients (part 1)")
-    p.add_argument("--weak", default="0,4,8,16", help="weak clients added to them (part 1)")
+    p.add_argument("--weak", default="0,16", help="weak clients added to them (part 1)")
+    p.add_argument("--weak-seeds", type=int, default=5, help="paired seeds of part 1")
+    p.add_argument("--budget", type=float, default=0.5,
+                   help="a weak client's training compute and memory as a fraction of a strong one's (part 1)")
+    p.add_argument("--weak-model", choices=("cnn", "vgg5"), default="vgg5",
+                   help="part 1's model: VGG-5 on 3x16x16 digits or the CNN on 1x8x8 (faster)")
+    p.add_argument("--width", type=float, default=0.0, help="part 1's width ratio (0: the widest within --budget)")
+    p.add_argument("--train-blocks", type=int, default=0,
+                   help="part 1's partial suffix in blocks (0: the longest within --budget)")
     p.add_argument("--alpha", type=float, default=0.3, help="Dirichlet label skew of part 1's shards")
-    p.add_argument("--rounds", type=int, default=25, help="rounds of part 1")
+    p.add_argument("--rounds", type=int, default=20, help="rounds of part 1")
     p.add_argument("--planner-rounds", type=int, default=4, help="rounds per run of part 4 (the first profiles)")
     p.add_argument("--skip-planner", action="store_true", help="leave out part 4 (real processes)")
     p.add_argument("--small", action="store_true", help="every part at a toy size (tests)")
@@ -67,6 +82,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _paired(values: list[float]) -> tuple[float, float, float]:
+    """Mean, std and the 95% t-interval's half-width of paired differences."""
+    mean, std = _mean_std(values)
+    n = len(values)
+    t = T95[n - 2] if 1 < n <= len(T95) + 1 else 1.96
+    return mean, std, (t * std / n ** 0.5 if n > 1 else 0.0)
 
 
 def _tail_accuracy(fleet: Any, last: int = 5) -> float:
@@ -91,28 +114,42 @@ def _fleet(spec: Any, shards: Any, test: Any, seed: int, **kw: Any) -> Any:
 
 def inclusive(args: argparse.Namespace) -> dict[str, Any]:
     from mqttfl.ml.data import load_digits
+    from mqttfl.ml.models import schema_of
+    from mqttfl.protocol.schema import ModelRef
+    from mqttfl.tools.bench import weak_budget
     from mqttfl.tools.testbed import FleetSpec, make_shards
 
     weak_counts = [int(w) for w in args.weak.split(",")]
-    shape = (1, 8, 8)
+    model, batch = args.weak_model, 16
+    shape = (1, 8, 8) if model == "cnn" else (3, 16, 16)
+    costs = weak_budget.costs(model, shape, batch)
+    n_blocks = schema_of(ModelRef(model, shape, 10)).n_blocks  # cut = n: weak and strong clients train locally
+    fit = weak_budget.match(costs, args.budget)
+    width, blocks = args.width or fit["width"], args.train_blocks or fit["train_blocks"]
+    if width is None or blocks is None:
+        raise RuntimeError(f"nothing fits a weak budget of {args.budget}: {fit}")
+    weak = {"partial": {"train": "partial", "train_blocks": blocks}, "width": {"train": "width", "width": width}}
+    chosen = {k: costs[k] for k in ("full", f"partial{blocks}", f"width{width}") if k in costs}
     train, test = load_digits(shape)
-    out: dict[str, Any] = {"strong": args.strong, "weak": weak_counts, "rounds": args.rounds, "alpha": args.alpha,
-                           "seeds": args.seeds, "accuracy": {}}
+    out: dict[str, Any] = {"model": model, "shape": list(shape), "strong": args.strong, "weak": weak_counts,
+                           "rounds": args.rounds, "alpha": args.alpha, "seeds": args.weak_seeds, "budget": args.budget,
+                           "width": width, "train_blocks": blocks,
+                           "costs": chosen, "accuracy": {}}
     names = [f"s{i:02d}" for i in range(args.strong)] + [f"w{i:02d}" for i in range(max(weak_counts))]
     for w in weak_counts:
         if w and f"strong_only@{min(weak_counts)}" in out["accuracy"]:
             # The strong clients' shards are the same whatever joins them: strong-only is one figure.
             out["accuracy"][f"strong_only@{w}"] = out["accuracy"][f"strong_only@{min(weak_counts)}"]
-        for variant in (*WEAK,) if w else ("strong_only",):
+        for variant in WEAK if w else ("strong_only",):
             accs = []
-            for seed in range(args.seeds):
-                everyone = FleetSpec(devices={n: f"edge{i % 2 + 1}" for i, n in enumerate(names)}, model="cnn",
+            for seed in range(args.weak_seeds):
+                everyone = FleetSpec(devices={n: f"edge{i % 2 + 1}" for i, n in enumerate(names)}, model=model,
                                      input_shape=shape, partition=f"dirichlet:{args.alpha}", data_seed=seed)
                 shards = make_shards(everyone, train)  # the same shards whoever takes part
                 use = names[:args.strong] + ([] if variant == "strong_only" else names[args.strong:][:w])
-                cloud = {"rounds": args.rounds, "batch_size": 16, "lr": 0.05, "seed": seed, "run": "bench",
-                         "deadline_s": 3600.0, "cut": 4, "classes": {"weak": WEAK.get(variant, {})}}
-                spec = FleetSpec(devices={n: everyone.devices[n] for n in use}, model="cnn", input_shape=shape,
+                cloud = {"rounds": args.rounds, "batch_size": batch, "lr": 0.05, "seed": seed, "run": "bench",
+                         "deadline_s": 3600.0, "cut": n_blocks, "classes": {"weak": weak.get(variant, {})}}
+                spec = FleetSpec(devices={n: everyone.devices[n] for n in use}, model=model, input_shape=shape,
                                  cloud=cloud, device_extra={n: {"class": "weak"} for n in use if n.startswith("w")})
                 accs.append(_tail_accuracy(_fleet(spec, {n: shards[n] for n in use}, test, seed)))
             mean, std = _mean_std(accs)
@@ -293,7 +330,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
     torch.set_num_threads(1)  # what every agent uses
     if args.small:
-        args.seeds, args.rounds, args.weak, args.strong = 1, 2, "0,2", 2
+        args.seeds, args.weak_seeds, args.rounds, args.weak, args.strong = 1, 2, 2, "0,2", 2
     res: dict[str, Any] = {}
     for name, fn in (("inclusive", inclusive), ("compressed", compressed), ("cutoffs", cutoffs)):
         t0 = time.monotonic()
@@ -312,10 +349,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         seeds = zip(acc[f"partial@{w}"]["seeds"], acc[f"width@{w}"]["seeds"], acc[f"strong_only@{w}"]["seeds"],
                     strict=True)
         d_width, d_strong = zip(*((p - wd, p - s) for p, wd, s in seeds), strict=True)
-        res["acc_partial_minus_width"], res["acc_partial_minus_width_std"] = (round(v, 4) for v in
-                                                                              _mean_std(list(d_width)))
-        res["acc_partial_minus_strong_only"], res["acc_partial_minus_strong_only_std"] = (
-            round(v, 4) for v in _mean_std(list(d_strong)))
+        for key, diffs in (("acc_partial_minus_width", d_width), ("acc_partial_minus_strong_only", d_strong)):
+            res[key], res[key + "_std"], res[key + "_ci95"] = (round(v, 4) for v in _paired(list(diffs)))
     cut = res["cutoffs"]
     res["tau_time_ratio"] = round(cut["tau_fast"]["round_s"] / cut["fast_only"]["round_s"], 4)
     res["tau_acc_delta"] = round(cut["tau_fast"]["accuracy"] - cut["no_cutoff"]["accuracy"], 4)
@@ -324,9 +359,9 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     res["int8_memory_ratio"] = round(var["int8"]["train_mem_mb"] / var["fp32"]["train_mem_mb"], 4)
     res["planned_vs_fixed"] = res["planner"]["planned_vs_fixed"] if "planner" in res else None
     res["targets"] = {
-        # A clear margin: the mean gain over seeds exceeds its spread.
+        # A clear margin: the 95% interval of the paired gain lies above zero.
         "partial_beats_width_and_strong_only": all(
-            res.get(k, 0) > 0 and res.get(k, 0) > res.get(k + "_std", 0)
+            res.get(k, 0) - res.get(k + "_ci95", 0) > 0
             for k in ("acc_partial_minus_width", "acc_partial_minus_strong_only")),
         "planned_vs_fixed": res["planned_vs_fixed"] is not None and res["planned_vs_fixed"] <= 0.85,
         "tau": res["tau_time_ratio"] <= 1.1 and res["tau_acc_delta"] >= -0.03,
@@ -337,11 +372,14 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
 def rows_of(res: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     inc = res["inclusive"]
+    rows.append((f"part 1: weak budget {inc['budget']} -> width / partial blocks", f"{inc['width']} / "
+                 f"{inc['train_blocks']}  " + ", ".join(f"{k}: compute {v['macs_ratio']} memory {v['memory_ratio']}"
+                                                         for k, v in inc["costs"].items())))
     for key, v in inc["accuracy"].items():
         rows.append((f"accuracy {key.replace('@', ' with weak=')}", f"{v['mean']:.4f} +- {v['std']:.4f}"))
     for key in ("acc_partial_minus_width", "acc_partial_minus_strong_only"):
         if key in res:
-            rows.append((key, f"{res[key]:+.4f} +- {res[key + '_std']:.4f}"))
+            rows.append((key, f"{res[key]:+.4f} +- {res[key + '_std']:.4f} (95% CI +- {res[key + '_ci95']:.4f})"))
     for name, v in res["compressed"]["variants"].items():
         rows.append((f"{name}: accuracy / bytes up per round / train MB / ms per batch",
                      f"{v['accuracy']:.4f} / {v['bytes_up_per_round']:,} / {v['train_mem_mb']} / {v['batch_ms']}"))
@@ -377,7 +415,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plot(res: dict[str, Any], path: Path) -> Path:
-    """Four panels: accuracy vs weak clients per variant (spread over seeds), each compressed variant's ratios to
+    """Five panels: accuracy vs weak clients per variant (spread over seeds), partial training's paired gains
+    over width reduction and strong only (mean and 95% half-width), each compressed variant's ratios to
     fp32, the cutoffs' round time and accuracy, the planner's measured and predicted round times."""
     inc = res["inclusive"]
     weak = inc["weak"]
@@ -393,16 +432,19 @@ def plot(res: dict[str, Any], path: Path) -> Path:
            for k in ("fast_only", "no_cutoff", "tau_fast", "tau_1.5x", "tau_fast_fednova")]
     plan = [(k, [v["round_s"], v["predicted_round_s"] or 0.0]) for k, v in res.get("planner", {}).get("runs",
                                                                                                       {}).items()]
+    paired = [(k.replace("acc_partial_minus_", "partial - "), [res[k], res[k + "_ci95"]])
+              for k in ("acc_partial_minus_width", "acc_partial_minus_strong_only") if k in res]
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _svg(lines, [("compressed / fp32: accuracy, memory, time, bytes", ratios),
+        return _svg(lines, [("weak clients, paired per seed: mean gain, 95% half-width", paired),
+                            ("compressed / fp32: accuracy, memory, time, bytes", ratios),
                             ("cutoffs: round time / fast, accuracy", tau),
                             ("planner: measured, predicted round s", plan)], path.with_suffix(".svg"))
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
     for v, pts in lines.items():
         got = [(w, a) for w, a in pts if a is not None]
         axes[0].errorbar([w for w, _ in got], [a["mean"] for _, a in got], yerr=[a["std"] for _, a in got],
@@ -410,8 +452,9 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     axes[0].set_xlabel("weak clients")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend()
-    for ax, (title, groups) in zip(axes[1:], [("compressed / fp32", ratios), ("cutoffs", tau), ("planner", plan)],
-                                   strict=True):
+    panels = [("weak clients: paired gain, 95% half-width", paired), ("compressed / fp32", ratios),
+              ("cutoffs", tau), ("planner", plan)]
+    for ax, (title, groups) in zip(axes[1:], panels, strict=True):
         width = 0.8 / max(len(groups[0][1]) if groups else 1, 1)
         for j in range(len(groups[0][1]) if groups else 0):
             ax.bar([i + j * width for i in range(len(groups))], [g[1][j] for g in groups], width=width)
