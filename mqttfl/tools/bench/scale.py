@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(written for site1, as shipped; TLS and account lines are dropped on loopback), to measure "
                         "what your own topic lines carry")
     p.add_argument("--small", action="store_true", help="toy sizes (tests)")
+    p.add_argument("--per-process", type=int, default=500,
+                   help="virtual devices per process (default 500: 1,000 devices are two processes, one per core, as "
+                        "a thousand boards work in parallel; one process serves its devices on one thread)")
     p.add_argument("--per-device-downloads", action="store_true",
                    help="edges announce rounds with one message per device ([edge] group_downloads = false)")
     add_out_argument(p, "scale")
@@ -108,8 +111,8 @@ EDGES = ("edge1", "edge2")  # site i's edge is EDGES[i] when the fleet is spread
 
 
 def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str, Any] | None = None,
-                sites: int = 1, bridge_conf: Path | None = None, edge: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
+                sites: int = 1, bridge_conf: Path | None = None, edge: dict[str, Any] | None = None,
+                per_process: int | None = None) -> dict[str, Any]:
     """One fleet of ``n`` replaying virtual devices on fresh brokers; see the module docstring. ``sites`` = 1: one
     broker for everything; 2: the cloud on a cloud broker, each edge and its half of the devices on a site
     broker bridged to it (``bridge_conf``, default the shipped bridge.conf)."""
@@ -152,7 +155,7 @@ def virtual_run(root: Path, n: int, rounds: int, timeout: float, cloud: dict[str
         for prefix, edges, count in groups:
             if count:
                 tb.start_virtual(count, prefix=prefix, edges=edges, mode="replay", section={"cut": schema.n_blocks},
-                                 log_level="warning")
+                                 log_level="warning", per_process=per_process)
         tb.wait_event("round_started", timeout)
         online_s = time.monotonic() - t0
         cloud_pid, edge_pids = tb.procs["cloud"].pid, [tb.procs[e].pid for e in EDGES]
@@ -348,7 +351,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             try:
                 res[key].append(virtual_run(root / f"n{n}-sites{sites}", n, rounds, timeout=120.0 + 1.0 * n,
                                             cloud=cloud, sites=sites, bridge_conf=args.bridge_conf,
-                                            edge={"group_downloads": False} if args.per_device_downloads else {}))
+                                            edge={"group_downloads": False} if args.per_device_downloads else {},
+                                            per_process=args.per_process))
             except (TimeoutError, BrokerError) as e:  # a round or a broker (or its bridge) that never came
                 where = "" if sites == 1 else f" over {sites} bridged sites"
                 raise RunFailed({"run": f"scale-{n}", "round": -1, "reason": f"N={n}{where}: {e}"}) from e
