@@ -312,3 +312,14 @@ def test_a_network_loop_syncs_its_journals_once_before_it_writes_any_socket(tmp_
     assert journal.syncs == 1
     loop.close()
     journal.close()
+
+
+def test_a_reopened_journal_syncs_what_it_replayed_at_its_first_barrier(tmp_path: Path) -> None:
+    """After a crash the page cache may hold writes that were never synced; replay accepts them, so the first
+    barrier of the next life must sync before anything resumed from them is published."""
+    crashed = Journal(tmp_path / "j.log")
+    crashed.put("outbox.00", b"update")  # never synced: the process dies here
+    again = Journal(tmp_path / "j.log")
+    assert again.get("outbox.00") == b"update" and again.dirty
+    assert again.sync() and not again.dirty
+    assert not Journal(tmp_path / "empty.log").dirty  # nothing replayed: nothing to sync

@@ -82,6 +82,9 @@ class Journal:
         except BaseException:
             os.close(self._fd)
             raise
+        # After a crash the page cache may still hold writes that were never synced, and replay accepts them:
+        # the first barrier syncs them before anything resumed from them is published.
+        self._dirty = not readonly and bool(self._index)
 
     # ------------------------------------------------------------------ open
     def _replay(self) -> int:

@@ -225,8 +225,12 @@ class Node(MachineRunner):
             self.transport.event("journal_torn_tail", level="warning", bytes=self.journal.torn_bytes)
         here = (self.cfg.mqtt.host, self.cfg.mqtt.port)
         for broker in sorted(set(self.edge_brokers.values()) - {here}):
-            # Open our session at the other sites now: what is sent to us there before we arrive is kept.
-            if not self.transport.visit(*broker):
+            # Open our session at the other sites now: what is sent to us there before we arrive is kept, the
+            # broadcasts of that site's edges included (a round announced as we move there).
+            site_edges = sorted(e for e, b in self.edge_brokers.items() if b == broker)
+            extra = [filter_for(self.cfg.fleet, kind=k, src=e, dst=BROADCAST)
+                     for e in site_edges for k in self.edge_broadcasts]
+            if not self.transport.visit(*broker, extra=extra):
                 self.logger.warning("site broker unreachable", broker=f"{broker[0]}:{broker[1]}")
         self.feed(E.Started(wall=time.time()))
         sdnotify.ready()
@@ -350,6 +354,10 @@ class Node(MachineRunner):
 
     def cancel_timer(self, key: Hashable) -> None:
         self.timers.pop(key, None)
+
+    def run_job(self, job: stage.Job) -> E.JobDone:
+        self.transport.flush()  # what the message said so far goes out before a job holds the loop
+        return super().run_job(job)
 
     def follow(self, edges: tuple[str, ...]) -> None:
         if self.edge_broadcasts:

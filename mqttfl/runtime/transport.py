@@ -365,11 +365,12 @@ class Transport:
         self._connect()
         return self.wait_ready(max(0.1, deadline - time.monotonic()))
 
-    def visit(self, host: str, port: int, timeout: float = 10.0) -> bool:
+    def visit(self, host: str, port: int, timeout: float = 10.0, extra: Iterable[str] = ()) -> bool:
         """Open this node's session at another broker and leave (no presence): messages sent to it there while
-        it is away are kept for its arrival, instead of being discarded for want of a subscriber."""
+        it is away are kept for its arrival, instead of being discarded for want of a subscriber. ``extra``:
+        filters to hold there besides this node's own."""
         cfg = replace(self.cfg, mqtt=replace(self.cfg.mqtt, host=host, port=port))
-        guest = Transport(cfg, limits=self.limits, subscriptions=self._subs, presence=False, inbox=False,
+        guest = Transport(cfg, limits=self.limits, subscriptions=[*self._subs, *extra], presence=False, inbox=False,
                           boot=self.boot, driver=self.driver)
         try:
             guest.start(timeout=timeout)
