@@ -117,7 +117,7 @@ class VirtualFleet:
                                       if everyone or (n.timers and min(n.timers.values()) <= now)}
                 for n in list(turn):
                     try:
-                        more = self._turn(n, chores=True)
+                        more = self._turn(n)
                     except Shutdown:
                         n.stop()
                         del live[id(n.transport)]
@@ -132,8 +132,9 @@ class VirtualFleet:
                 self.journal.close()
 
     @staticmethod
-    def _turn(n: Node, *, chores: bool) -> bool:
-        """Up to ``STEP_BATCH`` messages of one node; whether it may have more."""
+    def _turn(n: Node) -> bool:
+        """Up to ``STEP_BATCH`` messages of one node (its housekeeping with the first); whether it may have more."""
+        chores = True
         for _ in range(STEP_BATCH):
             if not n.step(timeout=0.0, chores=chores):
                 return False
