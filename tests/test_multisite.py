@@ -102,6 +102,9 @@ def test_a_device_moves_between_two_bridged_sites_and_a_restart_reaches_the_clou
         tb.start()
         started = tb.wait_event("round_started", 120, round=1)
         assert sorted(started["sampled"]) == sorted(DEVICES)
+        # Mid-round: once dev1 trains round 1 (a move that reaches an idle device is a move between rounds).
+        tb.wait(lambda m: m.kind == "status" and m.src == "dev1" and (m.data or {}).get("state") == "training"
+                and m.data.get("round") == 1, 60)
         moved = tb.ctl("dev1", "move", edge="edge2", at_step=2)
         assert moved["ok"], moved
         done = tb.wait_event("migration_done", 60, device="dev1")
