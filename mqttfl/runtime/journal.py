@@ -24,6 +24,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from mqttfl.runtime.persist import fsync_dir
+
 MAGIC = b"MQFLJ1\n\0"
 _HEAD = struct.Struct("<IBHI")  # crc32, op, key length, value length
 _PUT, _DEL = 1, 2
@@ -33,14 +35,6 @@ MAX_VALUE_BYTES = 0xFFFFFFFF
 
 class JournalError(ValueError):
     """The file is not a journal (refused rather than overwritten)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _write_all(fd: int, data: bytes, at: int) -> None:
@@ -99,7 +93,7 @@ class Journal:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, MAGIC, 0)
             os.fsync(self._fd)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return len(MAGIC)
         if head != MAGIC:
             raise JournalError(f"{self.path} is not a journal (bad magic)")
@@ -264,7 +258,7 @@ class Journal:
                 tmp.unlink(missing_ok=True)
                 raise
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             os.close(self._fd)
             self._fd = fd
             self._index, self._end, self._dirty = index, pos, False
