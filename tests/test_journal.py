@@ -323,3 +323,20 @@ def test_a_reopened_journal_syncs_what_it_replayed_at_its_first_barrier(tmp_path
     assert again.get("outbox.00") == b"update" and again.dirty
     assert again.sync() and not again.dirty
     assert not Journal(tmp_path / "empty.log").dirty  # nothing replayed: nothing to sync
+
+
+def test_held_publishes_go_out_before_a_job_holds_the_node(tmp_path: Path) -> None:
+    """A message whose effects save state, send, and then run a job (an edge announcing a round, then profiling):
+    the sends are not held behind the job."""
+    from mqttfl.protocol import stage
+
+    cfg = load_config(None, "edge", environ={}, node="edge1", fleet="f", state_dir=str(tmp_path),
+                      mqtt={"host": "127.0.0.1", "port": 1})
+    node = Node(cfg, _Quiet())  # type: ignore[arg-type]
+    assert node.journal is not None
+    node.persist({"step": 1}, key="session.dev1")
+    node.emit("round start", "info", {})
+    assert node.transport.deferred == 1
+    node.run_job(stage.Measure(session=""))
+    assert node.transport.deferred == 0 and node.journal.stats()["syncs"] == 1
+    node.stop()
