@@ -34,7 +34,9 @@ def test_mixed_classes_and_a_cutoff_end_on_the_masked_mean_weighted_by_examples(
     data = (train.subset(np.arange(800)), test)
     devices = {"dev1": "edge1", "dev2": "edge1", "dev3": "edge2", "dev4": "edge2", "dev5": "edge2"}
     extra = {"dev2": {"class": "weak"}, "dev3": {"class": "pruned"}, "dev4": {"class": "half"},
-             "dev5": {"class": "slow", "slowdown": 60.0}}
+             # 60 ms of emulated board time per mini-batch: five mini-batches take at least 0.3 s, so the 0.15 s
+             # cutoff fires after the first, second or third whatever the machine's speed.
+             "dev5": {"class": "slow", "step_delay_s": 0.06}}
     spec = FleetSpec(devices=devices, model="mlp", input_shape=(64,), fleet=fleet, device_extra=extra,
                      cloud={"rounds": 2, "batch_size": 32, "lr": 0.3, "momentum": 0.9, "seed": 5, "classes": CLASSES})
     with Testbed(tmp_path, spec, broker=broker, data=data) as tb:
