@@ -73,8 +73,11 @@ HETERO = {
     "cutoffs": {"rounds": 2, "epochs": 5, "slowdown": 4.0, "tau_s": 1.0, "fast_only": _cutoff(2.0, 0.9),
                 "no_cutoff": _cutoff(8.0, 0.92), "tau_fast": _cutoff(2.1, 0.9), "tau_1.5x": _cutoff(3.0, 0.91),
                 "tau_fast_fednova": _cutoff(2.1, 0.9), "acc_delta_seeds": [-0.02], "time_ratio_seeds": [1.05]},
-    "planner": {"model": "vgg5", "speeds": [1.0, 8.0], "rounds": 4, "best_fixed": "cut2", "planned_vs_fixed": 0.8,
-                "runs": {"cut1": _plan_run(12.0, 1), "cut2": _plan_run(10.0, 2), "planned": _plan_run(8.0, 5)}},
+    "planner": {"planned_vs_fixed": 0.8, "scenarios": {
+        "speeds": {"model": "vgg5", "speeds": [1.0, 8.0], "rounds": 4, "best_fixed": "cut1", "planned_vs_fixed": 0.95,
+                   "runs": {"cut1": _plan_run(10.0, 1), "cut2": _plan_run(12.0, 2), "planned": _plan_run(9.5, 1)}},
+        "links": {"model": "vgg5", "speeds": [1.0, 8.0], "rounds": 4, "best_fixed": "cut2", "planned_vs_fixed": 0.8,
+                  "runs": {"cut1": _plan_run(12.0, 1), "cut2": _plan_run(10.0, 2), "planned": _plan_run(8.0, 5)}}}},
 }
 
 
@@ -265,7 +268,7 @@ def test_hetero_summarises_every_figure_the_issue_asks_for(cwd: Path, tmp_path: 
     assert r["acc_partial_minus_strong_only"] == pytest.approx(0.12)
     # Two seeds: the 95% interval is 12.706 x std / sqrt(2); for partial - width, 12.706 x 0.0354 / 1.414.
     assert r["acc_partial_minus_width_ci95"] == pytest.approx(12.706 * 0.025, abs=1e-3)
-    assert r["planned_vs_fixed"] == 0.8
+    assert r["planned_vs_fixed"] == r["planned_vs_fixed_links"] == 0.8 and r["planned_vs_fixed_speeds"] == 0.95
     assert r["tau_time_ratio"] == pytest.approx(1.05) and r["tau_acc_delta"] == pytest.approx(-0.02)
     assert r["int8_memory_ratio"] == pytest.approx(0.4)
     # With two seeds neither interval clears zero: no clear margin yet.

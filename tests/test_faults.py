@@ -2,7 +2,7 @@
 applied twice.
 
 - the cloud is killed with SIGKILL mid-run and restarted: it resumes the same round from the same model;
-- a device's TCP link is cut mid-transfer (through tests/tcp_proxy.py) and restored: exactly-once effect;
+- a device's TCP link is cut mid-transfer (through mqttfl/tools/linkproxy.py) and restored: exactly-once effect;
 - malformed and foreign activations/deltas are dropped and counted without touching any state.
 """
 
@@ -28,11 +28,11 @@ from mqttfl.runtime.outbox import Outbox
 from mqttfl.runtime.transport import Inbound, Transport
 from mqttfl.tools import testbed
 from mqttfl.tools.broker import Broker
+from mqttfl.tools.linkproxy import LinkProxy
 from mqttfl.tools.testbed import FleetSpec
 from mqttfl.wire.topics import filter_for
 from tests.helpers import schema, wait_for
 from tests.reference import TOL, max_abs_diff, reference_global
-from tests.tcp_proxy import TcpProxy
 from tests.test_split_e2e import cloud_state, digits
 
 
@@ -92,7 +92,7 @@ def test_device_link_cut_mid_transfer_has_exactly_once_effect(tmp_path: Path, br
                      device_extra={"dev1": {"act_timeout_s": 3.0}},
                      cloud={"rounds": 1, "batch_size": 32, "micro_batches": 2, "lr": 0.05, "seed": 4})
     data = digits((64,))
-    with TcpProxy(broker.host, broker.port) as proxy, \
+    with LinkProxy(broker.host, broker.port) as proxy, \
             testbed.Testbed(tmp_path, spec, broker=broker, data=data) as tb:
         tb.prepare()
         tb.start(["cloud", "edge1"])

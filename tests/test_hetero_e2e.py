@@ -15,10 +15,10 @@ import numpy as np
 from mqttfl.ml.data import load_digits
 from mqttfl.runtime.persist import load_state
 from mqttfl.tools.broker import Broker
+from mqttfl.tools.linkproxy import LinkProxy
 from mqttfl.tools.testbed import FleetSpec, Testbed
 from tests.helpers import schema
 from tests.reference import TOL, hetero_reference, max_abs_diff
-from tests.tcp_proxy import TcpProxy
 
 CLASSES: dict[str, dict[str, Any]] = {
     "weak": {"train": "partial", "train_blocks": 2, "power_w": 3.0},
@@ -80,7 +80,7 @@ def test_a_link_that_turns_slow_moves_the_planned_cut_between_rounds(tmp_path: P
             planned.append(m.data["cut_plan"]["devices"]["dev1"])
         return bool(planned) and planned[-1]["why"] == "planned"
 
-    with TcpProxy(broker.host, broker.port) as proxy, \
+    with LinkProxy(broker.host, broker.port) as proxy, \
             Testbed(tmp_path, spec, broker=broker, data=(train.subset(np.arange(240)), test),
                     auth={"dev1": {"port": proxy.port}}) as tb:
         tb.prepare()

@@ -82,6 +82,21 @@ def test_pruned_entries_stay_zero_and_the_ratio_holds(by: str) -> None:
         assert w[m].min() >= w[~m].max()
 
 
+def test_channel_pruning_drops_the_batchnorm_of_the_dropped_channels_with_them() -> None:
+    # Averaged in, a dropped channel's statistics (those of a constant zero) would drive the global model's running
+    # variance of that channel towards zero, while the global model still computes it: its output blows up.
+    start, end, opened, _, backend = _run("vgg5", (3, 16, 16), LocalModel(train="pruned", prune=0.5,
+                                                                          prune_by="channel"))
+    assert opened is not None
+    conv = opened.masks["0.0.weight"]
+    channels = conv.reshape(conv.shape[0], -1).all(axis=1)
+    assert 0 < channels.sum() < len(channels)
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        assert np.array_equal(opened.masks[f"0.1.{key}"], channels), key
+    assert np.all(end["0.1.running_var"][~channels] == 0.0) and np.all(end["0.1.weight"][~channels] == 0.0)
+    assert not any(k.startswith("3.") and k.endswith("running_var") for k in opened.masks)  # no BatchNorm there
+
+
 def _slim_mlp(width: float) -> nn.Sequential:
     hidden = [max(1, math.ceil(width * h)) for h in (128, 64, 32, 16)]
     widths = [64, *hidden]

@@ -121,15 +121,26 @@ def _output_layer(model: nn.Sequential) -> str:
 
 def prune_masks(model: nn.Sequential, ratio: float, by: str) -> dict[str, np.ndarray]:
     """Magnitude masks keeping the ``1 - ratio`` largest entries of each convolution and linear weight (``by``
-    "weight"), or its output channels with the largest L2 norm ("channel", with their biases); the output layer
-    is never pruned."""
+    "weight"), or its output channels with the largest L2 norm ("channel", with their biases and the BatchNorm
+    that follows them); the output layer is never pruned."""
     out: dict[str, np.ndarray] = {}
     if ratio <= 0:
         return out
     last = _output_layer(model)
+    kept: np.ndarray | None = None  # the output channels of the layer just pruned by channel
     for name, m in _layers(model):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and kept is not None:
+            # A dropped channel's statistics are those of a constant zero: averaged into the global model they
+            # would shrink its running variance towards zero for a channel that others (or the global model at
+            # evaluation) compute, and blow it up there.
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(m, key, None) is not None:
+                    out[f"{name}.{key}"] = kept.copy()
+            kept = None
+            continue
         if not isinstance(m, (nn.Conv2d, nn.Linear)) or name == last:
             continue
+        kept = None
         w = m.weight.detach().abs().numpy()
         if by == "weight":
             keep = max(1, int(round((1 - ratio) * w.size)))
@@ -145,6 +156,7 @@ def prune_masks(model: nn.Sequential, ratio: float, by: str) -> dict[str, np.nda
             out[f"{name}.weight"] = np.broadcast_to(channels.reshape(-1, *[1] * (w.ndim - 1)), w.shape).copy()
             if m.bias is not None:
                 out[f"{name}.bias"] = channels.copy()
+            kept = channels
     return out
 
 

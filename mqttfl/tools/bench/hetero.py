@@ -34,6 +34,7 @@ every figure behind them. Writes ``results.json`` and ``hetero.svg`` (or ``.png`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -56,6 +57,10 @@ WEAK = ("partial", "width")
 # Student's t, two-sided 95%, by degrees of freedom (past the table: the normal's 1.96).
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
 SPEEDS = (1.0, 2.0, 4.0, 8.0)
+# The "links" scenario: the two fast boards behind a long, narrower link (5 MB/s, 100 ms one way, as a cellular
+# uplink), the two slow ones next to their edge. No single cut suits both: a split costs the first two a round
+# trip per mini-batch, local training costs the last two their whole model at 4x and 8x.
+SHAPED_LINKS: dict[int, tuple[float, float]] = {0: (5e6, 0.1), 1: (5e6, 0.1)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=20, help="rounds of part 1")
     p.add_argument("--planner-rounds", type=int, default=4, help="rounds per run of part 4 (the first profiles)")
     p.add_argument("--skip-planner", action="store_true", help="leave out part 4 (real processes)")
+    p.add_argument("--planner-scenarios", default="speeds,links",
+                   help="part 4's scenarios: speeds (boards of mixed speeds, every link direct), links (the fast "
+                        "boards behind a slow link); planned_vs_fixed is the links scenario's")
     p.add_argument("--small", action="store_true", help="every part at a toy size (tests)")
     add_out_argument(p, "hetero")
     p.add_argument("--workdir", help="keep part 4's configs, logs and state here (default: a temp dir, removed)")
@@ -281,18 +289,33 @@ def cutoffs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def planner(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Part 4 in each scenario; ``planned_vs_fixed`` is the mixed-links one's when it ran."""
+    out: dict[str, Any] = {"scenarios": {}}
+    for name in args.planner_scenarios.split(","):
+        out["scenarios"][name] = planner_scenario(args, root / name, shaped=SHAPED_LINKS if name == "links" else {})
+    main = out["scenarios"].get("links") or next(iter(out["scenarios"].values()))
+    out["planned_vs_fixed"] = main["planned_vs_fixed"]
+    return out
+
+
+def planner_scenario(args: argparse.Namespace, root: Path, shaped: dict[int, tuple[float, float]]) -> dict[str, Any]:
+    """Every fixed cut for everyone, then the planner, on boards of SPEEDS; the devices numbered in ``shaped``
+    reach the broker through an emulated link (bandwidth bytes/s, one-way delay s: :mod:`mqttfl.tools.linkproxy`)."""
     from mqttfl.ml.data import load_digits
     from mqttfl.ml.models import schema_of
     from mqttfl.protocol.schema import ModelRef
+    from mqttfl.tools.broker import Broker, BrokerOptions
+    from mqttfl.tools.linkproxy import LinkProxy
     from mqttfl.tools.testbed import FleetSpec, Testbed
 
     model, shape = ("mlp", (64,)) if args.small else ("vgg5", (3, 32, 32))
     n = schema_of(ModelRef(model, shape, 10)).n_blocks
     train, test = load_digits(shape)
-    speeds = SPEEDS[:2] if args.small else SPEEDS
+    speeds = SPEEDS[::3] if args.small else SPEEDS
     devices = {f"dev{i + 1}": "edge1" for i in range(len(speeds))}
+    links = {d: shaped.get(i, (0.0, 0.0)) for i, d in enumerate(devices)}
     rounds = 2 if args.small else args.planner_rounds
-    out: dict[str, Any] = {"model": model, "speeds": list(speeds), "rounds": rounds, "runs": {}}
+    out: dict[str, Any] = {"model": model, "speeds": list(speeds), "links": links, "rounds": rounds, "runs": {}}
     for label, cut in [*((f"cut{c}", c) for c in range(1, n + 1)), ("planned", -1)]:
         cloud = {"rounds": rounds, "batch_size": 32, "lr": 0.01, "plan_cuts": True, "run": f"bench-{label}",
                  "deadline_s": 600.0}
@@ -300,7 +323,15 @@ def planner(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                                                                      strict=True)}
         spec = FleetSpec(devices=devices, model=model, input_shape=shape, cloud=cloud, device_extra=extra,
                          fleet=f"bench-hetero-{label}")
-        with Testbed(root / label, spec, data=(train, test)) as tb:
+        with contextlib.ExitStack() as stack:
+            broker = stack.enter_context(Broker(BrokerOptions(persistence=True), workdir=root / f"{label}-broker"))
+            auth: dict[str, dict[str, Any]] = {}
+            for d, (rate, delay) in links.items():
+                if rate or delay:
+                    proxy = stack.enter_context(LinkProxy(broker.host, broker.port))
+                    proxy.shape(rate or None, delay)
+                    auth[d] = {"port": proxy.port}
+            tb = stack.enter_context(Testbed(root / label, spec, broker=broker, data=(train, test), auth=auth))
             tb.prepare()
             tb.start()
             tb.wait_event("run_complete", 900)
@@ -314,7 +345,7 @@ def planner(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "cuts": {d: later[-1]["devices"][d]["cut"] for d in devices},
             "T_local": {d: round(statistics.fmean(m["devices"][d]["T_local"] for m in later), 3) for d in devices},
         }
-        print(f"  planner run {label}: {out['runs'][label]}", file=sys.stderr, flush=True)
+        print(f"  planner run {root.name}/{label}: {out['runs'][label]}", file=sys.stderr, flush=True)
     fixed = {k: v for k, v in out["runs"].items() if k != "planned"}
     best = min(fixed, key=lambda k: fixed[k]["round_s"])
     out["best_fixed"] = best
@@ -358,6 +389,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     var = res["compressed"]["variants"]
     res["int8_memory_ratio"] = round(var["int8"]["train_mem_mb"] / var["fp32"]["train_mem_mb"], 4)
     res["planned_vs_fixed"] = res["planner"]["planned_vs_fixed"] if "planner" in res else None
+    for name, sc in res.get("planner", {}).get("scenarios", {}).items():
+        res[f"planned_vs_fixed_{name}"] = sc["planned_vs_fixed"]
     res["targets"] = {
         # A clear margin: the 95% interval of the paired gain lies above zero.
         "partial_beats_width_and_strong_only": all(
@@ -386,9 +419,11 @@ def rows_of(res: dict[str, Any]) -> list[tuple[str, str]]:
     for name in ("fast_only", "no_cutoff", "tau_fast", "tau_1.5x", "tau_fast_fednova"):
         v = res["cutoffs"][name]
         rows.append((f"cutoffs {name}: round s / accuracy", f"{v['round_s']:.3f} / {v['accuracy']:.4f}"))
-    for name, v in res.get("planner", {}).get("runs", {}).items():
-        rows.append((f"planner {name}: round s measured / predicted",
-                     f"{v['round_s']} / {v['predicted_round_s']}  cuts {list(v['cuts'].values())}"))
+    for scenario, sc in res.get("planner", {}).get("scenarios", {}).items():
+        for name, v in sc["runs"].items():
+            rows.append((f"planner {scenario} {name}: round s measured / predicted",
+                         f"{v['round_s']} / {v['predicted_round_s']}  cuts {list(v['cuts'].values())}"))
+        rows.append((f"planned_vs_fixed_{scenario}", f"{sc['planned_vs_fixed']:.4f} (best fixed: {sc['best_fixed']})"))
     for key in ("planned_vs_fixed", "tau_time_ratio", "tau_acc_delta", "tau_long_acc_delta", "int8_memory_ratio"):
         rows.append((key, fmt(res.get(key), digits=4)))
     rows.append(("targets met", str(res["targets"])))
@@ -430,8 +465,8 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     cut = res["cutoffs"]
     tau = [(k, [cut[k]["round_s"] / cut["fast_only"]["round_s"], cut[k]["accuracy"]])
            for k in ("fast_only", "no_cutoff", "tau_fast", "tau_1.5x", "tau_fast_fednova")]
-    plan = [(k, [v["round_s"], v["predicted_round_s"] or 0.0]) for k, v in res.get("planner", {}).get("runs",
-                                                                                                      {}).items()]
+    plan = [(f"{name} {k}", [v["round_s"], v["predicted_round_s"] or 0.0])
+            for name, sc in res.get("planner", {}).get("scenarios", {}).items() for k, v in sc["runs"].items()]
     paired = [(k.replace("acc_partial_minus_", "partial - "), [res[k], res[k + "_ci95"]])
               for k in ("acc_partial_minus_width", "acc_partial_minus_strong_only") if k in res]
     try:
