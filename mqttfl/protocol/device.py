@@ -127,6 +127,9 @@ PROBE_TIMER = "probe"
 # A round whose own compute per mini-batch leaves this band around the profile's prediction has the device
 # measure its blocks again before the next round (split-point planning: the profile drifted).
 DRIFT = (0.7, 1.4)
+# A split mini-batch's round trip to the edge, against the last round's: outside this band the link is probed
+# again (wider than DRIFT: the edge's share of the wait moves with its other devices).
+LINK_DRIFT = (0.5, 2.0)
 TRAINING_JOBS = (stage.Forward, stage.Backward, stage.Step, stage.LocalBatch)
 STATE_FORMAT = 1
 State = dict[str, np.ndarray]
@@ -191,6 +194,8 @@ class DeviceRound:
     probed: bool = False
     skip_profile: bool = False
     compute_s: float = 0.0  # this device's own training jobs, on its clock
+    wait_s: float = 0.0  # split: activations sent to gradients back, summed over mini-batches
+    waits: int = 0
     job_t0: float = 0.0
     cutoff: bool = False  # the class's tau_s ended the round early
     train_mem: int = 0
@@ -253,6 +258,11 @@ class DeviceMachine(PipelineCoordinator):
         self.reprofile = False
         self.probe: LinkProbe | None = None
         self._probe_seq = 0
+        # The last link measurement: (run, edge, round, bandwidth, latency); a round probes again when it is
+        # for another run or edge, plan.probe_every rounds old, unmeasured, or the split round trips drifted.
+        self.link: tuple[str, str, int, float, float] | None = None
+        self.link_drifted = False
+        self.link_wait: tuple[str, int, float] | None = None  # (edge, cut, seconds per mini-batch) last round
         self._clock = 0.0
         if restored:
             self._restore(restored)
@@ -510,10 +520,12 @@ class DeviceMachine(PipelineCoordinator):
                 return
             if not r.probed:
                 r.probed = True
-                self.probe = LinkProbe(self._probe_seq)
-                self._send(self.edge, self.probe.next(now))
-                self._do(SetTimer(PROBE_TIMER, now + self.act_timeout_s))
-                return
+                if self._link_due(plan):
+                    self.probe = LinkProbe(self._probe_seq)
+                    self._send(self.edge, self.probe.next(now))
+                    self._do(SetTimer(PROBE_TIMER, now + self.act_timeout_s))
+                    return
+                self._send_profile(r)  # the blocks and the last link measurement: the cloud keeps the latest
         r.prelude = False
         r.started = now  # the round's own clock (its cutoff) starts with training
         self._run(stage.Measure(r.session))
@@ -528,18 +540,50 @@ class DeviceMachine(PipelineCoordinator):
             return
         self._profiled(now)
 
+    def _link_due(self, plan: Plan) -> bool:
+        """Probe the link this round? [choice] Not every round: on a long link the probe's four round trips hold
+        up training (a second per round at 100 ms one way), so a measurement serves ``plan.probe_every`` rounds
+        unless the link is new, unmeasured, or this device's split round trips changed (``_check_link``)."""
+        if self.link is None or self.link_drifted:
+            return True
+        run, edge, measured_at, bandwidth, _ = self.link
+        return (run != plan.run or edge != self.edge or bandwidth <= 0
+                or not 0 <= plan.round - measured_at < max(plan.probe_every, 1))
+
     def _profiled(self, now: float) -> None:
         r, p = self.round, self.probe
         assert r is not None and p is not None and self.blocks is not None
         self.probe, self._probe_seq = None, p.seq + 1
         self._do(CancelTimer(PROBE_TIMER))
         bandwidth, latency = p.result()
+        self.link = (r.plan.run, self.edge, r.plan.round, round(bandwidth, 1), round(latency, 6))
+        self.link_drifted = False
+        self._send_profile(r)
+        self._begin(now)
+
+    def _send_profile(self, r: DeviceRound) -> None:
+        assert self.blocks is not None and self.link is not None
         (fingerprint, batch), blocks = self.blocks
+        _, _, _, bandwidth, latency = self.link
         self._send(self.cloud, DeviceProfile(
             run=r.plan.run, round=r.plan.round, fingerprint=fingerprint, batch_size=batch, block_s=blocks.block_s,
-            block_bytes=blocks.block_bytes, edge=self.edge, bandwidth=round(bandwidth, 1),
-            latency_s=round(latency, 6), memory_limit=self.memory_limit))
-        self._begin(now)
+            block_bytes=blocks.block_bytes, edge=self.edge, bandwidth=bandwidth, latency_s=latency,
+            memory_limit=self.memory_limit))
+
+    def _check_link(self, r: DeviceRound) -> None:
+        """After a split round: did a mini-batch's round trip to the edge (activations out, gradients back) leave
+        the band around the last round's at the same edge and cut? Then probe again next round."""
+        if not r.waits or r.down.resends or r.pipe is not None or r.local:
+            return
+        wait = r.wait_s / r.waits
+        last, self.link_wait = self.link_wait, (self.edge, r.cut, wait)
+        if last is None or last[:2] != (self.edge, r.cut) or last[2] <= 0:
+            return
+        ratio = wait / last[2]
+        if not LINK_DRIFT[0] <= ratio <= LINK_DRIFT[1]:
+            self.link_drifted = True
+            self._do(Emit("link_drift", fields={"device": self.node, "round": r.plan.round, "edge": self.edge,
+                                                "wait_over_last": round(ratio, 3)}))
 
     def _check_drift(self, r: DeviceRound) -> None:
         """After a round: has this device's compute per mini-batch left the band around its profile?"""
@@ -746,6 +790,9 @@ class DeviceMachine(PipelineCoordinator):
         r.loss_sum += msg.loss_sum
         r.correct += msg.correct
         r.seen += int(r.down.outstanding[msg.key].y.shape[0])
+        if r.pipe is None and r.migration is None:
+            r.wait_s += max(0.0, now - r.down.last_send)
+            r.waits += 1
         r.snaps.edge_saved(msg.saved)
         self._advance(now)
 
@@ -820,6 +867,8 @@ class DeviceMachine(PipelineCoordinator):
             energy_j=round(max(0.0, meters.energy_j - r.meters0.energy_j), 3),
             train_mem_mb=round(r.train_mem / 2**20, 3), cutoff=int(r.cutoff))
         self._check_drift(r)
+        if r.plan.profile:
+            self._check_link(r)
         if r.plan.fedlama and self.lama is not None:
             ends = self.lama.ends
             ends[r.plan.round] = r.weights

@@ -250,6 +250,7 @@ class Plan(Training):
     fedlama: bool = False  # FedLAMA: devices and edges keep their local layers between rounds
     intervals: tuple[tuple[str, int], ...] = ()  # FedLAMA: aggregation interval (rounds) of each layer not at 1
     profile: bool = False  # split-point planning: devices and edges report their profiles (docs/algorithms.md)
+    probe_every: int = 1  # split-point planning: a device's link measurement serves this many rounds
 
     @classmethod
     def of(cls, training: Training, *, run: str, round: int, attempt: int = 0, **changes: Any) -> Plan:

@@ -129,4 +129,21 @@ def test_profiles_reach_the_cloud_and_a_slower_link_moves_the_cut_between_rounds
     measured = [p.msg for p in profiles.hits if isinstance(p.msg, DeviceProfile) and p.src == "dev1"]
     assert measured[0].bandwidth > 1e7 and measured[-1].bandwidth == pytest.approx(2e4, rel=0.05)
     assert {p.src for p in profiles.hits if not isinstance(p.msg, DeviceProfile)} == {"edge1"}
-    assert len(probes.hits) >= 4 * (len(entries) - 1)
+    # dev1 probed in its first round and, once its split round trips grew, again (not in every round).
+    drift = fleet.events("link_drift")
+    assert drift and {e["device"] for e in drift} == {"dev1"} and drift[0]["wait_over_last"] > 2
+    assert 4 * 2 <= len(probes.hits) < 4 * len(entries)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_link_measurement_serves_probe_every_rounds(every: int) -> None:
+    s = spec({"dev1": "edge1"}, cloud={"rounds": 5, "plan_cuts": True, "probe_every": every})
+    fleet = fleet_of(s, start=False)
+    fleet.set_bandwidth("dev1", "edge1", 1e8)
+    probes = fleet.watch(match("profile", msg_type=Probe))
+    profiles = fleet.watch(match("profile", msg_type=DeviceProfile))
+    fleet.start()
+    assert fleet.run_to_end()["event"] == "run_complete"
+    assert len(probes.hits) == 4 * len(range(0, 5, every))  # four round trips in rounds 0, every, 2 every, ...
+    assert [p.msg.round for p in profiles.hits] == list(range(5))  # the last measurement goes out every round
+    assert not fleet.events("link_drift")

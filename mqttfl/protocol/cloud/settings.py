@@ -85,6 +85,10 @@ class CloudSettings:
         "sync: devices and edges report profiles (per-block time and memory, the device's link) and the cloud "
         "chooses each device's cut before every round to minimise its time under its memory limit; a device's "
         "own [device] cut wins; [cloud] cut (or the model's default) holds until a device's profile is in")})
+    probe_every: int = field(default=5, metadata={"doc": (
+        "sync, plan_cuts: a device probes its link to its edge (four round trips before it trains) every this "
+        "many rounds, and at once in a new run, at a new edge, after a restart, after a failed probe, and when "
+        "its split mini-batches' round trips changed by 2x from one round to the next; 1: every round")})
     classes: Mapping[str, DeviceClass] = field(default_factory=dict, metadata={"doc": (
         "device classes: [cloud.classes.NAME] tables (keys below) saying what a device whose [device] class is "
         "NAME trains, its cutoff and its power; devices of an unlisted class, and class default unless listed, "
@@ -115,8 +119,9 @@ class CloudSettings:
             out.append("max_samples must be >= 0")
         if self.metrics_devices < 0:
             out.append("metrics_devices must be >= 0")
-        if self.max_attempts < 1 or self.min_devices < 1 or self.num_groups < 1 or self.profile_rounds < 1:
-            out.append("max_attempts, min_devices, num_groups and profile_rounds must be >= 1")
+        if self.max_attempts < 1 or self.min_devices < 1 or self.num_groups < 1 or self.profile_rounds < 1 \
+                or self.probe_every < 1:
+            out.append("max_attempts, min_devices, num_groups, profile_rounds and probe_every must be >= 1")
         if self.cut == 0 or self.cut < -1:
             out.append("cut must be >= 1 (a device keeps at least one block: raw inputs never leave it) or -1")
         if not 0 < self.params.alpha <= 1:

@@ -105,6 +105,7 @@ class SyncRounds:
         s = c.settings
         plan = c.plan(self.completed, self.attempt, prox_mu=self.strategy.prox_mu,
                       preaggregate=self.strategy.preaggregate, profile=s.plan_cuts,
+                      probe_every=s.probe_every,
                       **(self.lama.plan_fields() if self.lama else {}))
         sampled = sample_clients(devices, fraction=s.sample_fraction, size=s.sample_size, seed=s.training.seed,
                                  round=plan.round, attempt=plan.attempt)
