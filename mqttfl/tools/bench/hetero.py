@@ -18,13 +18,16 @@
 3. **Cutoffs** (Flower's tau; in memory on virtual time): 4 fast and 4 four-times-slower devices, the CNN on
    Dirichlet(0.5) digits, 3 local epochs; round time and accuracy with no cutoff, with tau = the fast devices'
    training time (from a run of the fast devices alone) and with 1.5 x that, and the first again with FedNova.
-4. **Planned cuts** (real processes through the broker): VGG-5, devices with emulated board speeds 1x, 2x, 4x
-   and 8x on one edge, every run the same data: each fixed cut for everyone, then the planner; the measured round
-   time (mean of the rounds after the first, which profiles) against the planner's prediction.
+4. **Planned cuts** (real processes through the broker): VGG-5, four devices on one edge, every run the same
+   data: each fixed cut for everyone, then the planner; the measured round time (mean of the rounds after the
+   first, which profiles) against the planner's prediction. Two scenarios (``--planner-scenarios``): *speeds*,
+   emulated board speeds 1x, 2x, 4x and 8x (``slowdown``), every link direct; *links*, boards at 1x, 2x, 8x and
+   16x with the two fast ones behind an emulated 5 MB/s link with 100 ms one way (:mod:`mqttfl.tools.linkproxy`).
 
 JSON (``--json``): ``acc_partial_minus_width`` and ``acc_partial_minus_strong_only`` (at the most weak clients,
 the mean paired difference over seeds, with ``_std`` and ``_ci95``: the interval's half-width),
-``planned_vs_fixed`` (planned round time / the best fixed cut's),
+``planned_vs_fixed`` (planned round time / the best fixed cut's, in the links scenario; ``_speeds``, ``_links``:
+each scenario's),
 ``tau_time_ratio`` (round time with tau = the fast devices' time / the fast devices' own round time),
 ``tau_acc_delta`` (its accuracy minus no cutoff's), ``int8_memory_ratio`` (training memory int8 / fp32), and
 every figure behind them. Writes ``results.json`` and ``hetero.svg`` (or ``.png`` with matplotlib) into ``--out``.
@@ -57,9 +60,11 @@ WEAK = ("partial", "width")
 # Student's t, two-sided 95%, by degrees of freedom (past the table: the normal's 1.96).
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
 SPEEDS = (1.0, 2.0, 4.0, 8.0)
-# The "links" scenario: the two fast boards behind a long, narrower link (5 MB/s, 100 ms one way, as a cellular
-# uplink), the two slow ones next to their edge. No single cut suits both: a split costs the first two a round
-# trip per mini-batch, local training costs the last two their whole model at 4x and 8x.
+# The "links" scenario: boards as far apart as a Pi Zero from a Pi 4 (1x, 2x, 8x, 16x), the two fast ones behind a
+# long, narrower link (5 MB/s, 100 ms one way, as a cellular uplink), the two slow ones next to their edge. No
+# single cut suits both: a split costs the first two a round trip per mini-batch, local training costs the last
+# two the whole model at 8x and 16x.
+LINK_SPEEDS = (1.0, 2.0, 8.0, 16.0)
 SHAPED_LINKS: dict[int, tuple[float, float]] = {0: (5e6, 0.1), 1: (5e6, 0.1)}
 
 
@@ -292,14 +297,17 @@ def planner(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Part 4 in each scenario; ``planned_vs_fixed`` is the mixed-links one's when it ran."""
     out: dict[str, Any] = {"scenarios": {}}
     for name in args.planner_scenarios.split(","):
-        out["scenarios"][name] = planner_scenario(args, root / name, shaped=SHAPED_LINKS if name == "links" else {})
+        links = name == "links"
+        out["scenarios"][name] = planner_scenario(args, root / name, LINK_SPEEDS if links else SPEEDS,
+                                                  SHAPED_LINKS if links else {})
     main = out["scenarios"].get("links") or next(iter(out["scenarios"].values()))
     out["planned_vs_fixed"] = main["planned_vs_fixed"]
     return out
 
 
-def planner_scenario(args: argparse.Namespace, root: Path, shaped: dict[int, tuple[float, float]]) -> dict[str, Any]:
-    """Every fixed cut for everyone, then the planner, on boards of SPEEDS; the devices numbered in ``shaped``
+def planner_scenario(args: argparse.Namespace, root: Path, speeds: tuple[float, ...],
+                     shaped: dict[int, tuple[float, float]]) -> dict[str, Any]:
+    """Every fixed cut for everyone, then the planner, on boards of ``speeds``; the devices numbered in ``shaped``
     reach the broker through an emulated link (bandwidth bytes/s, one-way delay s: :mod:`mqttfl.tools.linkproxy`)."""
     from mqttfl.ml.data import load_digits
     from mqttfl.ml.models import schema_of
@@ -311,7 +319,7 @@ def planner_scenario(args: argparse.Namespace, root: Path, shaped: dict[int, tup
     model, shape = ("mlp", (64,)) if args.small else ("vgg5", (3, 32, 32))
     n = schema_of(ModelRef(model, shape, 10)).n_blocks
     train, test = load_digits(shape)
-    speeds = SPEEDS[::3] if args.small else SPEEDS
+    speeds = speeds[::3] if args.small else speeds
     devices = {f"dev{i + 1}": "edge1" for i in range(len(speeds))}
     links = {d: shaped.get(i, (0.0, 0.0)) for i, d in enumerate(devices)}
     rounds = 2 if args.small else args.planner_rounds
