@@ -3,7 +3,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import time
 import tracemalloc
 from typing import Any
 
@@ -353,14 +352,12 @@ def test_missing_tensor_field_is_bad_field() -> None:
 def test_tiny_message_declaring_a_huge_shape_fails_fast_without_allocating() -> None:
     data = _with_tensor(shape=[2**62, 2**62, 2**62], data=b"")
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         assert _code_of(data) == "too_large"
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - t0 < 0.5
-    assert peak < 1024 * 1024
+    assert peak < 1024 * 1024  # refused from the declared shape, before any buffer of that size
 
 
 def test_per_tensor_and_total_element_caps() -> None:

@@ -31,8 +31,11 @@ def test_an_edge_killed_mid_round_resumes_and_the_round_loses_no_work(tmp_path: 
         tb.prepare()
         tb.start()
         tb.wait_event("round_started", 120, round=0)
-        wait_for(lambda: tb.ctl("dev1", "train_stats")["result"]["step"] >= 9, timeout=60, interval=0.2,
-                 what="dev1 at step 9")
+        # Both at step 9: a device there has the gradient of batch 8, which the edge sends only once its boundary-8
+        # save is synced, so the kill finds both sessions saved at 8 or later.
+        for d in ("dev1", "dev2"):
+            wait_for(lambda d=d: tb.ctl(d, "train_stats")["result"]["step"] >= 9, timeout=60, interval=0.2,
+                     what=f"{d} at step 9")
         tb.kill("edge1", signal.SIGKILL)
         killed = time.monotonic()
         saved = sorted(Journal(tmp_path / "state" / "edge1" / JOURNAL_FILE, readonly=True).keys(KEYED_PREFIX))

@@ -45,9 +45,10 @@ def _client(broker: Broker, fleet: str, node: str, role: str, root: Path | None 
 def test_cloud_killed_mid_run_resumes_the_same_round_from_the_same_model(tmp_path: Path, broker: Broker,
                                                                          fleet: str) -> None:
     n_blocks = schema("mlp", (64,)).n_blocks
-    # Slowed local training keeps the devices busy in round 1 when the cloud dies.
+    # A fixed board time per mini-batch (0.1 s, a second or so a round) keeps the devices busy in round 1 when the
+    # cloud dies, however fast the machine.
     spec = FleetSpec(devices={"dev1": "edge1", "dev2": "edge1"}, model="mlp", input_shape=(64,), fleet=fleet,
-                     device_extra={d: {"cut": n_blocks, "slowdown": 30.0} for d in ("dev1", "dev2")},
+                     device_extra={d: {"cut": n_blocks, "step_delay_s": 0.1} for d in ("dev1", "dev2")},
                      cloud={"rounds": 3, "batch_size": 64, "lr": 0.05, "seed": 2, "deadline_s": 30.0})
     data = digits((64,))
     spy = _client(broker, fleet, "spy", "test", subscriptions=[filter_for(fleet, "model", "cloud", "edge1")])

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mqttfl.ml.data import load_digits
+from mqttfl.runtime.node import board_energy_j
 from mqttfl.runtime.persist import load_state
 from mqttfl.tools.broker import Broker
 from mqttfl.tools.linkproxy import LinkProxy
@@ -59,7 +60,11 @@ def test_mixed_classes_and_a_cutoff_end_on_the_masked_mean_weighted_by_examples(
     classes = metrics[-1]["classes"]
     assert set(classes) == {"default", "weak", "pruned", "half", "slow"}
     weak = classes["weak"]
-    assert weak["energy_j"] == round(3.0 * costs[-1]["dev2"]["cpu_s"], 3) and weak["T"] >= weak["T_local"] > 0
+    if board_energy_j() == 0:  # no power sensor on this machine: the estimate is CPU time x the class's power
+        assert weak["energy_j"] == round(3.0 * costs[-1]["dev2"]["cpu_s"], 3)
+    else:
+        assert weak["energy_j"] > 0
+    assert weak["T"] >= weak["T_local"] > 0
     assert classes["pruned"]["bytes_up"] < classes["half"]["bytes_up"]  # only the kept entries travel
     assert classes["weak"]["train_mem_mb"] < classes["half"]["train_mem_mb"]
     log = [json.loads(line) for line in (tmp_path / "state" / "cloud" / "runlog.jsonl").read_text().splitlines()]
@@ -71,7 +76,10 @@ def test_a_link_that_turns_slow_moves_the_planned_cut_between_rounds(tmp_path: P
     train, test = load_digits((1, 8, 8))
     n = schema("cnn", (1, 8, 8)).n_blocks
     spec = FleetSpec(devices={"dev1": "edge1"}, model="cnn", input_shape=(1, 8, 8), fleet=fleet,
-                     device_extra={"dev1": {"slowdown": 60.0}},
+                     # A slow board by a fixed emulated cost (45 ms per block and mini-batch, in its profile too):
+                     # local training costs ~0.18 s a mini-batch against ~0.05 s split on the fast link and ~0.5 s
+                     # on the throttled one, whatever the machine's own speed.
+                     device_extra={"dev1": {"block_ms": 15.0}},
                      cloud={"rounds": 40, "batch_size": 32, "lr": 0.05, "plan_cuts": True, "deadline_s": 60.0})
     planned: list[dict[str, Any]] = []
 

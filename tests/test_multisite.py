@@ -108,7 +108,9 @@ def test_a_device_moves_between_two_bridged_sites_and_a_restart_reaches_the_clou
         moved = tb.ctl("dev1", "move", edge="edge2", at_step=2)
         assert moved["ok"], moved
         done = tb.wait_event("migration_done", 60, device="dev1")
-        assert (done["source"], done["destination"], done["path"], done["step"]) == ("edge1", "edge2", "direct", 2)
+        assert (done["source"], done["destination"], done["path"]) == ("edge1", "edge2", "direct")
+        # At boundary 2 when the command came in time (0.6 s of training after the status), else at the next one.
+        assert done["step"] == 2 if moved["result"]["when"] == "mini-batch boundary 2" else done["step"] > 2
         r1 = tb.wait(lambda m: m.kind == "metrics" and (m.data or {}).get("kind") == "round"
                      and m.data.get("round") == 1, 60).data
         assert r1 is not None and r1["participants"] == 4 and r1["devices"]["dev1"]["edge"] == "edge2"
