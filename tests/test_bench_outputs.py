@@ -275,6 +275,13 @@ def test_hetero_summarises_every_figure_the_issue_asks_for(cwd: Path, tmp_path: 
     assert r["targets"] == {"partial_beats_width_and_strong_only": False, "planned_vs_fixed": True, "tau": True}
 
 
+def test_hetero_refuses_an_unknown_planner_scenario_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "hetero", "--planner-scenarios", "speeds,link"])
+    assert e.value.code == 2
+    assert "unknown scenario ['link']: choose from speeds, links" in capsys.readouterr().err
+
+
 def test_scale_reports_per_fleet_size_the_figures_the_issue_asks_for(
         cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     canned("scale", monkeypatch)

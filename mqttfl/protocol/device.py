@@ -573,7 +573,7 @@ class DeviceMachine(PipelineCoordinator):
     def _check_link(self, r: DeviceRound) -> None:
         """After a split round: did a mini-batch's round trip to the edge (activations out, gradients back) leave
         the band around the last round's at the same edge and cut? Then probe again next round."""
-        if not r.waits or r.down.resends or r.pipe is not None or r.local:
+        if not r.waits or r.down.resends:  # waits count only plain split mini-batches
             return
         wait = r.wait_s / r.waits
         last, self.link_wait = self.link_wait, (self.edge, r.cut, wait)

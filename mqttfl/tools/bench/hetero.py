@@ -66,6 +66,9 @@ SPEEDS = (1.0, 2.0, 4.0, 8.0)
 # two the whole model at 8x and 16x.
 LINK_SPEEDS = (1.0, 2.0, 8.0, 16.0)
 SHAPED_LINKS: dict[int, tuple[float, float]] = {0: (5e6, 0.1), 1: (5e6, 0.1)}
+# Part 4's scenarios: board speeds, and the emulated link (bytes/s, one-way delay s) of each device by index.
+SCENARIOS: dict[str, tuple[tuple[float, ...], dict[int, tuple[float, float]]]] = {
+    "speeds": (SPEEDS, {}), "links": (LINK_SPEEDS, SHAPED_LINKS)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,12 +88,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=20, help="rounds of part 1")
     p.add_argument("--planner-rounds", type=int, default=4, help="rounds per run of part 4 (the first profiles)")
     p.add_argument("--skip-planner", action="store_true", help="leave out part 4 (real processes)")
-    p.add_argument("--planner-scenarios", default="speeds,links",
+    p.add_argument("--planner-scenarios", type=_scenarios, default="speeds,links",
                    help="part 4's scenarios: speeds (boards of mixed speeds, every link direct), links (the fast "
                         "boards behind a slow link); planned_vs_fixed is the links scenario's")
     p.add_argument("--small", action="store_true", help="every part at a toy size (tests)")
     add_out_argument(p, "hetero")
     p.add_argument("--workdir", help="keep part 4's configs, logs and state here (default: a temp dir, removed)")
+
+
+def _scenarios(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scenario {unknown or text!r}: choose from {', '.join(SCENARIOS)}")
+    return names
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -296,10 +307,8 @@ def cutoffs(args: argparse.Namespace) -> dict[str, Any]:
 def planner(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Part 4 in each scenario; ``planned_vs_fixed`` is the mixed-links one's when it ran."""
     out: dict[str, Any] = {"scenarios": {}}
-    for name in args.planner_scenarios.split(","):
-        links = name == "links"
-        out["scenarios"][name] = planner_scenario(args, root / name, LINK_SPEEDS if links else SPEEDS,
-                                                  SHAPED_LINKS if links else {})
+    for name in args.planner_scenarios:
+        out["scenarios"][name] = planner_scenario(args, root / name, *SCENARIOS[name])
     main = out["scenarios"].get("links") or next(iter(out["scenarios"].values()))
     out["planned_vs_fixed"] = main["planned_vs_fixed"]
     return out
